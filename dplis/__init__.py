@@ -1,0 +1,22 @@
+"""dplis: differentially private deep learning with DPlis smoothing and fused kernels.
+
+Public API: ``private_grad`` (functional private gradient), ``PrivateTrainer``,
+``dplis.accounting``, ``dplis.validation``, ``dplis.data``, ``dplis.kernels``.
+Importing dplis never touches CUDA nor imports Triton.
+"""
+
+__version__ = "0.1.0"
+
+from .kernels import NonFiniteError  # noqa: E402
+from .private_grad import PrivateStep, private_grad, private_step  # noqa: E402
+from .trainer import BudgetExceededError, PrivateTrainer  # noqa: E402
+
+__all__ = [
+    "BudgetExceededError",
+    "NonFiniteError",
+    "PrivateStep",
+    "PrivateTrainer",
+    "__version__",
+    "private_grad",
+    "private_step",
+]

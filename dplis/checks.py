@@ -1,0 +1,56 @@
+"""Argument checks shared by every public entry point: each raises a specific ValueError/TypeError."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def positive(name: str, value: object) -> float:
+    """A finite number > 0."""
+    value = _real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def non_negative(name: str, value: object) -> float:
+    """A finite number >= 0."""
+    value = _real(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def integer(name: str, value: object, minimum: int) -> int:
+    """An int >= minimum (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def rate(name: str, value: object) -> float:
+    """A probability in (0, 1]."""
+    value = _real(name, value)
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def delta(value: object) -> float:
+    """δ of (ε, δ)-DP: in (0, 1)."""
+    value = _real("delta", value)
+    if not 0 < value < 1:
+        raise ValueError(f"delta must be in (0, 1), got {value}")
+    return value

@@ -1,0 +1,214 @@
+"""The private gradient: per-example gradients by torch.func, K-averaged, clipped, noised.
+
+grad = ( Σ_i clip_C( (1/K) Σ_k ∇ℓ(θ + u_k; x_i) ) + N(0, (σC)² I) ) / expected_batch_size
+with u_k ~ N(0, s² I) drawn once per call and shared by the batch (s = 0, K = 1: DP-SGD).
+
+The trainable parameters are handled as ONE flat vector θ [D]: vmap(grad) then yields one
+contiguous [K, B, D] buffer, which the fused kernels (dplis.kernels) read in one launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from . import checks, kernels
+from .kernels import NonFiniteError
+from .validation import validate
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_SEED_MAX = 2**31 - 1
+
+
+@dataclass
+class PrivateStep:
+    """What one private step computed.
+
+    grads: name -> private gradient (parameter shape and dtype); loss: mean per-example loss over
+    the batch and the K perturbed points (non-private, for logging; NaN for an empty batch);
+    norms: fp32 [B] norms of the K-averaged per-example gradients before clipping.
+    """
+
+    grads: dict[str, torch.Tensor]
+    loss: float
+    norms: torch.Tensor
+
+
+def as_batch(inputs: torch.Tensor | tuple, targets: torch.Tensor) -> tuple[tuple, int]:
+    """Normalise ``inputs`` to a tuple and check every tensor has the same batch length."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not inputs:
+        raise ValueError("inputs must be a tensor or a non-empty tuple of tensors")
+    for t in (*inputs, targets):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"inputs and targets must be tensors, got {type(t).__name__}")
+        if t.dim() == 0:
+            raise ValueError("inputs and targets need a leading batch dimension, got a 0-d tensor")
+    lengths = {len(t) for t in (*inputs, targets)}
+    if len(lengths) != 1:
+        shapes = [tuple(t.shape) for t in inputs]
+        raise ValueError(
+            f"mismatched batch sizes: inputs {shapes} vs targets {tuple(targets.shape)}; "
+            "every tensor needs the same first dimension"
+        )
+    return inputs, lengths.pop()
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The private parameters: those with requires_grad=True (shared ones listed once)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameter (requires_grad=True)")
+    kinds = {(p.dtype, p.device) for p in params.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"trainable parameters must share one dtype and device, got {kinds}")
+    return params
+
+
+def draw_seeds(generator: torch.Generator | None, n: int) -> list[int]:
+    """n seeds in [0, 2**31) from ``generator`` (or torch's global RNG)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, _SEED_MAX, (n,), generator=generator, device=device).tolist()
+
+
+@contextlib.contextmanager
+def restore_on_error(generator: torch.Generator | None) -> Iterator[None]:
+    """Give ``generator`` (or the global CPU RNG) back its state if the body raises."""
+    state = generator.get_state() if generator is not None else torch.get_rng_state()
+    try:
+        yield
+    except BaseException:
+        if generator is not None:
+            generator.set_state(state)
+        else:
+            torch.set_rng_state(state)
+        raise
+
+
+def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, targets):
+    """[k, B, D] flat gradients and [k, B] losses at the k parameter points ``thetas`` [k, D]."""
+    sizes = [s.numel() for s in shapes]
+
+    def loss_one(flat, xs, y):
+        views = {n: v.view(s) for n, v, s in zip(names, torch.split(flat, sizes), shapes)}
+        out = functional_call(model, {**frozen, **views}, tuple(x.unsqueeze(0) for x in xs),
+                              tie_weights=True)
+        loss = loss_fn(out, y.unsqueeze(0))
+        return loss, loss.detach()
+
+    per_example = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+    return vmap(per_example, in_dims=(0, None, None), randomness="different")(
+        thetas, inputs, targets
+    )
+
+
+def private_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor | tuple,
+    targets: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    smoothing_std: float = 0.0,
+    num_perturbations: int = 1,
+    expected_batch_size: float | None = None,
+    generator: torch.Generator | None = None,
+    perturbation_chunk_size: int | None = None,
+    backend: str | None = None,
+) -> PrivateStep:
+    """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``."""
+    max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
+    sigma = checks.non_negative("noise_multiplier", noise_multiplier)
+    std = checks.non_negative("smoothing_std", smoothing_std)
+    k = checks.integer("num_perturbations", num_perturbations, 1)
+    chunk = k if perturbation_chunk_size is None else checks.integer(
+        "perturbation_chunk_size", perturbation_chunk_size, 1)
+    inputs, batch = as_batch(inputs, targets)
+    if expected_batch_size is None:
+        if batch == 0:
+            raise ValueError("an empty batch needs expected_batch_size (q·N for Poisson sampling)")
+        expected_batch_size = batch
+    divisor = checks.positive("expected_batch_size", expected_batch_size)
+    validate(model)
+    params = trainable(model)
+    names = list(params)
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    devices = {t.device for t in inputs if t.is_floating_point()}
+    if devices - {theta.device}:
+        raise ValueError(f"inputs are on {devices} but the trainable parameters on {theta.device}")
+    frozen = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())
+              if n not in params}
+
+    with restore_on_error(generator):
+        noise_seed, perturb_seed, dropout_seed = draw_seeds(generator, 3)
+        thetas = theta.unsqueeze(0).expand(k, -1)
+        if std > 0:
+            thetas = kernels.perturb([theta], std=std, num_perturbations=k, seed=perturb_seed,
+                                     backend=backend)[0]
+        shapes = [p.shape for p in params.values()]
+        if batch == 0:
+            flat = theta.new_zeros(1, 0, theta.numel())
+            loss = float("nan")
+        else:
+            fork_devices = [theta.device] if theta.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=fork_devices, enabled=generator is not None):
+                if generator is not None:
+                    torch.manual_seed(dropout_seed)
+                chunks = [_per_example_grads(model, loss_fn, names, shapes, thetas[i:i + chunk],
+                                             frozen, inputs, targets) for i in range(0, k, chunk)]
+            losses = torch.cat([c[1] for c in chunks])
+            if not bool(torch.isfinite(losses).all()):
+                raise NonFiniteError(
+                    f"{int((~torch.isfinite(losses)).sum())} per-example losses are NaN or infinite"
+                )
+            loss = float(losses.mean())
+            if len(chunks) == 1:
+                flat = chunks[0][0]
+            else:  # K-average chunk by chunk so at most `chunk` perturbations are ever stored
+                flat = (sum(c[0].sum(0) for c in chunks) / k).unsqueeze(0)
+        (out,), norms = kernels.fused_dp_step(
+            [flat], max_grad_norm=max_grad_norm, noise_std=sigma * max_grad_norm,
+            divisor=divisor, seed=noise_seed, backend=backend, batch_dims=2,
+        )
+    grads = {n: g.view(s) for n, g, s in zip(names, torch.split(out, [s.numel() for s in shapes]),
+                                             shapes)}
+    return PrivateStep(grads=grads, loss=loss, norms=norms)
+
+
+def private_grad(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor | tuple,
+    targets: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    smoothing_std: float = 0.0,
+    num_perturbations: int = 1,
+    expected_batch_size: float | None = None,
+    generator: torch.Generator | None = None,
+    perturbation_chunk_size: int | None = None,
+    backend: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Private (DPlis-smoothed) gradient of the mean loss: name -> tensor over trainable params.
+
+    ``loss_fn(output, target)`` is called as on a batch of one example; ``inputs`` is a tensor or
+    a tuple of tensors passed to the model positionally, each [B, ...]; ``targets`` is [B, ...].
+    Result = (Σ_i clip_C((1/K) Σ_k ∇ℓ(θ + u_k; x_i)) + N(0, (σC)² I)) / expected_batch_size with
+    u_k ~ N(0, smoothing_std² I) shared by the batch; ``expected_batch_size`` defaults to B.
+    The K perturbed passes are one vmap; ``perturbation_chunk_size`` bounds how many are stored
+    at once. ``generator`` makes noise, perturbations and dropout masks reproducible. On error
+    (bad argument, NaN/inf loss or gradient) nothing changes, the generator included.
+    """
+    return private_step(
+        model, loss_fn, inputs, targets, max_grad_norm=max_grad_norm,
+        noise_multiplier=noise_multiplier, smoothing_std=smoothing_std,
+        num_perturbations=num_perturbations, expected_batch_size=expected_batch_size,
+        generator=generator, perturbation_chunk_size=perturbation_chunk_size, backend=backend,
+    ).grads

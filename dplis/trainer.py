@@ -1,0 +1,243 @@
+"""PrivateTrainer: a thin stateful layer over ``private_step``, the accountant and the sampler.
+
+One ``step`` = private gradient -> ``p.grad`` -> ``optimizer.step()`` -> accountant records it.
+Everything that can fail runs before the first state change, so a failing step changes
+nothing (model, optimizer, accountant, RNG) and spends no privacy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import __version__, checks
+from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
+from .private_grad import private_step, trainable
+from .sampling import poisson_batches
+from .validation import validate
+
+PRIVACY_KEYS = ("sample_rate", "max_grad_norm", "noise_multiplier", "num_perturbations",
+                "smoothing_std", "smoothing_radius", "expected_batch_size", "accountant")
+
+
+class BudgetExceededError(RuntimeError):
+    """The next step would push ε past ``target_epsilon``."""
+
+
+class PrivateTrainer:
+    """DP-SGD / DPlis training of ``model`` with any ``torch.optim`` optimizer.
+
+    Give ``noise_multiplier`` σ, or ``target_epsilon`` + ``target_delta`` + ``epochs`` or
+    ``steps`` to calibrate σ (then at most that many steps are taken: ``max_steps``).
+    Smoothing: ``smoothing_std`` s, or ``smoothing_radius`` r meaning s = r·lr·σ·C / E|B|
+    (the DPlis authors' unit: r times the std of one step's noise on the weights).
+    The expected batch size E|B| = q·N comes from ``dataset_size`` (or ``expected_batch_size``),
+    or from the dataset given to ``data_loader``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        sample_rate: float,
+        max_grad_norm: float,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        epochs: float | None = None,
+        steps: int | None = None,
+        smoothing_std: float = 0.0,
+        smoothing_radius: float | None = None,
+        num_perturbations: int = 1,
+        accountant: str = "prv",
+        seed: int | None = None,
+        dataset_size: int | None = None,
+        expected_batch_size: float | None = None,
+        perturbation_chunk_size: int | None = None,
+        backend: str | None = None,
+    ):
+        validate(model)
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.params = trainable(model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        self.sample_rate = checks.rate("sample_rate", sample_rate)
+        self.max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
+        self.num_perturbations = checks.integer("num_perturbations", num_perturbations, 1)
+        self.smoothing_std = checks.non_negative("smoothing_std", smoothing_std)
+        if smoothing_radius is not None:
+            if smoothing_std:
+                raise ValueError("give smoothing_std or smoothing_radius, not both")
+            smoothing_radius = checks.non_negative("smoothing_radius", smoothing_radius)
+        self.smoothing_radius = smoothing_radius
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        self.target_delta = None if target_delta is None else checks.delta(target_delta)
+        self.perturbation_chunk_size = perturbation_chunk_size
+        self.backend = backend
+        self.dataset_size = None
+        self.expected_batch_size = None
+        if dataset_size is not None and expected_batch_size is not None:
+            raise ValueError("give dataset_size or expected_batch_size, not both")
+        if dataset_size is not None:
+            self._set_dataset_size(dataset_size)
+        elif expected_batch_size is not None:
+            self.expected_batch_size = checks.positive("expected_batch_size", expected_batch_size)
+        self.target_epsilon, self.max_steps = None, None
+        self.noise_multiplier = self._noise(noise_multiplier, target_epsilon, epochs, steps,
+                                            accountant)
+        self.accountant = Accountant(accountant)
+        self.seed = int(torch.seed() % 2**62) if seed is None else checks.integer("seed", seed, 0)
+        device = next(iter(self.params.values())).device
+        self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        self.sampler_generator = torch.Generator().manual_seed(self.seed + 1)
+
+    def _noise(self, sigma, target_epsilon, epochs, steps, accountant) -> float:
+        if (sigma is None) == (target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier or target_epsilon")
+        if epochs is not None and steps is not None:
+            raise ValueError("give epochs or steps, not both")
+        if steps is not None:
+            self.max_steps = checks.integer("steps", steps, 1)
+        elif epochs is not None:
+            self.max_steps = max(1, math.ceil(checks.positive("epochs", epochs) / self.sample_rate))
+        if sigma is not None:
+            self.max_steps = None
+            return checks.non_negative("noise_multiplier", sigma)
+        self.target_epsilon = checks.positive("target_epsilon", target_epsilon)
+        if self.target_delta is None or self.max_steps is None:
+            raise ValueError("target_epsilon needs target_delta and epochs or steps to calibrate σ")
+        return find_noise_multiplier(self.target_epsilon, self.target_delta, self.sample_rate,
+                                     self.max_steps, accountant)
+
+    def _set_dataset_size(self, n: int) -> None:
+        n = checks.integer("dataset_size", n, 1)
+        if self.dataset_size not in (None, n):
+            raise ValueError(f"dataset_size is {self.dataset_size}, got a dataset of {n}")
+        self.dataset_size = n
+        self.expected_batch_size = self.sample_rate * n
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def current_smoothing_std(self) -> float:
+        """s for the next step (follows the learning rate when set by radius)."""
+        if self.smoothing_radius is None:
+            return self.smoothing_std
+        return (self.smoothing_radius * self.lr * self.noise_multiplier * self.max_grad_norm
+                / self._divisor())
+
+    def _divisor(self) -> float:
+        if self.expected_batch_size is None:
+            raise ValueError("the expected batch size is unknown: pass dataset_size= or "
+                             "expected_batch_size= to PrivateTrainer, or call data_loader first")
+        return self.expected_batch_size
+
+    def data_loader(self, dataset, *, steps: int | None = None):
+        """Poisson-sampled batches of ``dataset`` (each example kept with prob. q; may be empty).
+
+        One pass = ``steps`` batches, by default round(1/q) (one expected epoch).
+        """
+        self._set_dataset_size(len(dataset))
+        return poisson_batches(dataset, self.sample_rate, generator=self.sampler_generator,
+                               steps=steps)
+
+    def step(self, inputs: torch.Tensor | tuple, targets: torch.Tensor) -> float:
+        """One private step on a batch; returns its mean loss (non-private, for logging)."""
+        if self.max_steps is not None and self.accountant.steps >= self.max_steps:
+            raise BudgetExceededError(
+                f"{self.max_steps} steps taken: one more would exceed target_epsilon="
+                f"{self.target_epsilon} at delta={self.target_delta}")
+        result = private_step(
+            self.model, self.loss_fn, inputs, targets, max_grad_norm=self.max_grad_norm,
+            noise_multiplier=self.noise_multiplier, smoothing_std=self.current_smoothing_std(),
+            num_perturbations=self.num_perturbations, expected_batch_size=self._divisor(),
+            generator=self.generator, perturbation_chunk_size=self.perturbation_chunk_size,
+            backend=self.backend)
+        for name, p in self.params.items():
+            p.grad = result.grads[name]
+        self.optimizer.step()
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+        return result.loss
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far at ``delta`` (default: target_delta)."""
+        delta = self.target_delta if delta is None else delta
+        if delta is None:
+            raise ValueError("epsilon() needs delta (or target_delta set on the trainer)")
+        return self.accountant.epsilon(delta)
+
+    def planned_epsilon(self, steps: int, delta: float | None = None) -> float:
+        """ε after ``steps`` steps in total with this trainer's σ and q."""
+        delta = self.target_delta if delta is None else delta
+        return compute_epsilon(self.noise_multiplier, self.sample_rate, steps, delta,
+                               self.accountant.mechanism)
+
+    def privacy_config(self) -> dict:
+        return {k: getattr(self, k) if k != "accountant" else self.accountant.mechanism
+                for k in PRIVACY_KEYS}
+
+    def state_dict(self) -> dict:
+        """Model, optimizer, accountant history, RNG states, privacy config and version."""
+        return {
+            "version": __version__,
+            "config": self.privacy_config(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "accountant": self.accountant.state_dict(),
+            "generator": self.generator.get_state(),
+            "sampler_generator": self.sampler_generator.get_state(),
+            "dataset_size": self.dataset_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict``; a different privacy config is refused (nothing changes)."""
+        keys = ("config", "model", "optimizer", "accountant", "generator", "sampler_generator")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"not a PrivateTrainer state: missing {missing}")
+        theirs, ours = state["config"], self.privacy_config()
+        diff = {k: (theirs.get(k), ours[k]) for k in ours
+                if k != "expected_batch_size" and theirs.get(k) != ours[k]}
+        if diff:
+            raise ValueError(f"checkpoint privacy config differs (checkpoint, trainer): {diff}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.accountant.load_state_dict(state["accountant"])
+        self.generator.set_state(state["generator"])
+        self.sampler_generator.set_state(state["sampler_generator"])
+        if state.get("dataset_size") is not None:
+            self._set_dataset_size(state["dataset_size"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``state_dict`` atomically (temp file in the same folder, then rename)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".dplis-ckpt-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume from a file written by ``save``; corrupted or truncated files raise ValueError."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # torch.load raises many types for damaged files
+            raise ValueError(f"checkpoint {path} is truncated or corrupted: {e}") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint {path} does not hold a PrivateTrainer state")
+        self.load_state_dict(state)

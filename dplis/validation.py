@@ -1,0 +1,64 @@
+"""Model validation: reject layers that break per-example privacy, and fix them (cf. Opacus ModuleValidator).
+
+A layer breaks per-example privacy when its forward mixes examples of a batch
+(BatchNorm's batch statistics) or updates state from them (running statistics).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+_INSTANCENORM = nn.modules.instancenorm._InstanceNorm
+
+
+def find_problems(model: nn.Module) -> list[str]:
+    """One message per offending sub-module, naming it; [] when the model is fine."""
+    problems = []
+    for name, module in model.named_modules():
+        label = name or "<root>"
+        if isinstance(module, _BATCHNORM):
+            problems.append(
+                f"{label} ({type(module).__name__}) mixes examples through batch statistics; "
+                "replace it with GroupNorm (dplis.validation.fix does this)"
+            )
+        elif isinstance(module, _INSTANCENORM) and module.track_running_stats:
+            problems.append(
+                f"{label} ({type(module).__name__}) updates running statistics from the batch; "
+                "use track_running_stats=False (dplis.validation.fix does this)"
+            )
+    if not any(p.requires_grad for p in model.parameters()):
+        problems.append("the model has no trainable parameter (requires_grad=True): nothing to train")
+    return problems
+
+
+def validate(model: nn.Module) -> None:
+    """Raise ValueError listing every problem found by ``find_problems``."""
+    problems = find_problems(model)
+    if problems:
+        raise ValueError("model is not compatible with per-example DP:\n  " + "\n  ".join(problems))
+
+
+def _group_norm_for(bn: nn.Module) -> nn.GroupNorm:
+    channels = bn.num_features
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(min(groups, channels), channels, affine=bn.affine)
+
+
+def fix(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with BatchNorm -> GroupNorm and instance norms without running stats."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _BATCHNORM):
+            replacement: nn.Module = _group_norm_for(module)
+        elif isinstance(module, _INSTANCENORM) and module.track_running_stats:
+            replacement = type(module)(module.num_features, eps=module.eps, affine=module.affine,
+                                       track_running_stats=False)
+        else:
+            continue
+        replacement.to(next(module.parameters(), next(module.buffers())).device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
+    return model

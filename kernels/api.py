@@ -1,0 +1,160 @@
+"""Public entry points of dplis.kernels: validate, pick a backend, dispatch.
+
+Each op has a plain-torch reference (``reference.py``) and a Triton kernel
+(``norms.py``, ``dp_step.py``, ``perturb.py``); both take the same arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from .backend import resolve
+from .errors import NonFiniteError
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_tensors(tensors: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{what} must be a non-empty list of tensors")
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must hold tensors, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{what} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"{what} are on several devices: {sorted({str(t.device) for t in tensors})}")
+    return tensors
+
+
+def infer_batch_dims(grads: list[torch.Tensor], batch_dims: int | None) -> int:
+    """2 for ``[K, B, *P]`` tensors, 1 for ``[B, *P]``.
+
+    Auto (None) reads ``[B, *P]`` when a tensor is 1-D or the tensors disagree on
+    dim 1 while agreeing on dim 0; otherwise ``[K, B, *P]``. Pass it explicitly
+    whenever a list could be read both ways.
+    """
+    if batch_dims is None:
+        lead0 = {g.shape[0] for g in grads if g.dim() >= 1}
+        lead01 = {tuple(g.shape[:2]) for g in grads}
+        one_d = any(g.dim() == 1 for g in grads)
+        batch_dims = 1 if one_d or (len(lead01) > 1 and len(lead0) == 1) else 2
+    if batch_dims not in (1, 2):
+        raise ValueError(f"batch_dims must be 1 ([B, *P]) or 2 ([K, B, *P]), got {batch_dims}")
+    lead = {tuple(g.shape[:batch_dims]) for g in grads}
+    if any(g.dim() < batch_dims for g in grads) or len(lead) != 1:
+        names = "[B, *P]" if batch_dims == 1 else "[K, B, *P]"
+        raise ValueError(
+            f"grads must all be {names} with the same leading dims, got shapes "
+            f"{[tuple(g.shape) for g in grads]}"
+        )
+    return batch_dims
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> float:
+    value = float(value)
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+def _seed(seed: int | None, device: torch.device) -> int:
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    return seed
+
+
+def _sq_norms(grads: list[torch.Tensor], batch_dims: int, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from .norms import per_sample_sq_norms_triton
+
+        return per_sample_sq_norms_triton(grads, batch_dims)
+    return reference.per_sample_sq_norms_torch(grads, batch_dims)
+
+
+def per_sample_norms(
+    grads: Sequence[torch.Tensor], *, backend: str | None = None, batch_dims: int | None = None
+) -> torch.Tensor:
+    """L2 norm over all tensors of each example's K-averaged gradient -> float32 ``[B]``.
+
+    grads: tensors ``[K, B, *P_j]`` (or ``[B, *P_j]``, K = 1; see ``infer_batch_dims``).
+    """
+    grads = _check_tensors(grads, "grads")
+    batch_dims = infer_batch_dims(grads, batch_dims)
+    be = resolve(backend, grads[0].device)
+    return _sq_norms(grads, batch_dims, be).sqrt()
+
+
+def fused_dp_step(
+    grads: Sequence[torch.Tensor],
+    *,
+    max_grad_norm: float,
+    noise_std: float,
+    divisor: float,
+    seed: int | None = None,
+    backend: str | None = None,
+    batch_dims: int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Clip, sum, noise and scale per-example gradients in two passes.
+
+    Returns ``[(Σ_b min(1, C/(n_b+1e-6)) · mean_k g_j[k,b] + N(0, noise_std²)) / divisor]``
+    (one tensor ``[*P_j]`` per input, in its dtype) and the fp32 norms ``n`` ``[B]``.
+    Raises NonFiniteError, before any output is formed, if a gradient is NaN/inf.
+    """
+    grads = _check_tensors(grads, "grads")
+    batch_dims = infer_batch_dims(grads, batch_dims)
+    max_grad_norm = _positive("max_grad_norm", max_grad_norm)
+    noise_std = _positive("noise_std", noise_std, allow_zero=True)
+    divisor = _positive("divisor", divisor)
+    seed = _seed(seed, grads[0].device)
+    be = resolve(backend, grads[0].device)
+    norms = _sq_norms(grads, batch_dims, be).sqrt()
+    if not bool(torch.isfinite(norms).all()):
+        bad = int((~torch.isfinite(norms)).sum())
+        raise NonFiniteError(f"{bad} of {norms.numel()} per-example gradients are NaN or infinite")
+    factors = reference.clip_factors(norms, max_grad_norm)
+    if be == "triton":
+        from .dp_step import clipped_noisy_sum_triton as summer
+    else:
+        summer = reference.clipped_noisy_sum_torch
+    out = summer(
+        grads, factors, noise_std=noise_std, divisor=divisor, seed=seed, batch_dims=batch_dims
+    )
+    return out, norms
+
+
+def perturb(
+    params: Sequence[torch.Tensor],
+    *,
+    std: float,
+    num_perturbations: int,
+    seed: int,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """K perturbed copies θ_j + std · u_kj, u ~ N(0, I), reproducible from ``seed``.
+
+    params: tensors ``[*P_j]``; returns ``[K, *P_j]`` per tensor, in its dtype.
+    """
+    params = _check_tensors(params, "params")
+    std = _positive("std", std, allow_zero=True)
+    if isinstance(num_perturbations, bool) or not isinstance(num_perturbations, int):
+        raise TypeError(f"num_perturbations must be an int, got {type(num_perturbations).__name__}")
+    if num_perturbations < 1:
+        raise ValueError(f"num_perturbations must be >= 1, got {num_perturbations}")
+    seed = _seed(seed, params[0].device)
+    if resolve(backend, params[0].device) == "triton":
+        from .perturb import perturb_triton
+
+        return perturb_triton(params, std=std, num_perturbations=num_perturbations, seed=seed)
+    return reference.perturb_torch(params, std=std, num_perturbations=num_perturbations, seed=seed)

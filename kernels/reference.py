@@ -1,0 +1,83 @@
+"""Plain-torch references of every kernel: the CPU path and the test oracle.
+
+Shapes: ``grads`` is a list of per-example gradients, one tensor per parameter,
+each ``[K, B, *P_j]`` (K perturbations, B examples) or ``[B, *P_j]`` (K = 1).
+All reductions accumulate in float32; outputs come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-6
+
+
+def as_kbd(g: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """View one gradient as ``[K, B, D]`` (``batch_dims`` = 1 means no K axis)."""
+    if batch_dims == 1:
+        g = g.unsqueeze(0)
+    return g.reshape(g.shape[0], g.shape[1], math.prod(g.shape[2:]))
+
+
+def per_sample_sq_norms_torch(grads: list[torch.Tensor], batch_dims: int) -> torch.Tensor:
+    """Σ_j ‖mean_k g_j[k, b]‖² for every example b -> float32 ``[B]``."""
+    total = None
+    for g in grads:
+        mean = as_kbd(g, batch_dims).float().mean(dim=0)
+        sq = mean.pow(2).sum(dim=1)
+        total = sq if total is None else total + sq
+    return total
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """c_b = min(1, C / (n_b + 1e-6)), float32 ``[B]``."""
+    return (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+
+
+def gaussian_like(ref: torch.Tensor, std: float, seed: int | None) -> torch.Tensor:
+    """float32 N(0, std²) shaped like ``ref``, from ``torch.Generator(seed)``."""
+    gen = torch.Generator(device=ref.device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return torch.randn(ref.shape, generator=gen, device=ref.device, dtype=torch.float32) * std
+
+
+def clipped_noisy_sum_torch(
+    grads: list[torch.Tensor],
+    factors: torch.Tensor,
+    *,
+    noise_std: float,
+    divisor: float,
+    seed: int | None,
+    batch_dims: int,
+) -> list[torch.Tensor]:
+    """(Σ_b c_b · mean_k g[k, b] + N(0, noise_std²)) / divisor, one tensor per parameter.
+
+    The noise of tensor j comes from seed + j, so tensors draw independent noise.
+    """
+    out = []
+    for j, g in enumerate(grads):
+        kbd = as_kbd(g, batch_dims).float()
+        summed = torch.einsum("b,kbd->d", factors, kbd) / kbd.shape[0]
+        if noise_std > 0:
+            summed = summed + gaussian_like(summed, noise_std, None if seed is None else seed + j)
+        shape = g.shape[batch_dims:]
+        out.append((summed / divisor).reshape(shape).to(g.dtype))
+    return out
+
+
+def perturb_torch(
+    params: list[torch.Tensor], *, std: float, num_perturbations: int, seed: int
+) -> list[torch.Tensor]:
+    """θ_j + std · u_kj with u ~ N(0, I) -> ``[K, *P_j]`` per parameter (u from seed + j)."""
+    out = []
+    for j, p in enumerate(params):
+        base = p.detach().float().unsqueeze(0).expand(num_perturbations, *p.shape)
+        if std > 0:
+            base = base + gaussian_like(base, std, seed + j)
+        out.append(base.to(p.dtype).contiguous())
+    return out

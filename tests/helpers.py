@@ -1,0 +1,58 @@
+"""Small models and batches shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dplis.models import TinyTransformer, lm_loss
+
+
+def mlp_case(batch: int = 6, seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+    model[0].requires_grad_(False)  # a frozen layer
+    return model, F.cross_entropy, torch.randn(batch, 10), torch.randint(0, 3, (batch,))
+
+
+def cnn_case(batch: int = 5, seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, stride=2), nn.GroupNorm(4, 8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 2 * 2, 4),
+    )
+    return model, F.cross_entropy, torch.randn(batch, 2, 9, 9), torch.randint(0, 4, (batch,))
+
+
+class EmbedNet(nn.Module):
+    """Embedding + LayerNorm + mean pooling + a frozen projection + head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 12)
+        self.ln = nn.LayerNorm(12)
+        self.frozen = nn.Linear(12, 12).requires_grad_(False)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, tokens):
+        return self.head(self.frozen(self.ln(self.emb(tokens))).mean(1))
+
+
+def embed_case(batch: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    return EmbedNet(), F.cross_entropy, torch.randint(0, 30, (batch, 7)), torch.randint(0, 5, (batch,))
+
+
+def gpt_case(batch: int = 3, seed: int = 0):
+    """Tied-embedding causal LM on padded sequences: inputs (tokens, mask), targets -100 on pads."""
+    torch.manual_seed(seed)
+    model = TinyTransformer(vocab=17, seq_len=8, dim=16, heads=2, layers=1, causal=True, tied=True)
+    tokens = torch.randint(0, 17, (batch, 8))
+    mask = torch.ones(batch, 8, dtype=torch.bool)
+    mask[0, 5:] = False
+    targets = tokens.roll(-1, 1).masked_fill(~mask, -100)
+    return model, lm_loss, (tokens, mask), targets
+
+
+CASES = {"mlp": mlp_case, "cnn": cnn_case, "embed": embed_case, "gpt": gpt_case}

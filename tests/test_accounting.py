@@ -1,0 +1,77 @@
+"""Accounting against prv-accountant called directly, PRV vs RDP, calibration round trip."""
+
+import math
+
+import pytest
+from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
+
+from dplis import accounting
+
+GRID = [(1.0, 0.01, 1000), (0.8, 0.004, 2500), (2.0, 0.05, 200), (1.1, 256 / 60000, 2343)]
+
+
+@pytest.mark.parametrize("sigma,q,steps", GRID)
+def test_prv_matches_package_upper_bound(sigma, q, steps):
+    delta = 1e-5
+    prv = PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=sigma)
+    bounds = accounting.prv_bounds([(sigma, q, steps)], delta)
+    direct = PRVAccountant(prvs=[prv], max_self_compositions=[steps], eps_error=0.01,
+                           delta_error=delta / 1000).compute_epsilon(delta, [steps])
+    assert accounting.compute_epsilon(sigma, q, steps, delta) == pytest.approx(bounds[2])
+    assert bounds[1] == pytest.approx(direct[1], abs=0.02)  # same estimate, same grid error
+    assert bounds[0] <= direct[1] <= bounds[2]
+
+
+@pytest.mark.parametrize("sigma,q,steps", GRID)
+def test_prv_never_exceeds_rdp_beyond_its_error(sigma, q, steps):
+    delta = 1e-5
+    lower, estimate, upper = accounting.prv_bounds([(sigma, q, steps)], delta)
+    rdp = accounting.compute_epsilon(sigma, q, steps, delta, accountant="rdp")
+    assert upper <= rdp + (upper - estimate)
+    assert rdp < 1.5 * upper  # RDP is looser, but of the same size
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_calibration_round_trip(accountant, target):
+    q, steps, delta = 0.016, 625, 1e-5
+    sigma = accounting.find_noise_multiplier(target, delta, q, steps, accountant=accountant)
+    eps = accounting.compute_epsilon(sigma, q, steps, delta, accountant=accountant)
+    assert 0.99 * target <= eps <= target
+
+
+def test_edge_values():
+    assert accounting.compute_epsilon(1.0, 0.1, 0, 1e-5) == 0.0
+    assert accounting.compute_epsilon(0.0, 0.1, 10, 1e-5) == math.inf
+    assert accounting.compute_epsilon(1.0, 1.0, 10, 1e-5) > accounting.compute_epsilon(
+        1.0, 0.1, 10, 1e-5)
+
+
+def test_accountant_history_composes_and_round_trips():
+    acc = accounting.Accountant("prv")
+    for _ in range(300):
+        acc.step(1.0, 0.01)
+    acc.step(2.0, 0.02, steps=100)
+    assert acc.history == [(1.0, 0.01, 300), (2.0, 0.02, 100)]
+    eps = acc.epsilon(1e-5)
+    assert accounting.compute_epsilon(1.0, 0.01, 300, 1e-5) < eps
+    clone = accounting.Accountant()
+    clone.load_state_dict(acc.state_dict())
+    assert clone.epsilon(1e-5) == eps and clone.steps == 400
+
+
+@pytest.mark.parametrize("call,word", [
+    (lambda: accounting.compute_epsilon(1.0, 0.0, 10, 1e-5), "sample_rate"),
+    (lambda: accounting.compute_epsilon(1.0, 1.5, 10, 1e-5), "sample_rate"),
+    (lambda: accounting.compute_epsilon(-1.0, 0.1, 10, 1e-5), "noise_multiplier"),
+    (lambda: accounting.compute_epsilon(1.0, 0.1, 10, 1.0), "delta"),
+    (lambda: accounting.compute_epsilon(1.0, 0.1, 10, 0.0), "delta"),
+    (lambda: accounting.compute_epsilon(1.0, 0.1, -1, 1e-5), "steps"),
+    (lambda: accounting.compute_epsilon(1.0, 0.1, 10, 1e-5, accountant="gdp"), "accountant"),
+    (lambda: accounting.find_noise_multiplier(0.0, 1e-5, 0.1, 10), "target_epsilon"),
+    (lambda: accounting.find_noise_multiplier(-1.0, 1e-5, 0.1, 10), "target_epsilon"),
+    (lambda: accounting.find_noise_multiplier(1.0, 1e-5, 0.1, 0), "steps"),
+])
+def test_bad_input(call, word):
+    with pytest.raises(ValueError, match=word):
+        call()

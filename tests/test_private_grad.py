@@ -1,0 +1,190 @@
+"""private_grad against the naive loop-over-examples reference, smoothing, noise, bad input."""
+
+import math
+
+import pytest
+import torch
+from helpers import CASES, mlp_case
+from torch import nn
+
+import dplis
+from dplis import kernels
+from dplis.private_grad import draw_seeds
+from dplis.reference import naive_private_grad
+
+
+def assert_close(fast: dict, slow: dict, atol: float = 1e-6, rtol: float = 1e-4) -> None:
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name].double(), slow[name], atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("clip", [0.05, 100.0])
+def test_matches_naive_reference(case, clip):
+    model, loss_fn, x, y = CASES[case]()
+    fast = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=clip, noise_multiplier=0.0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(fast) == trainable
+    assert_close(fast, naive_private_grad(model, loss_fn, x, y, max_grad_norm=clip))
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt"])
+def test_smoothed_matches_naive_with_same_perturbations(case):
+    model, loss_fn, x, y = CASES[case]()
+    k, std = 3, 0.05
+    gen = torch.Generator().manual_seed(7)
+    fast = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=0.5, noise_multiplier=0.0,
+                              smoothing_std=std, num_perturbations=k, generator=gen)
+    # redraw the same perturbations the way private_grad does: seeds, then kernels.perturb
+    _, perturb_seed, _ = draw_seeds(torch.Generator().manual_seed(7), 3)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    thetas = kernels.perturb([theta], std=std, num_perturbations=k, seed=perturb_seed)[0]
+    us = []
+    for row in thetas - theta:
+        parts = torch.split(row, [p.numel() for p in params.values()])
+        us.append({n: u.view(p.shape) for (n, p), u in zip(params.items(), parts)})
+    assert_close(fast, naive_private_grad(model, loss_fn, x, y, max_grad_norm=0.5,
+                                          perturbations=us))
+
+
+def test_k_without_smoothing_equals_k1():
+    model, loss_fn, x, y = mlp_case()
+    one = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=0.3, noise_multiplier=0.0)
+    many = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=0.3, noise_multiplier=0.0,
+                              num_perturbations=4)
+    assert_close(many, {n: t.double() for n, t in one.items()})
+
+
+def test_chunked_perturbations_equal_unchunked():
+    model, loss_fn, x, y = mlp_case()
+    kw = dict(max_grad_norm=0.3, noise_multiplier=0.0, smoothing_std=0.1, num_perturbations=5)
+    whole = dplis.private_grad(model, loss_fn, x, y, generator=torch.Generator().manual_seed(1),
+                               **kw)
+    chunked = dplis.private_grad(model, loss_fn, x, y, generator=torch.Generator().manual_seed(1),
+                                 perturbation_chunk_size=2, **kw)
+    assert_close(chunked, {n: t.double() for n, t in whole.items()})
+
+
+def test_smoothing_converges_to_analytic_smoothed_gradient():
+    # ℓ(w) = cos(w·x): E_u ℓ(w+u) = cos(w·x)·exp(-s²|x|²/2), so ∇ = -sin(w·x)·x·exp(-s²|x|²/2)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1, bias=False).double()
+    x = torch.randn(1, 6, dtype=torch.float64)
+    s, k = 0.4, 20000
+    got = dplis.private_grad(model, lambda out, t: torch.cos(out - t).sum(), x,
+                             torch.zeros(1, 1, dtype=torch.float64), max_grad_norm=1e6,
+                             noise_multiplier=0.0, smoothing_std=s, num_perturbations=k,
+                             perturbation_chunk_size=5000,
+                             generator=torch.Generator().manual_seed(3))["weight"]
+    w = model.weight.detach()
+    wx, xx = float(w @ x[0]), float(x[0] @ x[0])
+    expected = -math.sin(wx) * x * math.exp(-s * s * xx / 2)
+    unsmoothed = -math.sin(wx) * x
+    # Monte-Carlo error of the mean of K draws: each draw is bounded by |x|
+    err = float((got - expected).norm())
+    assert err < 5 * math.sqrt(xx / k)
+    assert float((unsmoothed - expected).norm()) > 10 * err  # the smoothing is visible
+
+
+def test_noise_std_and_reproducibility():
+    torch.manual_seed(0)
+    model = nn.Linear(100, 50)
+    x, y = torch.randn(4, 100), torch.zeros(4, 50)
+
+    def zero_loss(out, t):
+        return (out * 0).sum()
+
+    sigma, clip, ebs = 1.3, 2.0, 8.0
+    kw = dict(max_grad_norm=clip, noise_multiplier=sigma, expected_batch_size=ebs)
+    g1 = dplis.private_grad(model, zero_loss, x, y, generator=torch.Generator().manual_seed(5), **kw)
+    g2 = dplis.private_grad(model, zero_loss, x, y, generator=torch.Generator().manual_seed(5), **kw)
+    g3 = dplis.private_grad(model, zero_loss, x, y, generator=torch.Generator().manual_seed(6), **kw)
+    flat = torch.cat([g.flatten() for g in g1.values()])
+    n, target = flat.numel(), sigma * clip / ebs
+    # std of a sample std ≈ σ/sqrt(2n): a 6-sigma band
+    assert abs(float(flat.std()) - target) < 6 * target / math.sqrt(2 * n)
+    assert abs(float(flat.mean())) < 6 * target / math.sqrt(n)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert not torch.equal(g1["weight"], g3["weight"])
+
+
+def test_dropout_masks_differ_per_example():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Dropout(0.5), nn.Linear(64, 2))
+    x = torch.randn(1, 8).expand(6, 8)  # six identical examples
+    y = torch.zeros(6, dtype=torch.long)
+    step = dplis.private_step(model, nn.functional.cross_entropy, x, y, max_grad_norm=1e6,
+                              noise_multiplier=0.0, generator=torch.Generator().manual_seed(0))
+    assert len(set(step.norms.tolist())) > 1  # same example, different masks
+    model.eval()
+    step = dplis.private_step(model, nn.functional.cross_entropy, x, y, max_grad_norm=1e6,
+                              noise_multiplier=0.0)
+    assert torch.allclose(step.norms, step.norms[0].expand(6))
+
+
+def test_buffers_are_read_not_updated():
+    model, loss_fn, x, y = mlp_case()
+    model.register_buffer("offset", torch.ones(3))
+    before = [t.clone() for t in model.state_dict().values()]
+    dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+def test_empty_batch_is_pure_noise():
+    model, loss_fn, x, y = mlp_case()
+    g = dplis.private_grad(model, loss_fn, x[:0], y[:0], max_grad_norm=1.0, noise_multiplier=0.0,
+                           expected_batch_size=4.0)
+    assert all(float(t.abs().max()) == 0 for t in g.values())
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        dplis.private_grad(model, loss_fn, x[:0], y[:0], max_grad_norm=1.0, noise_multiplier=0.0)
+
+
+BAD = [
+    (dict(noise_multiplier=-1.0), ValueError, "noise_multiplier"),
+    (dict(noise_multiplier=float("nan")), ValueError, "noise_multiplier"),
+    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+    (dict(max_grad_norm=-2.0), ValueError, "max_grad_norm"),
+    (dict(num_perturbations=0), ValueError, "num_perturbations"),
+    (dict(num_perturbations=1.5), TypeError, "num_perturbations"),
+    (dict(smoothing_std=-0.1), ValueError, "smoothing_std"),
+    (dict(expected_batch_size=0), ValueError, "expected_batch_size"),
+    (dict(perturbation_chunk_size=0), ValueError, "perturbation_chunk_size"),
+    (dict(backend="cuda"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("bad,error,word", BAD)
+def test_bad_arguments(bad, error, word):
+    model, loss_fn, x, y = mlp_case()
+    kw = dict(max_grad_norm=1.0, noise_multiplier=1.0) | bad
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(error, match=word):
+        dplis.private_grad(model, loss_fn, x, y, generator=gen, **kw)
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_bad_batches_and_models():
+    model, loss_fn, x, y = mlp_case()
+    kw = dict(max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="mismatched batch sizes"):
+        dplis.private_grad(model, loss_fn, x, y[:-1], **kw)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        dplis.private_grad(nn.Linear(10, 3).requires_grad_(False), loss_fn, x, y, **kw)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        dplis.private_grad(nn.Sequential(nn.Linear(10, 3), nn.BatchNorm1d(3)), loss_fn, x, y, **kw)
+
+
+def test_non_finite_loss_raises_and_restores_generator():
+    model, loss_fn, x, y = mlp_case()
+    x = x.clone()
+    x[2, 0] = float("nan")
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(dplis.NonFiniteError, match="NaN or infinite"):
+        dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0,
+                           generator=gen)
+    assert torch.equal(gen.get_state(), state)

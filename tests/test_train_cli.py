@@ -1,0 +1,40 @@
+"""``python -m dplis.train`` end to end on a tiny configuration."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dplis import train
+
+
+@pytest.mark.parametrize("method", ["dplis", "dpsgd"])
+def test_train_main_tiny(tmp_path, monkeypatch, method):
+    monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
+    out = tmp_path / "result.json"
+    result = train.main(["--method", method, "--epochs", "2", "--num-samples", "500",
+                         "--batch-size", "50", "--epsilon", "4", "--quiet", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["accuracy"] == result["accuracy"] and 0 <= saved["accuracy"] <= 1
+    assert 0.99 * 4 <= saved["epsilon"] <= 4
+    assert saved["steps"] == 16 and saved["sigma"] > 0
+    assert len(saved["history"]) == 2
+    assert saved["flags"]["method"] == method
+    assert (saved["smoothing_std"] > 0) == (method == "dplis")
+
+
+def test_train_module_runs_as_a_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dplis.train", "--epochs", "1", "--num-samples", "300",
+         "--batch-size", "40", "--perturbations", "2"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "DPLIS_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "final test accuracy" in proc.stdout and "epoch 1: loss" in proc.stdout
+    assert "step/s" in proc.stderr  # the progress bar
+
+
+def test_bad_flag_is_refused():
+    with pytest.raises(SystemExit):
+        train.main(["--method", "sgd"])

@@ -1,0 +1,179 @@
+"""PrivateTrainer: steps, calibration, smoothing radius, atomic failure, state, bad input."""
+
+import copy
+
+import pytest
+import torch
+from helpers import mlp_case
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import dplis
+from dplis import accounting
+
+
+def make(**kw):
+    model, loss_fn, x, y = mlp_case(batch=8)
+    opt_name = kw.pop("optimizer", "sgd")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = {"sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+           "adam": lambda: torch.optim.Adam(params, lr=0.01),
+           "adamw": lambda: torch.optim.AdamW(params, lr=0.01)}[opt_name]()
+    args = dict(sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0, seed=0,
+                dataset_size=80) | kw
+    return dplis.PrivateTrainer(model, opt, loss_fn, **args), x, y
+
+
+def snapshot(trainer):
+    return (copy.deepcopy(trainer.model.state_dict()),
+            copy.deepcopy(trainer.optimizer.state_dict()),
+            list(trainer.accountant.history), trainer.generator.get_state().clone())
+
+
+def same(a, b):
+    (m1, o1, h1, g1), (m2, o2, h2, g2) = a, b
+    return (all(torch.equal(m1[k], m2[k]) for k in m1) and h1 == h2 and torch.equal(g1, g2)
+            and str(o1) == str(o2))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_step_updates_model_and_accountant(optimizer):
+    trainer, x, y = make(optimizer=optimizer)
+    before = copy.deepcopy(trainer.model.state_dict())
+    loss = trainer.step(x, y)
+    assert isinstance(loss, float) and loss > 0
+    after = trainer.model.state_dict()
+    assert torch.equal(before["0.weight"], after["0.weight"])  # frozen layer untouched
+    assert not torch.equal(before["2.weight"], after["2.weight"])
+    assert trainer.accountant.steps == 1
+    assert trainer.epsilon(1e-5) == pytest.approx(accounting.compute_epsilon(1.0, 0.1, 1, 1e-5))
+
+
+def test_step_writes_the_private_gradient():
+    trainer, x, y = make(noise_multiplier=0.0)
+    expected = dplis.private_grad(trainer.model, trainer.loss_fn, x, y, max_grad_norm=1.0,
+                                  noise_multiplier=0.0, expected_batch_size=8.0)
+    trainer.step(x, y)
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name])
+
+
+def test_seed_makes_runs_reproducible():
+    runs = []
+    for _ in range(2):
+        trainer, x, y = make(smoothing_std=0.01, num_perturbations=2)
+        for _ in range(3):
+            trainer.step(x, y)
+        runs.append(trainer.model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_calibration_from_target_epsilon():
+    trainer, _, _ = make(noise_multiplier=None, target_epsilon=2.0, target_delta=1e-5, epochs=3)
+    assert trainer.max_steps == 30
+    eps = trainer.planned_epsilon(trainer.max_steps)
+    assert 0.99 * 2.0 <= eps <= 2.0
+
+
+def test_budget_guard_refuses_extra_step():
+    trainer, x, y = make(noise_multiplier=None, target_epsilon=8.0, target_delta=1e-5, steps=2)
+    trainer.step(x, y)
+    trainer.step(x, y)
+    before = snapshot(trainer)
+    with pytest.raises(dplis.BudgetExceededError, match="target_epsilon"):
+        trainer.step(x, y)
+    assert same(before, snapshot(trainer))
+    assert trainer.epsilon() <= 8.0
+
+
+def test_smoothing_radius_follows_the_authors_unit():
+    trainer, _, _ = make(smoothing_radius=3.0, noise_multiplier=1.5)
+    # s = r · lr · σ · C / expected batch size = 3 · 0.1 · 1.5 · 1 / (0.1 · 80)
+    assert trainer.current_smoothing_std() == pytest.approx(3 * 0.1 * 1.5 / 8)
+
+
+def test_failing_step_changes_nothing():
+    trainer, x, y = make(smoothing_std=0.01, num_perturbations=2)
+    trainer.step(x, y)
+    before = snapshot(trainer)
+    bad = x.clone()
+    bad[3] = float("inf")
+    with pytest.raises(dplis.NonFiniteError):
+        trainer.step(bad, y)
+    with pytest.raises(ValueError, match="mismatched"):
+        trainer.step(x, y[:3])
+    assert same(before, snapshot(trainer))
+
+
+def test_data_loader_is_poisson_and_sets_batch_size():
+    model, loss_fn, _, _ = mlp_case()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer = dplis.PrivateTrainer(model, opt, loss_fn, sample_rate=0.05, max_grad_norm=1.0,
+                                   noise_multiplier=1.0, seed=1)
+    data = TensorDataset(torch.randn(200, 10), torch.randint(0, 3, (200,)))
+    loader = trainer.data_loader(data)
+    assert trainer.expected_batch_size == pytest.approx(10.0)
+    sizes = [len(y) for x, y in loader]
+    assert len(sizes) == 20 and len(set(sizes)) > 1
+    for x, y in trainer.data_loader(data):
+        trainer.step(x, y)
+    assert trainer.accountant.steps == 20
+
+
+def test_state_dict_round_trip(tmp_path):
+    trainer, x, y = make()
+    trainer.step(x, y)
+    trainer.save(tmp_path / "ckpt.pt")
+    trainer.step(x, y)
+    expected = copy.deepcopy(trainer.model.state_dict())
+    other, _, _ = make()
+    other.load(tmp_path / "ckpt.pt")
+    assert other.accountant.steps == 1
+    other.step(x, y)
+    assert all(torch.equal(expected[k], other.model.state_dict()[k]) for k in expected)
+
+
+def test_load_refuses_other_privacy_config_and_damaged_files(tmp_path):
+    trainer, x, y = make()
+    trainer.save(tmp_path / "ckpt.pt")
+    other, _, _ = make(noise_multiplier=2.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        other.load(tmp_path / "ckpt.pt")
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        trainer.load(tmp_path / "cut.pt")
+
+
+@pytest.mark.parametrize("kw,error,word", [
+    (dict(sample_rate=0.0), ValueError, "sample_rate"),
+    (dict(sample_rate=1.2), ValueError, "sample_rate"),
+    (dict(max_grad_norm=0), ValueError, "max_grad_norm"),
+    (dict(noise_multiplier=-0.5), ValueError, "noise_multiplier"),
+    (dict(num_perturbations=0), ValueError, "num_perturbations"),
+    (dict(smoothing_std=-1.0), ValueError, "smoothing_std"),
+    (dict(smoothing_std=0.1, smoothing_radius=1.0), ValueError, "not both"),
+    (dict(noise_multiplier=None), ValueError, "exactly one"),
+    (dict(target_epsilon=1.0), ValueError, "exactly one"),
+    (dict(noise_multiplier=None, target_epsilon=0.0, target_delta=1e-5, epochs=1), ValueError,
+     "target_epsilon"),
+    (dict(noise_multiplier=None, target_epsilon=1.0, target_delta=1.0, epochs=1), ValueError,
+     "delta"),
+    (dict(noise_multiplier=None, target_epsilon=1.0, epochs=1), ValueError, "target_delta"),
+    (dict(noise_multiplier=None, target_epsilon=1.0, target_delta=1e-5, epochs=1, steps=3),
+     ValueError, "not both"),
+    (dict(accountant="moments"), ValueError, "accountant"),
+])
+def test_bad_arguments(kw, error, word):
+    with pytest.raises(error, match=word):
+        make(**kw)
+
+
+def test_bad_models():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    kw = dict(sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        dplis.PrivateTrainer(nn.Linear(2, 2).requires_grad_(False), opt, None, **kw)
+    with pytest.raises(ValueError, match="GroupNorm"):
+        dplis.PrivateTrainer(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), opt, None, **kw)
