@@ -3,7 +3,8 @@ from setuptools import setup
 setup(
     name="dplis",
     version="0.1.0",
-    description="Fast differentially private deep learning with DPlis smoothing and fused Triton kernels",
+    description="Fast differentially private deep learning with DPlis smoothing and "
+    "fused Triton kernels",
     python_requires=">=3.10",
     packages=["dplis", "dplis.kernels", "dplis.experiments"],
     package_dir={"dplis": "dplis", "dplis.kernels": "kernels"},

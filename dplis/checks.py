@@ -1,4 +1,4 @@
-"""Argument checks shared by every public entry point: each raises a specific ValueError/TypeError."""
+"""Argument checks shared by the public entry points; each raises a specific error."""
 
 from __future__ import annotations
 

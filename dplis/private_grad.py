@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, vmap
 
 from . import checks, kernels
 from .kernels import NonFiniteError
+from .secure_noise import secure_gaussian
 from .validation import validate
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,8 +122,16 @@ def private_step(
     generator: torch.Generator | None = None,
     perturbation_chunk_size: int | None = None,
     backend: str | None = None,
+    offset: torch.Tensor | None = None,
+    secure_rng: bool = False,
 ) -> PrivateStep:
-    """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``."""
+    """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``.
+
+    ``offset`` (flat [D], trainable parameters in ``named_parameters`` order) moves the point
+    where gradients are taken to θ + offset (DP-SAT's ascent step); the model is not changed.
+    ``secure_rng`` draws the Gaussian noise from os.urandom (``secure_noise``) instead of the
+    seeded kernel RNG; ``generator`` then only drives perturbations and dropout.
+    """
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
     std = checks.non_negative("smoothing_std", smoothing_std)
@@ -139,9 +148,18 @@ def private_step(
     params = trainable(model)
     names = list(params)
     theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
-    devices = {t.device for t in inputs if t.is_floating_point()}
+    if offset is not None:
+        if offset.shape != theta.shape:
+            raise ValueError(f"offset must be flat [{theta.numel()}], got {tuple(offset.shape)}")
+        theta = theta + offset.to(theta)
+    floats = [t for t in inputs if t.is_floating_point()]
+    devices = {t.device for t in floats}
     if devices - {theta.device}:
         raise ValueError(f"inputs are on {devices} but the trainable parameters on {theta.device}")
+    dtypes = {t.dtype for t in floats} - {theta.dtype}
+    if dtypes:
+        raise TypeError(f"floating inputs are {sorted(map(str, dtypes))} but the trainable "
+                        f"parameters are {theta.dtype}: cast the batch to {theta.dtype}")
     frozen = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())
               if n not in params}
 
@@ -172,10 +190,14 @@ def private_step(
                 flat = chunks[0][0]
             else:  # K-average chunk by chunk so at most `chunk` perturbations are ever stored
                 flat = (sum(c[0].sum(0) for c in chunks) / k).unsqueeze(0)
+        noise_std = 0.0 if secure_rng else sigma * max_grad_norm
         (out,), norms = kernels.fused_dp_step(
-            [flat], max_grad_norm=max_grad_norm, noise_std=sigma * max_grad_norm,
+            [flat], max_grad_norm=max_grad_norm, noise_std=noise_std,
             divisor=divisor, seed=noise_seed, backend=backend, batch_dims=2,
         )
+        if secure_rng and sigma > 0:
+            noise = secure_gaussian(out.numel(), sigma * max_grad_norm / divisor, out.device)
+            out = out + noise.to(out.dtype)
     grads = {n: g.view(s) for n, g, s in zip(names, torch.split(out, [s.numel() for s in shapes]),
                                              shapes)}
     return PrivateStep(grads=grads, loss=loss, norms=norms)
@@ -195,6 +217,7 @@ def private_grad(
     generator: torch.Generator | None = None,
     perturbation_chunk_size: int | None = None,
     backend: str | None = None,
+    secure_rng: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Private (DPlis-smoothed) gradient of the mean loss: name -> tensor over trainable params.
 
@@ -203,7 +226,8 @@ def private_grad(
     Result = (Σ_i clip_C((1/K) Σ_k ∇ℓ(θ + u_k; x_i)) + N(0, (σC)² I)) / expected_batch_size with
     u_k ~ N(0, smoothing_std² I) shared by the batch; ``expected_batch_size`` defaults to B.
     The K perturbed passes are one vmap; ``perturbation_chunk_size`` bounds how many are stored
-    at once. ``generator`` makes noise, perturbations and dropout masks reproducible. On error
+    at once. ``generator`` makes noise, perturbations and dropout masks reproducible;
+    ``secure_rng=True`` draws the noise from os.urandom instead (not reproducible). On error
     (bad argument, NaN/inf loss or gradient) nothing changes, the generator included.
     """
     return private_step(
@@ -211,4 +235,5 @@ def private_grad(
         noise_multiplier=noise_multiplier, smoothing_std=smoothing_std,
         num_perturbations=num_perturbations, expected_batch_size=expected_batch_size,
         generator=generator, perturbation_chunk_size=perturbation_chunk_size, backend=backend,
+        secure_rng=secure_rng,
     ).grads

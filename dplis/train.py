@@ -26,13 +26,14 @@ DEFAULT_RADIUS = 2.0
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dplis.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", choices=("dplis", "dpsgd"), default="dplis")
+    p.add_argument("--method", choices=("dplis", "dpsgd"), default="dplis",
+                   help="dplis: K-perturbation smoothing; dpsgd: plain DP-SGD (K = 1, s = 0)")
     p.add_argument("--epsilon", type=float, default=3.0, help="target ε (σ is calibrated)")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--delta", type=float, default=1e-5, help="target δ")
+    p.add_argument("--epochs", type=float, default=10, help="expected passes over the data")
     p.add_argument("--batch-size", type=int, default=256, help="expected (Poisson) batch size")
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--lr", type=float, default=0.5, help="learning rate")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="torch optimizer")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
     group = p.add_mutually_exclusive_group()
@@ -40,14 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--smoothing-radius", type=float, default=None,
                        help=f"s = r·lr·σ·C/batch (default {DEFAULT_RADIUS} for dplis)")
     p.add_argument("--perturbations", type=int, default=4, help="K for dplis")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds data, init, noise, sampling")
+    p.add_argument("--secure-rng", action="store_true",
+                   help="noise from os.urandom (not reproducible; --seed then seeds only data "
+                        "and init)")
     p.add_argument("--dataset", choices=("mnist1d", "mnist", "fashion-mnist", "cifar10"),
-                   default="mnist1d")
+                   default="mnist1d", help="mnist1d is generated locally; others need --data-dir")
     p.add_argument("--data-dir", default=None, help="folder with MNIST/Fashion-MNIST/CIFAR-10")
     p.add_argument("--num-samples", type=int, default=20000, help="MNIST-1D size (train+test)")
     p.add_argument("--model", choices=("auto", *models.MODELS), default="auto",
                    help="auto: mlp for mnist1d, cnn for images")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="save the trainer here after every epoch (atomic write)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --checkpoint (same flags)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -93,8 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
         max_grad_norm=args.max_grad_norm, target_epsilon=args.epsilon, target_delta=args.delta,
         epochs=args.epochs, smoothing_std=(args.smoothing_std or 0.0) if dplis else 0.0,
         smoothing_radius=radius if dplis else None,
-        num_perturbations=args.perturbations if dplis else 1, seed=args.seed,
+        num_perturbations=args.perturbations if dplis else 1,
+        seed=None if args.secure_rng else args.seed, secure_rng=args.secure_rng,
         dataset_size=len(train))
+    if args.resume:
+        if not args.checkpoint:
+            raise SystemExit("--resume needs --checkpoint PATH")
+        trainer.load(args.checkpoint)
     log = (lambda *a: None) if args.quiet else tqdm.write
     log(f"dplis {__version__}: {args.method} on {args.dataset} ({len(train)} train), "
         f"σ={trainer.noise_multiplier:.3f}, q={trainer.sample_rate:.4g}, "
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     history = []
     bar = tqdm(total=trainer.max_steps, disable=args.quiet, unit="step", file=sys.stderr)
     per_epoch = math.ceil(trainer.max_steps / math.ceil(args.epochs))
-    epoch = 0
+    bar.update(trainer.accountant.steps)
+    epoch = trainer.accountant.steps // per_epoch
     while trainer.accountant.steps < trainer.max_steps:
         epoch += 1
         losses = []
@@ -119,11 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
                "test_accuracy": accuracy(model, test, args.device),
                "epsilon": trainer.epsilon()}
         history.append(row)
+        if args.checkpoint:
+            trainer.save(args.checkpoint)
         log(f"epoch {epoch}: loss {row['loss']:.4f}  test acc {row['test_accuracy']:.4f}  "
             f"ε {row['epsilon']:.3f}")
     bar.close()
     result = {
-        "accuracy": history[-1]["test_accuracy"], "epsilon": history[-1]["epsilon"],
+        "accuracy": accuracy(model, test, args.device), "epsilon": trainer.epsilon(),
         "delta": args.delta, "sigma": trainer.noise_multiplier, "steps": trainer.accountant.steps,
         "smoothing_std": trainer.current_smoothing_std(), "seconds": time.perf_counter() - start,
         "history": history, "flags": vars(args), "version": __version__,

@@ -22,7 +22,9 @@ from .sampling import poisson_batches
 from .validation import validate
 
 PRIVACY_KEYS = ("sample_rate", "max_grad_norm", "noise_multiplier", "num_perturbations",
-                "smoothing_std", "smoothing_radius", "expected_batch_size", "accountant")
+                "smoothing_std", "smoothing_radius", "smoothing_schedule", "sat_rho",
+                "expected_batch_size", "accountant", "secure_rng")
+SCHEDULES = ("constant", "lr", "linear")
 
 
 class BudgetExceededError(RuntimeError):
@@ -35,7 +37,12 @@ class PrivateTrainer:
     Give ``noise_multiplier`` σ, or ``target_epsilon`` + ``target_delta`` + ``epochs`` or
     ``steps`` to calibrate σ (then at most that many steps are taken: ``max_steps``).
     Smoothing: ``smoothing_std`` s, or ``smoothing_radius`` r meaning s = r·lr·σ·C / E|B|
-    (the DPlis authors' unit: r times the std of one step's noise on the weights).
+    (the DPlis authors' unit: r times the std of one step's noise on the weights, at the
+    initial learning rate). ``smoothing_schedule``: "constant", "lr" (s follows the current
+    learning rate: s·lr_t/lr_0) or "linear" (s decays linearly to 0 over ``max_steps``).
+    ``secure_rng=True`` draws the noise from os.urandom (see ``secure_noise``; no seed allowed).
+    ``sat_rho`` ρ > 0 adds DP-SAT (Park et al. 2023): gradients are taken at
+    θ + ρ·g_prev/‖g_prev‖, g_prev the previous (already private) gradient; no privacy cost.
     The expected batch size E|B| = q·N comes from ``dataset_size`` (or ``expected_batch_size``),
     or from the dataset given to ``data_loader``.
     """
@@ -55,6 +62,8 @@ class PrivateTrainer:
         steps: int | None = None,
         smoothing_std: float = 0.0,
         smoothing_radius: float | None = None,
+        smoothing_schedule: str = "constant",
+        sat_rho: float = 0.0,
         num_perturbations: int = 1,
         accountant: str = "prv",
         seed: int | None = None,
@@ -62,6 +71,7 @@ class PrivateTrainer:
         expected_batch_size: float | None = None,
         perturbation_chunk_size: int | None = None,
         backend: str | None = None,
+        secure_rng: bool = False,
     ):
         validate(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -77,6 +87,13 @@ class PrivateTrainer:
                 raise ValueError("give smoothing_std or smoothing_radius, not both")
             smoothing_radius = checks.non_negative("smoothing_radius", smoothing_radius)
         self.smoothing_radius = smoothing_radius
+        if smoothing_schedule not in SCHEDULES:
+            raise ValueError(f"smoothing_schedule must be one of {SCHEDULES}, "
+                             f"got {smoothing_schedule!r}")
+        self.smoothing_schedule = smoothing_schedule
+        self.sat_rho = checks.non_negative("sat_rho", sat_rho)
+        self.prev_grad: torch.Tensor | None = None  # DP-SAT's g_prev, flat [D]
+        self.initial_lr = float(optimizer.param_groups[0]["lr"])
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
@@ -93,8 +110,14 @@ class PrivateTrainer:
         self.target_epsilon, self.max_steps = None, None
         self.noise_multiplier = self._noise(noise_multiplier, target_epsilon, epochs, steps,
                                             accountant)
+        if smoothing_schedule == "linear" and self.max_steps is None:
+            raise ValueError('smoothing_schedule="linear" needs steps or epochs (the decay length)')
         self.accountant = Accountant(accountant)
-        self.seed = int(torch.seed() % 2**62) if seed is None else checks.integer("seed", seed, 0)
+        if secure_rng and seed is not None:
+            raise ValueError("secure_rng=True takes no seed: its noise must not be replayable")
+        self.secure_rng = bool(secure_rng)
+        self.seed = (int.from_bytes(os.urandom(7), "little") if seed is None
+                     else checks.integer("seed", seed, 0))
         device = next(iter(self.params.values())).device
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.sampler_generator = torch.Generator().manual_seed(self.seed + 1)
@@ -121,6 +144,9 @@ class PrivateTrainer:
         n = checks.integer("dataset_size", n, 1)
         if self.dataset_size not in (None, n):
             raise ValueError(f"dataset_size is {self.dataset_size}, got a dataset of {n}")
+        if self.sample_rate * n < 1:
+            raise ValueError(f"sample_rate × dataset size = {self.sample_rate} × {n} < 1: batches "
+                             "would be almost always empty; raise sample_rate")
         self.dataset_size = n
         self.expected_batch_size = self.sample_rate * n
 
@@ -129,11 +155,23 @@ class PrivateTrainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def current_smoothing_std(self) -> float:
-        """s for the next step (follows the learning rate when set by radius)."""
-        if self.smoothing_radius is None:
-            return self.smoothing_std
-        return (self.smoothing_radius * self.lr * self.noise_multiplier * self.max_grad_norm
-                / self._divisor())
+        """s for the next step: the base std (or radius at the initial lr) times the schedule."""
+        base = self.smoothing_std
+        if self.smoothing_radius is not None:
+            base = (self.smoothing_radius * self.initial_lr * self.noise_multiplier
+                    * self.max_grad_norm / self._divisor())
+        if self.smoothing_schedule == "lr":
+            return base * self.lr / self.initial_lr
+        if self.smoothing_schedule == "linear":
+            return base * max(0.0, 1 - self.accountant.steps / self.max_steps)
+        return base
+
+    def sat_offset(self) -> torch.Tensor | None:
+        """DP-SAT's ascent ρ·g_prev/‖g_prev‖ (None on the first step or with ρ = 0)."""
+        if not self.sat_rho or self.prev_grad is None:
+            return None
+        norm = float(self.prev_grad.norm())
+        return None if norm == 0 else self.prev_grad * (self.sat_rho / norm)
 
     def _divisor(self) -> float:
         if self.expected_batch_size is None:
@@ -161,9 +199,11 @@ class PrivateTrainer:
             noise_multiplier=self.noise_multiplier, smoothing_std=self.current_smoothing_std(),
             num_perturbations=self.num_perturbations, expected_batch_size=self._divisor(),
             generator=self.generator, perturbation_chunk_size=self.perturbation_chunk_size,
-            backend=self.backend)
+            backend=self.backend, offset=self.sat_offset(), secure_rng=self.secure_rng)
         for name, p in self.params.items():
             p.grad = result.grads[name]
+        if self.sat_rho:
+            self.prev_grad = torch.cat([g.reshape(-1) for g in result.grads.values()])
         self.optimizer.step()
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         return result.loss
@@ -196,6 +236,7 @@ class PrivateTrainer:
             "generator": self.generator.get_state(),
             "sampler_generator": self.sampler_generator.get_state(),
             "dataset_size": self.dataset_size,
+            "prev_grad": self.prev_grad,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,6 +255,7 @@ class PrivateTrainer:
         self.accountant.load_state_dict(state["accountant"])
         self.generator.set_state(state["generator"])
         self.sampler_generator.set_state(state["sampler_generator"])
+        self.prev_grad = state.get("prev_grad")
         if state.get("dataset_size") is not None:
             self._set_dataset_size(state["dataset_size"])
 

@@ -1,4 +1,6 @@
-"""Model validation: reject layers that break per-example privacy, and fix them (cf. Opacus ModuleValidator).
+"""Model validation: reject layers that break per-example privacy, and fix them.
+
+Like Opacus's ModuleValidator.
 
 A layer breaks per-example privacy when its forward mixes examples of a batch
 (BatchNorm's batch statistics) or updates state from them (running statistics).
@@ -30,7 +32,8 @@ def find_problems(model: nn.Module) -> list[str]:
                 "use track_running_stats=False (dplis.validation.fix does this)"
             )
     if not any(p.requires_grad for p in model.parameters()):
-        problems.append("the model has no trainable parameter (requires_grad=True): nothing to train")
+        problems.append("the model has no trainable parameter (requires_grad=True): "
+                        "nothing to train")
     return problems
 
 

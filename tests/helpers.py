@@ -41,7 +41,8 @@ class EmbedNet(nn.Module):
 
 def embed_case(batch: int = 4, seed: int = 0):
     torch.manual_seed(seed)
-    return EmbedNet(), F.cross_entropy, torch.randint(0, 30, (batch, 7)), torch.randint(0, 5, (batch,))
+    tokens, labels = torch.randint(0, 30, (batch, 7)), torch.randint(0, 5, (batch,))
+    return EmbedNet(), F.cross_entropy, tokens, labels
 
 
 def gpt_case(batch: int = 3, seed: int = 0):

@@ -99,9 +99,9 @@ def test_noise_std_and_reproducibility():
 
     sigma, clip, ebs = 1.3, 2.0, 8.0
     kw = dict(max_grad_norm=clip, noise_multiplier=sigma, expected_batch_size=ebs)
-    g1 = dplis.private_grad(model, zero_loss, x, y, generator=torch.Generator().manual_seed(5), **kw)
-    g2 = dplis.private_grad(model, zero_loss, x, y, generator=torch.Generator().manual_seed(5), **kw)
-    g3 = dplis.private_grad(model, zero_loss, x, y, generator=torch.Generator().manual_seed(6), **kw)
+    g1, g2, g3 = (dplis.private_grad(model, zero_loss, x, y,
+                                     generator=torch.Generator().manual_seed(s), **kw)
+                  for s in (5, 5, 6))
     flat = torch.cat([g.flatten() for g in g1.values()])
     n, target = flat.numel(), sigma * clip / ebs
     # std of a sample std ≈ σ/sqrt(2n): a 6-sigma band

@@ -29,7 +29,8 @@ def test_train_module_runs_as_a_command(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dplis.train", "--epochs", "1", "--num-samples", "300",
          "--batch-size", "40", "--perturbations", "2"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "DPLIS_CACHE": str(tmp_path)})
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DPLIS_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert "final test accuracy" in proc.stdout and "epoch 1: loss" in proc.stdout
     assert "step/s" in proc.stderr  # the progress bar

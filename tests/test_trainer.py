@@ -177,3 +177,61 @@ def test_bad_models():
         dplis.PrivateTrainer(nn.Linear(2, 2).requires_grad_(False), opt, None, **kw)
     with pytest.raises(ValueError, match="GroupNorm"):
         dplis.PrivateTrainer(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), opt, None, **kw)
+
+
+def _clone_gen(gen):
+    clone = torch.Generator()
+    clone.set_state(gen.get_state())
+    return clone
+
+
+def test_dpsat_takes_the_gradient_at_the_ascent_point():
+    rho = 0.05
+    trainer, x, y = make(sat_rho=rho)
+    model = trainer.model
+    kw = dict(max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=8.0)
+    # first step: plain DP-SGD at θ
+    first = dplis.private_grad(model, trainer.loss_fn, x, y,
+                               generator=_clone_gen(trainer.generator), **kw)
+    trainer.step(x, y)
+    g_prev = torch.cat([first[n].reshape(-1) for n in first])
+    torch.testing.assert_close(trainer.prev_grad, g_prev)
+    # second step: the gradient at θ + ρ·g_prev/‖g_prev‖, on an explicitly shifted copy
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in shifted.named_parameters():
+            if p.requires_grad:
+                p.add_(rho * first[name] / g_prev.norm())
+    expected = dplis.private_grad(shifted, trainer.loss_fn, x, y,
+                                  generator=_clone_gen(trainer.generator), **kw)
+    trainer.step(x, y)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name])
+
+
+def test_accounting_is_identical_for_dpsgd_dplis_and_dpsat():
+    eps = []
+    for kw in (dict(), dict(smoothing_std=0.01, num_perturbations=3), dict(sat_rho=0.1)):
+        trainer, x, y = make(**kw)
+        for _ in range(3):
+            trainer.step(x, y)
+        eps.append(trainer.epsilon(1e-5))
+    assert eps[0] == eps[1] == eps[2]
+
+
+def test_smoothing_schedules():
+    trainer, x, y = make(smoothing_std=0.2, smoothing_schedule="linear", noise_multiplier=None,
+                         target_epsilon=8.0, target_delta=1e-5, steps=4)
+    stds = []
+    for _ in range(4):
+        stds.append(trainer.current_smoothing_std())
+        trainer.step(x, y)
+    assert stds == pytest.approx([0.2, 0.15, 0.1, 0.05])
+    trainer, x, y = make(smoothing_std=0.2, smoothing_schedule="lr")
+    trainer.optimizer.param_groups[0]["lr"] = 0.05
+    assert trainer.current_smoothing_std() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="smoothing_schedule"):
+        make(smoothing_schedule="cosine")
+    with pytest.raises(ValueError, match="decay length"):
+        make(smoothing_schedule="linear")

@@ -10,7 +10,8 @@ from dplis import validation
 
 
 def test_batchnorm_and_running_stats_are_named():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.InstanceNorm2d(8, track_running_stats=True))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8),
+                          nn.InstanceNorm2d(8, track_running_stats=True))
     problems = validation.find_problems(model)
     assert len(problems) == 2
     assert problems[0].startswith("1 (BatchNorm2d)") and "GroupNorm" in problems[0]

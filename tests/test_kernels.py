@@ -1,0 +1,428 @@
+"""dplis.kernels: Triton kernels against float64 gold and the plain-torch reference.
+
+Device: CUDA (compiled Triton) when CUDA is available and TRITON_INTERPRET is unset
+or "0"; otherwise CPU tensors with Triton's interpreter (TRITON_INTERPRET=1).
+
+Accuracy rule (three-way, as in Liger-Kernel): with ``gold`` computed in float64 from
+the same inputs and ``plain`` computed by plain torch in the input dtype,
+``max|kernel - gold| <= 2 * max|plain - gold| + atol``, where atol is one unit of
+rounding of the output dtype at the scale of the result (eps · max|gold|). The Triton kernels
+accumulate in float32, so in bf16/fp16 they beat ``plain`` by a wide margin; in
+float32 they must be as good as torch.
+
+Noise is checked statistically: sample mean and standard deviation within 6 standard
+errors (computed from n), so a correct kernel fails with probability < 1e-8.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede any triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dplis.kernels import (  # noqa: E402
+    NonFiniteError,
+    fused_dp_step,
+    per_sample_norms,
+    perturb,
+)
+from dplis.kernels import reference as ref  # noqa: E402
+from dplis.kernels.backend import interpreting, triton_available  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+TRITON_OK = triton_available() and (DEVICE == "cuda" or interpreting())
+needs_triton = pytest.mark.skipif(
+    not TRITON_OK,
+    reason="triton is not importable" if not triton_available()
+    else "Triton needs CUDA tensors or TRITON_INTERPRET=1",
+)
+TRITON = pytest.param("triton", marks=needs_triton)
+BACKENDS = [TRITON, "torch"]
+LOW = [torch.float32, torch.bfloat16, torch.float16]
+
+# (K, B, parameter shapes): sizes off the block sizes, lists served by the pointer table
+CASES = [
+    (1, 1, [(7,)]),
+    (3, 5, [(1000,)]),
+    (1, 64, [(4099,)]),
+    (3, 5, [(7, 3), (1,), (1000,), (4099,)]),
+    (3, 64, [(1,), (33, 7)]),
+]
+CASE_IDS = ["K1B1D7", "K3B5D1000", "K1B64D4099", "K3B5-four-tensors", "K3B64-two-tensors"]
+
+
+def make_grads(K, B, shapes, dtype, seed=0, batch_dims=2):
+    gen = torch.Generator().manual_seed(seed)
+    lead = (K, B) if batch_dims == 2 else (B,)
+    out = []
+    for i, s in enumerate(shapes):
+        g = torch.randn(*lead, *s, generator=gen) * (1 + i)  # tensors of different scales
+        out.append(g.to(DEVICE, dtype))
+    return out
+
+
+def kbd(g, batch_dims=2):
+    return ref.as_kbd(g, batch_dims)
+
+
+def assert_three_way(out, gold, plain, what=""):
+    """max|out - gold| <= 2 max|plain - gold| + eps(out dtype) * max|gold| (see module doc)."""
+    out_d = torch.cat([o.double().reshape(-1).cpu() for o in out])
+    gold_d = torch.cat([g.double().reshape(-1).cpu() for g in gold])
+    plain_d = torch.cat([p.double().reshape(-1).cpu() for p in plain])
+    if gold_d.numel() == 0:
+        return
+    eps = torch.finfo(out[0].dtype).eps
+    atol = eps * max(gold_d.abs().max().item(), 1e-30)
+    err = (out_d - gold_d).abs().max().item()
+    err_plain = (plain_d - gold_d).abs().max().item()
+    assert err <= 2 * err_plain + atol, f"{what}: error {err:.3g}, plain torch {err_plain:.3g}"
+
+
+def gold_norms(grads, batch_dims=2):
+    return sum(kbd(g, batch_dims).double().mean(0).pow(2).sum(1) for g in grads).sqrt()
+
+
+def plain_norms(grads, batch_dims=2):  # everything in the input dtype
+    return sum(kbd(g, batch_dims).mean(0).pow(2).sum(1) for g in grads).sqrt()
+
+
+def clipped_sum(grads, factors, batch_dims=2):
+    """Σ_b c_b mean_k g[k, b] in the dtype of ``factors`` (multiplied in, summed over k, b)."""
+    out = []
+    for g in grads:
+        x = kbd(g, batch_dims).to(factors.dtype)
+        s = (factors[None, :, None] * x).sum(dim=(0, 1)) / x.shape[0]
+        out.append(s.reshape(g.shape[batch_dims:]))
+    return out
+
+
+def gold_step(grads, C, divisor, noise=None, batch_dims=2):
+    """float64 gold of fused_dp_step; ``noise`` (the float32 noise the backend drew) is added."""
+    factors = (C / (gold_norms(grads, batch_dims) + ref.EPS)).clamp(max=1.0)
+    sums = clipped_sum(grads, factors, batch_dims)
+    if noise is not None:
+        sums = [s + n.double() for s, n in zip(sums, noise)]
+    return [s / divisor for s in sums]
+
+
+def plain_step(grads, C, divisor, noise=None, batch_dims=2):
+    """fused_dp_step computed by plain torch in the input dtype."""
+    dt = grads[0].dtype
+    factors = (C / (plain_norms(grads, batch_dims) + ref.EPS)).clamp(max=1.0).to(dt)
+    sums = clipped_sum(grads, factors, batch_dims)
+    if noise is not None:
+        sums = [s + n.to(dt) for s, n in zip(sums, noise)]
+    return [s / divisor for s in sums]
+
+
+def draw_noise(grads, backend, noise_std, seed, batch_dims=2):
+    """The float32 noise a backend adds: its output on all-zero gradients, times divisor=1."""
+    zeros = [torch.zeros_like(g, dtype=torch.float32) for g in grads]
+    out, _ = fused_dp_step(zeros, max_grad_norm=1.0, noise_std=noise_std, divisor=1.0,
+                           seed=seed, backend=backend, batch_dims=batch_dims)
+    return out
+
+
+def check_normal(x, mean=0.0, std=1.0, what=""):
+    """Sample mean and std of ``x`` within 6 standard errors of N(mean, std²)."""
+    x = x.double().reshape(-1).cpu()
+    n = x.numel()
+    m, s = x.mean().item(), x.std().item()
+    assert abs(m - mean) <= 6 * std / math.sqrt(n), f"{what}: mean {m:.4g}, n={n}"
+    assert abs(s - std) <= 6 * std / math.sqrt(2 * (n - 1)), f"{what}: std {s:.4g}, n={n}"
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_norms_accuracy(case, dtype, backend):
+    K, B, shapes = case
+    grads = make_grads(K, B, shapes, dtype)
+    out = per_sample_norms(grads, backend=backend, batch_dims=2)
+    assert out.dtype == torch.float32 and out.shape == (B,)
+    assert_three_way([out], [gold_norms(grads)], [plain_norms(grads)], "norms")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_dp_step_accuracy(case, dtype, backend):
+    K, B, shapes = case
+    grads = make_grads(K, B, shapes, dtype, seed=1)
+    C = 0.5 * gold_norms(grads).median().item()  # about half the examples are clipped
+    noise = draw_noise(grads, backend, noise_std=0.3, seed=11)
+    out, norms = fused_dp_step(grads, max_grad_norm=C, noise_std=0.3, divisor=3.0, seed=11,
+                               backend=backend, batch_dims=2)
+    assert [o.shape for o in out] == [g.shape[2:] for g in grads]
+    assert all(o.dtype == dtype for o in out)
+    assert_three_way([norms], [gold_norms(grads)], [plain_norms(grads)], "norms")
+    assert_three_way(out, gold_step(grads, C, 3.0, noise), plain_step(grads, C, 3.0, noise),
+                     "clipped noisy sum")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES[2:4], ids=CASE_IDS[2:4])
+def test_triton_matches_reference_without_noise(case):
+    K, B, shapes = case
+    grads = make_grads(K, B, shapes, torch.float32, seed=2)
+    C = gold_norms(grads).median().item()
+    kw = dict(max_grad_norm=C, noise_std=0.0, divisor=7.0, seed=0, batch_dims=2)
+    out_t, n_t = fused_dp_step(grads, backend="triton", **kw)
+    out_r, n_r = fused_dp_step(grads, backend="torch", **kw)
+    torch.testing.assert_close(n_t, n_r, rtol=1e-5, atol=1e-6)
+    for a, b in zip(out_t, out_r):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_and_float64(backend):
+    grads = [g.to(dt) for g, dt in zip(
+        make_grads(3, 5, [(100,), (7, 9), (4099,), (13,)], torch.float32, seed=3),
+        [torch.float32, torch.bfloat16, torch.float64, torch.bfloat16],
+    )]
+    kw = dict(max_grad_norm=5.0, noise_std=0.0, divisor=2.0, seed=0, batch_dims=2)
+    out, norms = fused_dp_step(grads, backend=backend, **kw)
+    out_r, norms_r = fused_dp_step(grads, backend="torch", **kw)
+    torch.testing.assert_close(norms, norms_r, rtol=1e-5, atol=1e-6)
+    for o, r, g in zip(out, out_r, grads):
+        assert o.dtype == g.dtype
+        tol = 1e-5 if g.dtype in (torch.float32, torch.float64) else 1e-2
+        torch.testing.assert_close(o, r, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_grads(backend):
+    grads = [torch.zeros(3, 5, 1000, device=DEVICE), torch.zeros(3, 5, 7, device=DEVICE)]
+    out, norms = fused_dp_step(grads, max_grad_norm=1.0, noise_std=0.0, divisor=5.0,
+                               backend=backend, seed=0)
+    assert torch.equal(norms, torch.zeros(5, device=DEVICE))
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_huge_gradient_is_clipped(backend):
+    grads = make_grads(3, 5, [(1000,), (7,)], torch.float32, seed=4)
+    for g in grads:
+        g[:, 2] *= 1e4
+    C = 1.0
+    out, norms = fused_dp_step(grads, max_grad_norm=C, noise_std=0.0, divisor=1.0,
+                               backend=backend, seed=0)
+    factors = ref.clip_factors(norms, C)
+    assert factors[2] < 1e-3
+    assert_three_way(out, gold_step(grads, C, 1.0), plain_step(grads, C, 1.0), "huge")
+    # the huge example contributes at most C
+    alone = [g[:, 2:3] for g in grads]
+    out_alone, _ = fused_dp_step(alone, max_grad_norm=C, noise_std=0.0, divisor=1.0,
+                                 backend=backend, seed=0)
+    total = math.sqrt(sum(o.double().pow(2).sum().item() for o in out_alone))
+    assert total <= C * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_clip_is_plain_mean_sum(backend):
+    grads = make_grads(3, 5, [(1000,), (4, 7)], torch.float32, seed=5)
+    out, _ = fused_dp_step(grads, max_grad_norm=1e9, noise_std=0.0, divisor=5.0,
+                           backend=backend, seed=0)
+    for o, g in zip(out, grads):
+        torch.testing.assert_close(o, g.mean(0).sum(0) / 5.0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    grads = [torch.zeros(2, 0, 10, device=DEVICE), torch.zeros(2, 0, 3, 3, device=DEVICE)]
+    assert per_sample_norms(grads, backend=backend, batch_dims=2).shape == (0,)
+    out, norms = fused_dp_step(grads, max_grad_norm=1.0, noise_std=0.0, divisor=1.0,
+                               backend=backend, seed=0, batch_dims=2)
+    assert norms.shape == (0,)
+    assert [o.shape for o in out] == [(10,), (3, 3)]
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
+    noisy, _ = fused_dp_step(grads, max_grad_norm=1.0, noise_std=1.0, divisor=2.0,
+                             backend=backend, seed=0, batch_dims=2)
+    assert all(torch.isfinite(o).all() and o.abs().sum() > 0 for o in noisy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_parameter_in_list(backend):
+    grads = [torch.randn(2, 3, 0, device=DEVICE), torch.randn(2, 3, 5, device=DEVICE)]
+    out, norms = fused_dp_step(grads, max_grad_norm=1.0, noise_std=0.0, divisor=1.0,
+                               backend=backend, seed=0, batch_dims=2)
+    assert [o.shape for o in out] == [(0,), (5,)]
+    torch.testing.assert_close(norms, per_sample_norms(grads[1:], backend="torch", batch_dims=2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    base = make_grads(3, 5, [(40, 30)], torch.float32, seed=6)[0]
+    views = [base.transpose(2, 3), base[:, :, ::3, 1:], base.transpose(0, 1).transpose(0, 1)[..., 0]]
+    assert not any(v.is_contiguous() for v in views[:2])
+    kw = dict(max_grad_norm=3.0, noise_std=0.5, divisor=2.0, seed=9, backend=backend)
+    out, norms = fused_dp_step(views, **kw)
+    out_c, norms_c = fused_dp_step([v.contiguous() for v in views], **kw)
+    torch.testing.assert_close(norms, norms_c, rtol=1e-6, atol=0)
+    for o, oc in zip(out, out_c):
+        torch.testing.assert_close(o, oc, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_dims_1_is_k_equal_1(backend):
+    grads = make_grads(1, 5, [(1000,), (7, 3)], torch.bfloat16, seed=7, batch_dims=1)
+    kw = dict(max_grad_norm=2.0, noise_std=0.5, divisor=2.0, seed=3, backend=backend)
+    out1, n1 = fused_dp_step(grads, batch_dims=1, **kw)
+    out2, n2 = fused_dp_step([g.unsqueeze(0) for g in grads], batch_dims=2, **kw)
+    assert torch.equal(n1, n2)
+    assert all(torch.equal(a, b) for a, b in zip(out1, out2))
+    assert [o.shape for o in out1] == [g.shape[1:] for g in grads]
+
+
+@needs_triton
+def test_triton_list_equals_flat_buffer():
+    """The global column space: a list and its concatenation get the same noise and sums."""
+    grads = make_grads(3, 5, [(1000,), (7, 3), (4099,)], torch.float32, seed=8)
+    flat = torch.cat([kbd(g) for g in grads], dim=2)
+    # no clipping (factors exactly 1): norms of a list and of its concatenation round
+    # differently, and clip factors would pass that on to the sums
+    kw = dict(max_grad_norm=1e9, noise_std=1.0, divisor=2.0, seed=5, backend="triton")
+    out, norms = fused_dp_step(grads, **kw)
+    (out_flat,), norms_flat = fused_dp_step([flat], **kw)
+    torch.testing.assert_close(norms, norms_flat, rtol=1e-6, atol=0)
+    assert torch.equal(torch.cat([o.reshape(-1) for o in out]), out_flat)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    grads = make_grads(3, 64, [(4099,), (7,)], torch.bfloat16, seed=9)
+    kw = dict(max_grad_norm=1.0, noise_std=1.0, divisor=2.0, seed=1, backend=backend)
+    (a, b), n1 = fused_dp_step(grads, **kw)
+    (c, d), n2 = fused_dp_step(grads, **kw)
+    assert torch.equal(n1, n2) and torch.equal(a, c) and torch.equal(b, d)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_statistics_and_seeds(backend):
+    grads = [torch.zeros(1, 2, 30000, device=DEVICE), torch.zeros(1, 2, 20000, device=DEVICE)]
+    kw = dict(max_grad_norm=1.0, noise_std=2.0, divisor=4.0, backend=backend)
+    (a1, b1), _ = fused_dp_step(grads, seed=123, **kw)
+    check_normal(torch.cat([a1, b1]) * 4.0 / 2.0, what="noise")
+    (a2, b2), _ = fused_dp_step(grads, seed=123, **kw)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)  # same seed, same noise
+    (a3, b3), _ = fused_dp_step(grads, seed=124, **kw)
+    x, y = torch.cat([a1, b1]).double().cpu(), torch.cat([a3, b3]).double().cpu()
+    rho = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+    assert abs(rho) < 6 / math.sqrt(x.numel()), f"seeds 123/124 correlated: {rho}"
+    # two tensors of one call draw independent noise
+    rho = torch.corrcoef(torch.stack([a1[:20000], b1]).double().cpu())[0, 1].item()
+    assert abs(rho) < 6 / math.sqrt(20000), f"tensors share noise: {rho}"
+
+
+# --------------------------------------------------------------------------- perturb
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [1, 3, 6])
+def test_perturb_statistics_and_seeds(K, backend):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(20000, generator=gen).to(DEVICE), torch.randn(7, 3, generator=gen).to(DEVICE)]
+    out = perturb(params, std=0.1, num_perturbations=K, seed=42, backend=backend)
+    assert [o.shape for o in out] == [(K, 20000), (K, 7, 3)]
+    check_normal((out[0] - params[0]) / 0.1, what="perturbation")
+    if K > 1:
+        assert not torch.equal(out[0][0], out[0][1]) and not torch.equal(out[1][0], out[1][-1])
+    again = perturb(params, std=0.1, num_perturbations=K, seed=42, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    other = perturb(params, std=0.1, num_perturbations=K, seed=43, backend=backend)
+    assert not torch.equal(out[0], other[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_perturb_accuracy(dtype, backend):
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(4099,), (7,), (), (33, 31)]
+    params = [torch.randn(s, generator=gen).to(DEVICE, dtype) for s in shapes]
+    K, std = 3, 0.25
+    # the noise depends on (seed, position) only: read it off zero float32 parameters
+    u = perturb([torch.zeros(s, device=DEVICE) for s in shapes], std=1.0,
+                num_perturbations=K, seed=5, backend=backend)
+    out = perturb(params, std=std, num_perturbations=K, seed=5, backend=backend)
+    assert [o.shape for o in out] == [(K, *s) for s in shapes]
+    assert all(o.dtype == dtype for o in out)
+    gold = [p.double() + std * n.double() for p, n in zip(params, u)]
+    plain = [p + std * n.to(dtype) for p, n in zip(params, u)]
+    assert_three_way(out, gold, plain, "perturb")
+    zero = perturb(params, std=0.0, num_perturbations=K, seed=5, backend=backend)
+    assert all(torch.equal(z, p.expand(K, *p.shape)) for z, p in zip(zero, params))
+
+
+@needs_triton
+def test_triton_perturb_list_equals_flat_and_non_contiguous():
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(40, 30, generator=gen).t().to(DEVICE), torch.randn(1000).to(DEVICE)]
+    out = perturb(params, std=1.0, num_perturbations=5, seed=3, backend="triton")
+    flat = torch.cat([p.reshape(-1) for p in params])
+    (out_flat,) = perturb([flat], std=1.0, num_perturbations=5, seed=3, backend="triton")
+    assert torch.equal(torch.cat([o.reshape(5, -1) for o in out], dim=1), out_flat)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_gradient_raises(bad, dtype, backend):
+    grads = make_grads(3, 5, [(1000,), (7,)], dtype, seed=10)
+    grads[1][1, 3, 4] = bad
+    with pytest.raises(NonFiniteError):
+        fused_dp_step(grads, max_grad_norm=1.0, noise_std=1.0, divisor=1.0, seed=0,
+                      backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_arguments(backend):
+    grads = make_grads(1, 2, [(5,)], torch.float32)
+    ok = dict(max_grad_norm=1.0, noise_std=1.0, divisor=1.0, seed=0, backend=backend)
+    for change, err in [
+        (dict(backend="cuda"), ValueError),
+        (dict(noise_std=-1.0), ValueError),
+        (dict(max_grad_norm=0.0), ValueError),
+        (dict(max_grad_norm=-1.0), ValueError),
+        (dict(divisor=0.0), ValueError),
+        (dict(divisor=-2.0), ValueError),
+        (dict(seed=-1), ValueError),
+        (dict(batch_dims=3), ValueError),
+    ]:
+        with pytest.raises(err):
+            fused_dp_step(grads, **{**ok, **change})
+    with pytest.raises(TypeError):
+        fused_dp_step([1.0, 2.0], **ok)
+    with pytest.raises(TypeError):
+        fused_dp_step([torch.ones(1, 2, 3, dtype=torch.int32, device=DEVICE)], **ok)
+    with pytest.raises(ValueError):
+        fused_dp_step([], **ok)
+    with pytest.raises(ValueError):
+        per_sample_norms([torch.ones(2, 3, 4), torch.ones(3, 3, 4)], batch_dims=2, backend=backend)
+    params = [torch.ones(3, device=DEVICE)]
+    with pytest.raises(ValueError):
+        perturb(params, std=0.1, num_perturbations=0, seed=0, backend=backend)
+    with pytest.raises(TypeError):
+        perturb(params, std=0.1, num_perturbations=2.0, seed=0, backend=backend)
+    with pytest.raises(ValueError):
+        perturb(params, std=-0.1, num_perturbations=2, seed=0, backend=backend)
+    with pytest.raises(TypeError):
+        perturb([torch.ones(3, dtype=torch.int64)], std=0.1, num_perturbations=2, seed=0,
+                backend=backend)

@@ -1,0 +1,128 @@
+"""Resume without losing budget, secure noise, hostile input."""
+
+import gzip
+import math
+
+import pytest
+import torch
+from helpers import mlp_case
+from torch.utils.data import TensorDataset
+
+import dplis
+from dplis import data, train
+from dplis.secure_noise import secure_gaussian
+
+
+def _trainer(seed=0, **kw):
+    model, loss_fn, _, _ = mlp_case(seed=3)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2,
+                          momentum=0.9)
+    args = dict(sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.1, seed=seed,
+                smoothing_std=0.01, num_perturbations=2, sat_rho=0.02) | kw
+    return dplis.PrivateTrainer(model, opt, loss_fn, **args)
+
+
+def _epoch(trainer, dataset):
+    for x, y in trainer.data_loader(dataset):
+        trainer.step(x, y)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(100, 10, generator=g), torch.randint(0, 3, (100,),
+                                                                             generator=g))
+    straight = _trainer()
+    _epoch(straight, dataset)
+    _epoch(straight, dataset)
+    first = _trainer()
+    _epoch(first, dataset)
+    first.save(tmp_path / "ckpt.pt")
+    resumed = _trainer()
+    resumed.load(tmp_path / "ckpt.pt")
+    _epoch(resumed, dataset)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.epsilon(1e-5) == resumed.epsilon(1e-5)
+    assert straight.accountant.steps == resumed.accountant.steps == 20
+
+
+def test_cli_resume_continues_the_saved_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
+    flags = ["--epochs", "2", "--num-samples", "300", "--batch-size", "40", "--quiet",
+             "--checkpoint", str(tmp_path / "run.pt")]
+    full = train.main(flags)
+    again = train.main([*flags, "--resume"])  # nothing left to do: same model, same ε
+    assert again["steps"] == full["steps"] and again["epsilon"] == full["epsilon"]
+    assert again["accuracy"] == full["accuracy"]
+    with pytest.raises(SystemExit, match="--checkpoint"):
+        train.main(["--resume", "--num-samples", "300", "--batch-size", "40"])
+
+
+def test_secure_noise_statistics_and_refused_seed():
+    z = secure_gaussian(200_001, 2.0)
+    n = z.numel()
+    assert n == 200_001 and z.dtype == torch.float32
+    assert abs(float(z.mean())) < 6 * 2.0 / math.sqrt(n)
+    assert abs(float(z.std()) - 2.0) < 6 * 2.0 / math.sqrt(2 * n)
+    assert not torch.equal(secure_gaussian(10, 1.0), secure_gaussian(10, 1.0))
+    with pytest.raises(ValueError, match="no seed"):
+        _trainer(seed=1, secure_rng=True)
+
+
+def test_secure_mode_trains_and_adds_noise_of_the_right_size():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(400, 100)
+    x, y = torch.randn(4, 400), torch.zeros(4, 100)
+    g = dplis.private_grad(model, lambda o, t: (o * 0).sum(), x, y, max_grad_norm=2.0,
+                           noise_multiplier=1.5, expected_batch_size=5.0, secure_rng=True)
+    flat = torch.cat([t.flatten() for t in g.values()])
+    target = 1.5 * 2.0 / 5.0
+    assert abs(float(flat.std()) - target) < 6 * target / math.sqrt(2 * flat.numel())
+    trainer = _trainer(seed=None, secure_rng=True, dataset_size=50)
+    _, _, xb, yb = mlp_case()
+    assert math.isfinite(trainer.step(xb, yb)) and trainer.accountant.steps == 1
+
+
+def test_hostile_batches_leave_the_trainer_untouched():
+    trainer = _trainer(dataset_size=50)
+    _, _, x, y = mlp_case()
+    trainer.step(x, y)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    steps, gen = trainer.accountant.steps, trainer.generator.get_state().clone()
+    bad_batches = [
+        ((x.double(), y), TypeError, "float64"),
+        ((x[:, :5], y), RuntimeError, None),  # wrong feature size: the model's own error
+        ((x, y[:-1]), ValueError, "mismatched"),
+        ((torch.full_like(x, float("nan")), y), dplis.NonFiniteError, "NaN"),
+    ]
+    for (bx, by), error, word in bad_batches:
+        with pytest.raises(error, match=word):
+            trainer.step(bx, by)
+        assert trainer.accountant.steps == steps
+        assert torch.equal(trainer.generator.get_state(), gen)
+        assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    # an empty Poisson batch is a valid step: pure noise, privacy spent
+    assert math.isnan(trainer.step(x[:0], y[:0])) and trainer.accountant.steps == steps + 1
+
+
+def test_dataset_too_small_for_the_sample_rate():
+    trainer = _trainer()
+    with pytest.raises(ValueError, match="almost always empty"):
+        trainer.data_loader(TensorDataset(torch.randn(5, 10), torch.zeros(5, dtype=torch.long)))
+
+
+def test_parameters_on_several_devices_are_refused():
+    model, loss_fn, x, y = mlp_case()
+    model[2].bias = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match="one dtype and device"):
+        dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0)
+
+
+def test_damaged_dataset_files(tmp_path):
+    (tmp_path / "bad.idx").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(ValueError):
+        data.load_idx(tmp_path / "bad.idx")
+    with gzip.open(tmp_path / "cut.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01\x00\x00\x00\x10" + b"\x00" * 4)  # says 16 bytes, has 4
+    with pytest.raises(ValueError):
+        data.load_idx(tmp_path / "cut.gz")
