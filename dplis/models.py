@@ -94,7 +94,8 @@ class TinyTransformer(nn.Module):
             self.head.weight = self.tok.weight
 
     def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        # positions expanded to [B, T] so every layer input carries the batch dimension
+        pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.tok(tokens) + self.pos(pos)
         for block in self.blocks:
             x = block(x, pad_mask)

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from . import checks, kernels
+from . import checks, ghost, kernels
 from .kernels import NonFiniteError
 from .secure_noise import secure_gaussian
 from .validation import validate
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SEED_MAX = 2**31 - 1
+ENGINES = ("auto", "vmap", "ghost")
 
 
 @dataclass
@@ -108,6 +109,15 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
     )
 
 
+def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor]) -> str:
+    """"ghost" or "vmap"; auto = ghost when every layer owning a trainable has a ghost rule."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        return "ghost" if ghost.supports(model, params) else "vmap"
+    return engine
+
+
 def private_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -120,6 +130,8 @@ def private_step(
     num_perturbations: int = 1,
     expected_batch_size: float | None = None,
     generator: torch.Generator | None = None,
+    engine: str = "auto",
+    max_physical_batch_size: int | None = None,
     perturbation_chunk_size: int | None = None,
     backend: str | None = None,
     offset: torch.Tensor | None = None,
@@ -127,10 +139,14 @@ def private_step(
 ) -> PrivateStep:
     """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``.
 
+    ``engine``: "vmap" (per-example gradients by vmap(grad), fused kernel clip + noise),
+    "ghost" (``dplis.ghost``: one forward + backward per perturbation, no [B, D] buffer) or
+    "auto". ``max_physical_batch_size`` splits the batch into chunks whose clipped sums are
+    added up before the noise is added once (a logical batch larger than memory).
     ``offset`` (flat [D], trainable parameters in ``named_parameters`` order) moves the point
     where gradients are taken to θ + offset (DP-SAT's ascent step); the model is not changed.
     ``secure_rng`` draws the Gaussian noise from os.urandom (``secure_noise``) instead of the
-    seeded kernel RNG; ``generator`` then only drives perturbations and dropout.
+    seeded RNG; ``generator`` then only drives perturbations and dropout.
     """
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
@@ -139,6 +155,8 @@ def private_step(
     chunk = k if perturbation_chunk_size is None else checks.integer(
         "perturbation_chunk_size", perturbation_chunk_size, 1)
     inputs, batch = as_batch(inputs, targets)
+    physical = max(batch, 1) if max_physical_batch_size is None else checks.integer(
+        "max_physical_batch_size", max_physical_batch_size, 1)
     if expected_batch_size is None:
         if batch == 0:
             raise ValueError("an empty batch needs expected_batch_size (q·N for Poisson sampling)")
@@ -146,7 +164,10 @@ def private_step(
     divisor = checks.positive("expected_batch_size", expected_batch_size)
     validate(model)
     params = trainable(model)
-    names = list(params)
+    engine = resolve_engine(engine, model, params)
+    kernels.resolve_backend(backend, params[next(iter(params))].device)  # reject bad names early
+    shapes = [p.shape for p in params.values()]
+    sizes = [s.numel() for s in shapes]
     theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
     if offset is not None:
         if offset.shape != theta.shape:
@@ -163,44 +184,74 @@ def private_step(
     frozen = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())
               if n not in params}
 
+    def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: v.view(s) for n, v, s in zip(params, torch.split(flat, sizes), shapes)}
+
+    def vmap_grads(x: tuple, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1 or K, b, D] per-example gradients (K-averaged when chunked) and [K, b] losses."""
+        parts = [_per_example_grads(model, loss_fn, list(params), shapes, thetas[i:i + chunk],
+                                    frozen, x, y) for i in range(0, k, chunk)]
+        losses = torch.cat([p[1] for p in parts])
+        if len(parts) == 1:
+            return parts[0][0], losses
+        # K-average chunk by chunk so at most `chunk` perturbations are ever stored
+        return (sum(p[0].sum(0) for p in parts) / k).unsqueeze(0), losses
+
+    def clipped(x: tuple, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Σ_b clip_C(mean_k g_kb) flat fp32 [D], norms [b], losses [K, b] for one chunk."""
+        if engine == "ghost":
+            sums, norms, losses = ghost.clipped_sum(
+                model, loss_fn, params, frozen, [unflatten(t) for t in thetas], x, y,
+                max_grad_norm)
+            return torch.cat([t.reshape(-1) for t in sums.values()]), norms, losses
+        grads, losses = vmap_grads(x, y)
+        (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
+                                                noise_std=0.0, divisor=1.0, batch_dims=2,
+                                                backend=backend)
+        return total, norms, losses
+
+    noise_std = 0.0 if secure_rng else sigma * max_grad_norm
     with restore_on_error(generator):
         noise_seed, perturb_seed, dropout_seed = draw_seeds(generator, 3)
         thetas = theta.unsqueeze(0).expand(k, -1)
         if std > 0:
             thetas = kernels.perturb([theta], std=std, num_perturbations=k, seed=perturb_seed,
                                      backend=backend)[0]
-        shapes = [p.shape for p in params.values()]
-        if batch == 0:
-            flat = theta.new_zeros(1, 0, theta.numel())
-            loss = float("nan")
-        else:
-            fork_devices = [theta.device] if theta.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=fork_devices, enabled=generator is not None):
-                if generator is not None:
-                    torch.manual_seed(dropout_seed)
-                chunks = [_per_example_grads(model, loss_fn, names, shapes, thetas[i:i + chunk],
-                                             frozen, inputs, targets) for i in range(0, k, chunk)]
-            losses = torch.cat([c[1] for c in chunks])
-            if not bool(torch.isfinite(losses).all()):
-                raise NonFiniteError(
-                    f"{int((~torch.isfinite(losses)).sum())} per-example losses are NaN or infinite"
-                )
-            loss = float(losses.mean())
-            if len(chunks) == 1:
-                flat = chunks[0][0]
-            else:  # K-average chunk by chunk so at most `chunk` perturbations are ever stored
-                flat = (sum(c[0].sum(0) for c in chunks) / k).unsqueeze(0)
-        noise_std = 0.0 if secure_rng else sigma * max_grad_norm
-        (out,), norms = kernels.fused_dp_step(
-            [flat], max_grad_norm=max_grad_norm, noise_std=noise_std,
-            divisor=divisor, seed=noise_seed, backend=backend, batch_dims=2,
-        )
+        fork_devices = [theta.device] if theta.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices, enabled=generator is not None):
+            if generator is not None:
+                torch.manual_seed(dropout_seed)
+            if engine == "vmap" and 0 < batch <= physical:
+                # the common case: one fused kernel pass clips, sums, noises and scales
+                flat, losses = vmap_grads(inputs, targets)
+                _check_losses(losses)
+                (out,), norms = kernels.fused_dp_step(
+                    [flat], max_grad_norm=max_grad_norm, noise_std=noise_std, divisor=divisor,
+                    seed=noise_seed, backend=backend, batch_dims=2)
+            else:
+                total = theta.new_zeros(theta.numel(), dtype=torch.float32)
+                norms, losses = [theta.new_zeros(0, dtype=torch.float32)], []
+                for i in range(0, batch, physical):
+                    part, n, lo = clipped(tuple(t[i:i + physical] for t in inputs),
+                                          targets[i:i + physical])
+                    _check_losses(lo)
+                    total.add_(part)
+                    norms, losses = norms + [n], losses + [lo]
+                norms = torch.cat(norms)
+                losses = torch.cat(losses, 1) if losses else torch.full((1, 1), float("nan"))
+                if noise_std > 0:
+                    total.add_(kernels.reference.gaussian_like(total, noise_std, noise_seed))
+                out = total.div_(divisor).to(theta.dtype)
         if secure_rng and sigma > 0:
             noise = secure_gaussian(out.numel(), sigma * max_grad_norm / divisor, out.device)
             out = out + noise.to(out.dtype)
-    grads = {n: g.view(s) for n, g, s in zip(names, torch.split(out, [s.numel() for s in shapes]),
-                                             shapes)}
-    return PrivateStep(grads=grads, loss=loss, norms=norms)
+    return PrivateStep(grads=unflatten(out), loss=float(losses.mean()), norms=norms)
+
+
+def _check_losses(losses: torch.Tensor) -> None:
+    if not bool(torch.isfinite(losses).all()):
+        bad = int((~torch.isfinite(losses)).sum())
+        raise NonFiniteError(f"{bad} per-example losses are NaN or infinite")
 
 
 def private_grad(
@@ -215,9 +266,7 @@ def private_grad(
     num_perturbations: int = 1,
     expected_batch_size: float | None = None,
     generator: torch.Generator | None = None,
-    perturbation_chunk_size: int | None = None,
-    backend: str | None = None,
-    secure_rng: bool = False,
+    **options,
 ) -> dict[str, torch.Tensor]:
     """Private (DPlis-smoothed) gradient of the mean loss: name -> tensor over trainable params.
 
@@ -225,15 +274,15 @@ def private_grad(
     a tuple of tensors passed to the model positionally, each [B, ...]; ``targets`` is [B, ...].
     Result = (Σ_i clip_C((1/K) Σ_k ∇ℓ(θ + u_k; x_i)) + N(0, (σC)² I)) / expected_batch_size with
     u_k ~ N(0, smoothing_std² I) shared by the batch; ``expected_batch_size`` defaults to B.
-    The K perturbed passes are one vmap; ``perturbation_chunk_size`` bounds how many are stored
-    at once. ``generator`` makes noise, perturbations and dropout masks reproducible;
-    ``secure_rng=True`` draws the noise from os.urandom instead (not reproducible). On error
-    (bad argument, NaN/inf loss or gradient) nothing changes, the generator included.
+    ``generator`` makes noise, perturbations and dropout masks reproducible. On error (bad
+    argument, NaN/inf loss or gradient) nothing changes, the generator included.
+    ``options`` (see ``private_step``): ``engine`` ("auto" | "vmap" | "ghost"),
+    ``max_physical_batch_size``, ``perturbation_chunk_size`` (vmap: how many of the K batched
+    perturbed passes are stored at once), ``backend``, ``offset``, ``secure_rng``.
     """
     return private_step(
         model, loss_fn, inputs, targets, max_grad_norm=max_grad_norm,
         noise_multiplier=noise_multiplier, smoothing_std=smoothing_std,
         num_perturbations=num_perturbations, expected_batch_size=expected_batch_size,
-        generator=generator, perturbation_chunk_size=perturbation_chunk_size, backend=backend,
-        secure_rng=secure_rng,
+        generator=generator, **options,
     ).grads

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import __version__, checks
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
-from .private_grad import private_step, trainable
+from .private_grad import private_step, resolve_engine, trainable
 from .sampling import poisson_batches
 from .validation import validate
 
@@ -40,6 +40,9 @@ class PrivateTrainer:
     (the DPlis authors' unit: r times the std of one step's noise on the weights, at the
     initial learning rate). ``smoothing_schedule``: "constant", "lr" (s follows the current
     learning rate: s·lr_t/lr_0) or "linear" (s decays linearly to 0 over ``max_steps``).
+    ``engine``: "auto" (ghost when every layer has a rule, else vmap), "ghost" or "vmap";
+    ``max_physical_batch_size`` bounds memory: the Poisson batch is processed in chunks and
+    the noise added once per logical step (Opacus's virtual steps).
     ``secure_rng=True`` draws the noise from os.urandom (see ``secure_noise``; no seed allowed).
     ``sat_rho`` ρ > 0 adds DP-SAT (Park et al. 2023): gradients are taken at
     θ + ρ·g_prev/‖g_prev‖, g_prev the previous (already private) gradient; no privacy cost.
@@ -69,6 +72,8 @@ class PrivateTrainer:
         seed: int | None = None,
         dataset_size: int | None = None,
         expected_batch_size: float | None = None,
+        engine: str = "auto",
+        max_physical_batch_size: int | None = None,
         perturbation_chunk_size: int | None = None,
         backend: str | None = None,
         secure_rng: bool = False,
@@ -97,6 +102,8 @@ class PrivateTrainer:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
+        self.engine = resolve_engine(engine, model, self.params)
+        self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
         self.backend = backend
         self.dataset_size = None
@@ -198,8 +205,10 @@ class PrivateTrainer:
             self.model, self.loss_fn, inputs, targets, max_grad_norm=self.max_grad_norm,
             noise_multiplier=self.noise_multiplier, smoothing_std=self.current_smoothing_std(),
             num_perturbations=self.num_perturbations, expected_batch_size=self._divisor(),
-            generator=self.generator, perturbation_chunk_size=self.perturbation_chunk_size,
-            backend=self.backend, offset=self.sat_offset(), secure_rng=self.secure_rng)
+            generator=self.generator, engine=self.engine,
+            max_physical_batch_size=self.max_physical_batch_size,
+            perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
+            offset=self.sat_offset(), secure_rng=self.secure_rng)
         for name, p in self.params.items():
             p.grad = result.grads[name]
         if self.sat_rho:

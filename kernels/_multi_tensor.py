@@ -1,4 +1,4 @@
-"""Multi-tensor launch plan shared by the Triton kernels (``norms``, ``dp_step``, ``perturb``).
+"""Multi-tensor launch plan shared by the Triton kernels (``norms``, ``dp_step``, ``perturbation``).
 
 A model has hundreds of parameter tensors, and a step must not be launch-bound,
 so every kernel serves a whole list of tensors in one launch per dtype:

@@ -1,7 +1,7 @@
 """Public entry points of dplis.kernels: validate, pick a backend, dispatch.
 
 Each op has a plain-torch reference (``reference.py``) and a Triton kernel
-(``norms.py``, ``dp_step.py``, ``perturb.py``); both take the same arguments.
+(``norms.py``, ``dp_step.py``, ``perturbation.py``); both take the same arguments.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _check_tensors(tensors: Sequence[torch.Tensor], what: str) -> list[torch.Ten
         if t.dtype not in DTYPES:
             raise TypeError(f"{what} must be float32, bfloat16, float16 or float64, got {t.dtype}")
     if len({t.device for t in tensors}) > 1:
-        raise ValueError(f"{what} are on several devices: {sorted({str(t.device) for t in tensors})}")
+        devices = sorted({str(t.device) for t in tensors})
+        raise ValueError(f"{what} are on several devices: {devices}")
     return tensors
 
 
@@ -154,7 +155,7 @@ def perturb(
         raise ValueError(f"num_perturbations must be >= 1, got {num_perturbations}")
     seed = _seed(seed, params[0].device)
     if resolve(backend, params[0].device) == "triton":
-        from .perturb import perturb_triton
+        from .perturbation import perturb_triton
 
         return perturb_triton(params, std=std, num_perturbations=num_perturbations, seed=seed)
     return reference.perturb_torch(params, std=std, num_perturbations=num_perturbations, seed=seed)

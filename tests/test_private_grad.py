@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import CASES, mlp_case
 from torch import nn
+from torch.nn import functional as F
 
 import dplis
 from dplis import kernels
@@ -20,23 +21,30 @@ def assert_close(fast: dict, slow: dict, atol: float = 1e-6, rtol: float = 1e-4)
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
+ENGINES = ["vmap", "ghost"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("clip", [0.05, 100.0])
-def test_matches_naive_reference(case, clip):
+def test_matches_naive_reference(case, clip, engine):
     model, loss_fn, x, y = CASES[case]()
-    fast = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=clip, noise_multiplier=0.0)
+    fast = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=clip, noise_multiplier=0.0,
+                              engine=engine)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(fast) == trainable
     assert_close(fast, naive_private_grad(model, loss_fn, x, y, max_grad_norm=clip))
 
 
-@pytest.mark.parametrize("case", ["mlp", "gpt"])
-def test_smoothed_matches_naive_with_same_perturbations(case):
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", ["mlp", "cnn", "gpt"])
+def test_smoothed_matches_naive_with_same_perturbations(case, engine):
     model, loss_fn, x, y = CASES[case]()
     k, std = 3, 0.05
     gen = torch.Generator().manual_seed(7)
     fast = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=0.5, noise_multiplier=0.0,
-                              smoothing_std=std, num_perturbations=k, generator=gen)
+                              smoothing_std=std, num_perturbations=k, generator=gen,
+                              engine=engine)
     # redraw the same perturbations the way private_grad does: seeds, then kernels.perturb
     _, perturb_seed, _ = draw_seeds(torch.Generator().manual_seed(7), 3)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -48,6 +56,45 @@ def test_smoothed_matches_naive_with_same_perturbations(case):
         us.append({n: u.view(p.shape) for (n, p), u in zip(params.items(), parts)})
     assert_close(fast, naive_private_grad(model, loss_fn, x, y, max_grad_norm=0.5,
                                           perturbations=us))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_physical_chunks_add_up_to_the_logical_batch(case):
+    model, loss_fn, x, y = CASES[case](batch=5)
+    kw = dict(max_grad_norm=0.1, noise_multiplier=0.7, smoothing_std=0.01, num_perturbations=2)
+    whole = dplis.private_grad(model, loss_fn, x, y, generator=torch.Generator().manual_seed(4),
+                               engine="ghost", **kw)
+    for engine in ENGINES:
+        chunked = dplis.private_grad(model, loss_fn, x, y, max_physical_batch_size=2,
+                                     generator=torch.Generator().manual_seed(4), engine=engine,
+                                     **kw)
+        assert_close(chunked, {n: t.double() for n, t in whole.items()}, atol=1e-5)
+
+
+def test_auto_engine_picks_ghost_when_every_layer_has_a_rule():
+    from dplis.private_grad import resolve_engine, trainable
+
+    for case in CASES.values():
+        model = case()[0]
+        assert resolve_engine("auto", model, trainable(model)) == "ghost"
+
+    class Scale(nn.Module):  # a layer without a ghost rule
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Linear(4, 3), Scale())
+    assert resolve_engine("auto", model, trainable(model)) == "vmap"
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    ghost = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
+                               noise_multiplier=0.0, engine="ghost")  # vmap fallback for Scale
+    assert_close(ghost, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2))
+    with pytest.raises(ValueError, match="engine"):
+        dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
+                           noise_multiplier=0.0, engine="fast")
 
 
 def test_k_without_smoothing_equals_k1():

@@ -1,5 +1,8 @@
 """K perturbed copies of the parameters, as a Triton kernel.
 
+(Named ``perturbation``, not ``perturb``: importing a submodule ``dplis.kernels.perturb``
+would rebind the package attribute ``dplis.kernels.perturb``, the public function.)
+
 Math:   out_j[k, d] = θ_j[d] + std · z[k // 4, col_j + d][k % 4]
         z = ``tl.randn4x(seed, counter)``: one Philox call gives four normals, used
         for four consecutive perturbations k; the counter of (k // 4, column) is
@@ -32,7 +35,9 @@ BLOCK_D = 1024  # parameters per program; each program writes K rows of BLOCK_D
 TABLE_COLS: tl.constexpr = tl.constexpr(mt.TABLE_COLS)
 
 
-@triton.jit
+# D keeps Triton's "% 16" specialisation (vectorised loads); the other
+# integers would only multiply the compiled variants
+@triton.jit(do_not_specialize=["K", "col", "total_cols", "seed"])
 def _perturb_kernel(
     p_ptr,  # [D] contiguous (direct mode) / typed base pointer (table mode)
     out_ptr,  # [K, D] (direct mode) / typed base pointer (table mode)
@@ -92,7 +97,7 @@ def _perturb_kernel(
 
 
 _perturb_tuned = triton.autotune(
-    configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)],
+    configs=[triton.Config({}, num_warps=w) for w in (4, 8)],
     key=["K", "D", "MULTI", "HAS_NOISE"],
 )(_perturb_kernel)
 

@@ -1,0 +1,1 @@
+"""Benchmarks of dplis against non-private training and Opacus (``python -m bench``)."""

@@ -1,0 +1,286 @@
+"""``python -m bench``: throughput and memory of dplis vs non-private training and Opacus.
+
+For each model and mode: examples/s (batch size / median step time), median step time, slowdown
+relative to non-private training and to the fastest working Opacus mode, and peak memory.
+Before timing a model, dplis K = 1 and every Opacus mode are checked to give the same clipped
+gradient with noise 0 (``bench.equivalence``); a mode that fails the check (or fails to run) is
+reported with its error and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings
+from .equivalence import EQUIVALENCE_MAX_BATCH, check_model
+from .runner import MEMORY_METHOD, Measurement, context, environment, measure, measure_isolated
+
+DEFAULTS = {"batch_size": 64, "steps": 10, "warmup": 2}
+QUICK = {"batch_size": 32, "steps": 3, "warmup": 1}
+
+EPILOG = f"""\
+columns:
+  ex/s        examples per second = batch size / median step time
+  step ms     median wall time of one training step (forward, backward, clip, noise,
+              optimizer step) over --steps timed steps after --warmup untimed ones
+  x nonpriv   step time / non-private step time (1.0 = as fast as non-private; 3.0 = 3x slower)
+  x opacus    step time / step time of the fastest working Opacus mode on that model
+  peak MB     {MEMORY_METHOD}
+
+modes: {", ".join(MODES)}
+  nonprivate: torch.optim.SGD on the mean loss; dplis_kK: dplis.PrivateTrainer.step with K
+  perturbations (K > 1: DPlis smoothing); opacus_*: Opacus PrivacyEngine.make_private with that
+  grad_sample_mode. Same batch, SGD lr, clipping bound C and noise multiplier for all.
+
+Exit status: 0 when dplis and non-private rows ran (Opacus failures are results, not errors),
+1 when a dplis or non-private row failed or dplis K=1 failed the equivalence check.
+"""
+
+
+def _split(values: list[str]) -> list[str]:
+    out = []
+    for v in values:
+        out += [s for s in v.split(",") if s]
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0].split(": ", 1)[1],
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), metavar="MODEL",
+                   help=f"models to run, space- or comma-separated (default: all: "
+                        f"{', '.join(MODEL_NAMES)})")
+    p.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
+                   help="modes to run (default: all eight)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"examples per step, same for every model and mode "
+                        f"(default {DEFAULTS['batch_size']}, --quick {QUICK['batch_size']})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"timed steps per case; the median is reported "
+                        f"(default {DEFAULTS['steps']}, --quick {QUICK['steps']})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed steps before timing (default {DEFAULTS['warmup']}, "
+                        f"--quick {QUICK['warmup']})")
+    p.add_argument("--quick", action="store_true",
+                   help="small batch and few steps: about a minute on 2 CPU cores")
+    p.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
+    p.add_argument("--max-grad-norm", type=float, default=Settings.max_grad_norm,
+                   help="clipping bound C (default %(default)s)")
+    p.add_argument("--noise-multiplier", type=float, default=Settings.noise_multiplier,
+                   help="noise multiplier sigma (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds before one case is abandoned and reported failed "
+                        "(default %(default)s)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every case in this process (debugging; peak memory then "
+                        "includes allocator caching from earlier cases)")
+    args = p.parse_args(argv)
+    args.models = list(MODEL_NAMES) if args.models == ["all"] else _split(args.models)
+    args.modes = list(MODES) if args.modes == ["all"] else _split(args.modes)
+    for name in args.models:
+        if name not in MODEL_NAMES:
+            p.error(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    for mode in args.modes:
+        if mode not in MODES:
+            p.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    args.modes = [m for m in MODES if m in args.modes]  # canonical order
+    base = QUICK if args.quick else DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available in this torch build / machine")
+    return args
+
+
+class Progress:
+    """One progress line on stderr (rewritten in place on a terminal, one line per item else)."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.start = time.perf_counter()
+        self.tty = stream.isatty()
+
+    def show(self, text: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        line = f"[{self.done}/{self.total}] {elapsed:6.1f}s  {text}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def close(self) -> None:
+        self.show("done")
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _row(model: str, mode: str, batch_size: int, m: Measurement) -> dict:
+    row = {"model": model, "mode": mode, "batch_size": batch_size, "examples_per_s": None,
+           "step_ms": None, "peak_mem_mb": None, "ratio_to_nonprivate": None,
+           "ratio_to_best_opacus": None, "error": m.error}
+    if m.error is None and m.times:
+        median = statistics.median(m.times)
+        row["examples_per_s"] = round(batch_size / median, 2)
+        row["step_ms"] = round(median * 1e3, 3)
+        row["peak_mem_mb"] = round(m.peak_mem_mb, 2)
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Fill ratio_to_nonprivate and ratio_to_best_opacus (step-time ratios) per model."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model and r["step_ms"]]
+        nonpriv = next((r["step_ms"] for r in mine if r["mode"] == "nonprivate"), None)
+        opacus = [r["step_ms"] for r in mine if r["mode"] in OPACUS_MODES]
+        best = min(opacus) if opacus else None
+        for r in mine:
+            if nonpriv:
+                r["ratio_to_nonprivate"] = round(r["step_ms"] / nonpriv, 3)
+            if best:
+                r["ratio_to_best_opacus"] = round(r["step_ms"] / best, 3)
+
+
+def slowest(rows: list[dict]) -> dict | None:
+    """The private row with the largest slowdown vs non-private (ties: lowest examples/s)."""
+    ranked = [r for r in rows if r["ratio_to_nonprivate"] is not None and r["mode"] != "nonprivate"]
+    if not ranked:
+        return None
+    r = max(ranked, key=lambda r: (r["ratio_to_nonprivate"], -r["examples_per_s"]))
+    return {"model": r["model"], "mode": r["mode"], "ratio_to_nonprivate": r["ratio_to_nonprivate"],
+            "examples_per_s": r["examples_per_s"]}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict], error_width: int = 70) -> str:
+    head = (f"{'model':<12} {'mode':<17} {'batch':>5} {'ex/s':>10} {'step ms':>9} "
+            f"{'x nonpriv':>9} {'x opacus':>8} {'peak MB':>8}  error")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        err = r["error"] or ""
+        if len(err) > error_width:
+            err = err[: error_width - 3] + "..."
+        lines.append(
+            f"{r['model']:<12} {r['mode']:<17} {r['batch_size']:>5} "
+            f"{_fmt(r['examples_per_s'], '.1f'):>10} {_fmt(r['step_ms'], '.2f'):>9} "
+            f"{_fmt(r['ratio_to_nonprivate'], '.2f'):>9} "
+            f"{_fmt(r['ratio_to_best_opacus'], '.2f'):>8} "
+            f"{_fmt(r['peak_mem_mb'], '.1f'):>8}  {'FAILED: ' + err if err else ''}".rstrip())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings(max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier)
+    env = environment()
+    started = time.time()
+    check_modes = tuple(m for m in args.modes if m in OPACUS_MODES)
+    do_check = any(m != "nonprivate" for m in args.modes)
+    total = len(args.models) * (len(args.modes) + (1 if do_check else 0))
+    progress = Progress(total)
+    ctx = None if args.in_process else context()
+
+    rows, checks = [], []
+    for model in args.models:
+        check = None
+        if do_check:
+            progress.show(f"{model}: equivalence check (dplis K=1 vs Opacus, noise 0)")
+            check = check_model(model, min(args.batch_size, EQUIVALENCE_MAX_BATCH),
+                                device=args.device, modes=check_modes, seed=settings.seed)
+            checks.append(check)
+            progress.advance()
+        for mode in args.modes:
+            progress.show(f"{model} {mode} (batch {args.batch_size})")
+            error = check.mode_error(mode) if check else None
+            if error is not None:
+                m = Measurement(error=error)
+            else:
+                kwargs = dict(model=model, mode=mode, batch_size=args.batch_size,
+                              device=args.device, steps=args.steps, warmup=args.warmup,
+                              settings=settings)
+                m = measure(**kwargs) if ctx is None else measure_isolated(
+                    ctx, timeout=args.timeout, **kwargs)
+            rows.append(_row(model, mode, args.batch_size, m))
+            progress.advance()
+    progress.close()
+    add_ratios(rows)
+
+    worst = slowest(rows)
+    if hasattr(os, "getloadavg"):
+        env["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else env.get("processor"))
+    result = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "results": rows,
+        "device_name": device_name,
+        **env,
+        "config": {
+            "quick": args.quick, "batch_size": args.batch_size, "steps": args.steps,
+            "warmup": args.warmup, "models": args.models, "modes": args.modes,
+            "isolated": ctx is not None, **settings.as_dict(),
+            "ratio_definition": "step_ms / step_ms of the reference mode (higher = slower)",
+        },
+        "memory_method": MEMORY_METHOD,
+        "equivalence": [c.as_dict() for c in checks],
+        "slowest": worst,
+        "wall_s": round(time.time() - started, 1),
+    }
+
+    print(f"dplis {env['dplis']} | torch {torch.__version__} | opacus {env['opacus']} | "
+          f"{args.device}: {device_name} | {env['cpu_count']} CPUs, "
+          f"{env['torch_threads']} torch threads")
+    print(f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"C={settings.max_grad_norm}, sigma={settings.noise_multiplier}, SGD lr={settings.lr}"
+          f"{' (--quick)' if args.quick else ''}")
+    print()
+    print(format_table(rows))
+    print()
+    for c in checks:
+        ok = [v.opacus_mode for v in c.verdicts if v.ok]
+        bad = [v.opacus_mode for v in c.verdicts if not v.ok]
+        status = "FAILED: " + c.dplis_error if c.dplis_error else "dplis K=1 matches " + (
+            ", ".join(ok) if ok else "no Opacus mode")
+        print(f"equivalence {c.model} (batch {c.batch_size}, C = median norm"
+              f"{'' if c.max_grad_norm is None else f' {c.max_grad_norm:.3g}'}): {status}"
+              f"{'; not comparable: ' + ', '.join(bad) if bad else ''}")
+    if worst:
+        print(f"slowest model x mode: {worst['model']} x {worst['mode']} "
+              f"({worst['ratio_to_nonprivate']:.2f}x the non-private step time, "
+              f"{worst['examples_per_s']:.1f} examples/s)")
+    print(f"total wall time {result['wall_s']} s")
+
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}")
+
+    ours_failed = any(r["error"] for r in rows if not r["mode"].startswith("opacus_"))
+    return 1 if ours_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

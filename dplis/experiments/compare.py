@@ -1,0 +1,481 @@
+"""``python -m dplis.experiments.compare``: does smoothing help? DP-SGD vs DPlis vs DP-SAT.
+
+Every method trains the same model under identical privacy and budget: the same (ε, δ), epochs,
+expected (Poisson) batch size, optimizer (SGD, momentum), learning-rate schedule and PRV
+accounting, so σ is the same for all at a given ε. Methods:
+
+  dpsgd          plain DP-SGD
+  dplis          DPlis, smoothing radius r constant (s = r·lr·σ·C / E|B|, K perturbations)
+  dplis-lr       DPlis, s follows the current learning rate (s·lr_t/lr_0)
+  dplis-linear   DPlis, s decays linearly to 0 over the run
+  dpsat          DP-SAT (gradients at θ + ρ·g_prev/‖g_prev‖), a second flatness-seeking method
+
+Tuning (``--tune``, on by default): the training set is split 80/20 (``split_validation``, seed
+0); every configuration of a method's grid trains once (seed 0) on the 80 % and is scored on
+the 20 %, at the middle ε of ``--epsilons`` (or at each ε with ``--tune-at each``); the best
+validation accuracy wins (ties: the first in grid order). The test set is never looked at.
+dplis-lr and dplis-linear reuse the values chosen for dplis (a schedule ablation at fixed r, K).
+Final runs then train on the whole training set, one per seed, and report test accuracy.
+
+Writes ``<out>/<prefix>.json`` (every run, the grid, the chosen values), ``<prefix>.md``
+(mean ± std of test accuracy per method and ε, wall time per run) and ``<prefix>.png``
+(accuracy vs ε with error bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .. import __version__, models
+from .. import trainer as trainer_module
+from ..data import DATASETS, load_dataset, split_validation
+from ..kernels import NonFiniteError
+from ..train import accuracy, build_model
+from ..trainer import PrivateTrainer
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    smoothing: bool = False
+    schedule: str = "constant"
+    sat: bool = False
+
+    @property
+    def tuning_key(self) -> str:
+        """Whose tuned values this method uses (schedule variants share dplis's)."""
+        return "dplis" if self.smoothing else self.name
+
+
+METHODS = {m.name: m for m in (
+    Method("dpsgd", "DP-SGD"),
+    Method("dplis", "DPlis", smoothing=True),
+    Method("dplis-lr", "DPlis (r ∝ lr)", smoothing=True, schedule="lr"),
+    Method("dplis-linear", "DPlis (r linear → 0)", smoothing=True, schedule="linear"),
+    Method("dpsat", "DP-SAT", sat=True),
+)}
+
+# Hyper-parameters a method uses (the others are ignored, and reported as None).
+KEYS = {"dpsgd": ("lr", "max_grad_norm"), "dplis": ("lr", "max_grad_norm", "radius", "K"),
+        "dpsat": ("lr", "max_grad_norm", "rho")}
+
+# Defaults: the full run (--quick changes some; flags given on the command line always win).
+FULL = {"epsilons": [1.0, 3.0, 8.0], "seeds": 5, "epochs": 5.0, "batch_size": 256,
+        "methods": ["dpsgd", "dplis", "dplis-lr", "dplis-linear", "dpsat"], "tune": True}
+QUICK = {"epsilons": [1.0, 3.0, 8.0], "seeds": 3, "epochs": 3.0, "batch_size": 256,
+         "methods": ["dpsgd", "dplis", "dpsat"], "tune": False}
+
+# Tuning grid (per method: the product of its keys' lists) and the values used without tuning
+# (--no-tune, --quick): those the full MNIST-1D run chose on its validation split.
+GRID = {"lr": [0.25, 0.5], "max_grad_norm": [1.0], "radius": [5.0, 20.0], "K": [4],
+        "rho": [0.02, 0.1]}
+PRESET = {"lr": 0.5, "max_grad_norm": 1.0, "radius": 20.0, "K": 4, "rho": 0.02}
+
+
+def grid_for(key: str, grid: dict[str, list]) -> list[dict]:
+    """The configurations tried for tuning key ``key`` (grid order = tie-break order)."""
+    names = KEYS[key]
+    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+
+
+def method_params(method: Method, values: dict) -> dict:
+    """The full parameter record of ``method`` (unused knobs None)."""
+    used = KEYS[method.tuning_key]
+    return {k: (values[k] if k in used else None) for k in PRESET}
+
+
+@contextlib.contextmanager
+def memoized_calibration() -> Iterator[None]:
+    """Calibrate σ once per (ε, δ, q, steps): PRV calibration costs seconds and is deterministic.
+
+    The trainer still calibrates through its own code path (same σ, same ``max_steps`` budget),
+    only repeated calls with identical arguments are answered from a cache.
+    """
+    original = trainer_module.find_noise_multiplier
+    trainer_module.find_noise_multiplier = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        trainer_module.find_noise_multiplier = original
+
+
+def train_and_evaluate(train, evaluation, *, dataset: str, model_name: str, method: Method,
+                       params: dict, epsilon: float, delta: float, epochs: float,
+                       batch_size: int, seed: int, lr_schedule: str = "cosine",
+                       momentum: float = 0.9, device: str = "cpu") -> dict:
+    """Train one model privately on ``train``; return its accuracy on ``evaluation`` and costs.
+
+    ``params``: lr, max_grad_norm, and radius + K (DPlis) or rho (DP-SAT). A step whose loss or
+    gradient is not finite ends training early (``diverged``); the model is evaluated as it is.
+    """
+    torch.manual_seed(seed)
+    model = build_model(model_name, dataset, train[0][0]).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=params["lr"], momentum=momentum)
+    trainer = PrivateTrainer(
+        model, opt, F.cross_entropy, sample_rate=batch_size / len(train),
+        max_grad_norm=params["max_grad_norm"], target_epsilon=epsilon, target_delta=delta,
+        epochs=epochs, smoothing_radius=params["radius"] if method.smoothing else None,
+        smoothing_schedule=method.schedule, sat_rho=params["rho"] if method.sat else 0.0,
+        num_perturbations=params["K"] if method.smoothing else 1, seed=seed,
+        dataset_size=len(train))
+    steps = trainer.max_steps
+    scheduler = None
+    if lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    per_pass = max(1, round(1 / trainer.sample_rate))
+    diverged = False
+    start = time.perf_counter()
+    while trainer.accountant.steps < steps and not diverged:
+        loader = trainer.data_loader(train, steps=min(per_pass, steps - trainer.accountant.steps))
+        for x, y in loader:
+            try:
+                trainer.step(x.to(device), y.to(device))
+            except NonFiniteError:
+                diverged = True
+                break
+            if scheduler is not None:
+                scheduler.step()
+    seconds = time.perf_counter() - start
+    return {"accuracy": accuracy(model, evaluation, device), "seconds": seconds,
+            "sigma": trainer.noise_multiplier, "steps": trainer.accountant.steps,
+            "epsilon_spent": trainer.epsilon(), "diverged": diverged}
+
+
+# --------------------------------------------------------------------------------- the command
+
+def build_parser() -> argparse.ArgumentParser:
+    full = ", ".join(f"{k}={v}" for k, v in FULL.items())
+    quick = ", ".join(f"{k}={v}" for k, v in QUICK.items())
+    grid = "; ".join(f"{key}: {' × '.join(f'{n} ∈ {GRID[n]}' for n in names)}"
+                     for key, names in KEYS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m dplis.experiments.compare", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Defaults: {full}.\n--quick: {quick} (with the preset values {PRESET}).\n"
+               f"Tuning grid: {grid}.\nEvery run: SGD with momentum, learning rate decayed by "
+               "a cosine schedule stepped every step (--lr-schedule).")
+    p.add_argument("--dataset", nargs="+", default=["mnist1d"], choices=(*DATASETS, "all"),
+                   help="datasets to compare on; 'all' = mnist1d plus each image dataset "
+                        "found in --data-dir (default: mnist1d)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with MNIST / Fashion-MNIST / CIFAR-10 (never downloaded)")
+    p.add_argument("--num-samples", type=int, default=20000,
+                   help="MNIST-1D size, train + test (80/20) (default: 20000)")
+    p.add_argument("--model", choices=("auto", *models.MODELS), default="auto",
+                   help="auto: mlp for mnist1d, the paper's cnn for images (default: auto)")
+    p.add_argument("--epsilons", nargs="+", type=float, default=None, metavar="EPS",
+                   help="target ε values (default: 1 3 8)")
+    p.add_argument("--delta", type=float, default=1e-5, help="δ (default: 1e-5)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="final runs per method and ε, seeds 0..N-1 (default: 5)")
+    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
+                   help="methods to compare (default: all five)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs (default: 5)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="expected Poisson batch size (default: 256)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine decay to 0 stepped each step, or constant (default: cosine)")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                   help="tune each method on a validation split first (default: on; "
+                        "off with --quick: the preset values are used)")
+    p.add_argument("--tune-at", choices=("middle", "each"), default="middle",
+                   help="tune at the middle ε and reuse, or at each ε (default: middle)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="validation share of the training set (default: 0.2)")
+    for name, kind, help_ in (("lr", float, "learning rate"),
+                              ("max-grad-norm", float, "clipping norm C"),
+                              ("radius", float, "DPlis smoothing radius r"),
+                              ("K", int, "DPlis perturbations K"),
+                              ("rho", float, "DP-SAT ρ")):
+        key = name.replace("-", "_")
+        p.add_argument(f"--grid-{name}", nargs="+", type=kind, default=None, dest=f"grid_{key}",
+                       metavar="V", help=f"tuning values of the {help_} (default: {GRID[key]})")
+        p.add_argument(f"--{name}", type=kind, default=None, dest=key,
+                       help=f"{help_} without tuning (default: {PRESET[key]})")
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes on 2 CPU cores: fewer seeds and epochs, no tuning")
+    p.add_argument("--out", default="compare-results", help="output folder")
+    p.add_argument("--prefix", default="compare", help="output file name stem")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the user left unset from the quick or full defaults."""
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in PRESET:
+        if getattr(args, key) is None:
+            setattr(args, key, PRESET[key])
+        if getattr(args, f"grid_{key}") is None:
+            setattr(args, f"grid_{key}", list(GRID[key]))
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    if args.batch_size < 1 or args.epochs <= 0:
+        raise SystemExit("--batch-size must be >= 1 and --epochs > 0")
+    if any(e <= 0 for e in args.epsilons):
+        raise SystemExit("--epsilons must be > 0")
+    args.methods = list(dict.fromkeys(args.methods))
+    args.epsilons = sorted(set(args.epsilons))
+    return args
+
+
+def datasets_to_run(names: Sequence[str], data_dir: str | None) -> list[str]:
+    if "all" not in names:
+        return list(dict.fromkeys(names))
+    found = ["mnist1d"]
+    for name in DATASETS[1:]:
+        if data_dir is None:
+            continue
+        try:
+            load_dataset(name, data_dir)
+        except FileNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def load(name: str, args: argparse.Namespace):
+    kw = {"num_samples": args.num_samples, "seed": 0} if name == "mnist1d" else {}
+    return load_dataset(name, args.data_dir, **kw)
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = []
+    keyed: dict[tuple, list[dict]] = {}
+    for r in runs:
+        keyed.setdefault((r["dataset"], r["method"], r["epsilon"]), []).append(r)
+    for (dataset, method, eps), group in keyed.items():
+        accs = [r["accuracy"] for r in group]
+        rows.append({
+            "dataset": dataset, "method": method, "epsilon": eps, "n": len(accs),
+            "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "min": min(accs), "max": max(accs),
+            "seconds": statistics.fmean(r["seconds"] for r in group),
+            "diverged": sum(r["diverged"] for r in group), "sigma": group[0]["sigma"],
+            "steps": group[0]["steps"],
+            "epsilon_spent": max(r["epsilon_spent"] for r in group),
+        })
+    return rows
+
+
+def fmt_param(v) -> str:
+    return "–" if v is None else f"{v:g}"
+
+
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [f"# DP-SGD vs DPlis vs DP-SAT (dplis {result['version']})", "",
+             f"Command: `{result['command']}`", "",
+             f"{cfg['seeds']} seeds, δ = {cfg['delta']:g}, {cfg['epochs']:g} epochs, expected "
+             f"batch {cfg['batch_size']}, SGD momentum {cfg['momentum']:g}, lr schedule "
+             f"{cfg['lr_schedule']}; test accuracy in %, mean ± std over seeds (min–max in "
+             f"the JSON). Time: mean wall seconds of one training run (steps only). Total "
+             f"{result['total_seconds'] / 60:.1f} min on {result['machine']}.", ""]
+    for ds in result["datasets"]:
+        rows = [r for r in result["summary"] if r["dataset"] == ds["name"]]
+        eps = sorted({r["epsilon"] for r in rows})
+        lines += [f"## {ds['name']} ({ds['train']} train / {ds['test']} test, model "
+                  f"{ds['model']})", ""]
+        lines.append("| method | " + " | ".join(f"ε = {e:g}" for e in eps)
+                     + " | time / run (s) | × DP-SGD time |")
+        lines.append("|---" * (len(eps) + 3) + "|")
+        base = {r["epsilon"]: r["seconds"] for r in rows if r["method"] == "dpsgd"}
+        for m in cfg["methods"]:
+            mrows = {r["epsilon"]: r for r in rows if r["method"] == m}
+            if not mrows:
+                continue
+            cells = []
+            for e in eps:
+                r = mrows[e]
+                cell = f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}"
+                if r["diverged"]:
+                    cell += f" ({r['diverged']} diverged)"
+                cells.append(cell)
+            secs = statistics.fmean(r["seconds"] for r in mrows.values())
+            ratio = (f"{secs / statistics.fmean(base.values()):.1f}" if base else "–")
+            lines.append(f"| {METHODS[m].label} | " + " | ".join(cells)
+                         + f" | {secs:.1f} | {ratio} |")
+        first = {r["epsilon"]: r for r in reversed(rows)}
+        sig = ", ".join(f"ε = {e:g}: σ = {first[e]['sigma']:.3f}, {first[e]['steps']} steps"
+                        for e in eps)
+        lines += ["", f"Noise (identical for every method): {sig}.", ""]
+        lines += ["Hyper-parameters used (r: smoothing radius, s = r·lr·σ·C/E|B|; K: "
+                  "perturbations; ρ: DP-SAT):", "",
+                  "| method | ε | lr | C | r | K | ρ | validation acc. |", "|---" * 8 + "|"]
+        for c in result["chosen"]:
+            if c["dataset"] != ds["name"]:
+                continue
+            p = c["params"]
+            val = "–" if c["val_accuracy"] is None else f"{100 * c['val_accuracy']:.1f}"
+            lines.append(f"| {METHODS[c['method']].label} | {c['epsilon']:g} | "
+                         + " | ".join(fmt_param(p[k])
+                                      for k in ("lr", "max_grad_norm", "radius", "K", "rho"))
+                         + f" | {val} |")
+        lines.append("")
+    if result["tuning"]["enabled"]:
+        t = result["tuning"]
+        lines += [f"Tuning: {t['description']} Grid: "
+                  + "; ".join(f"{k}: {v}" for k, v in t["grid"].items()) + ".", ""]
+    else:
+        lines += ["No tuning: preset values (chosen by the full run's validation tuning).", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> tuple[int, int]:
+    """Accuracy vs ε with error bars (± std over seeds), one panel per dataset; (width, height)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    datasets = [d["name"] for d in result["datasets"]]
+    fig = Figure(figsize=(6.4 * len(datasets), 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    methods = result["config"]["methods"]
+    for i, ds in enumerate(datasets):
+        ax = fig.add_subplot(1, len(datasets), i + 1)
+        for j, m in enumerate(methods):
+            rows = sorted((r for r in result["summary"]
+                           if r["dataset"] == ds and r["method"] == m), key=lambda r: r["epsilon"])
+            if not rows:
+                continue
+            shift = 1 + 0.03 * (j - (len(methods) - 1) / 2)  # spread the points on a log axis
+            ax.errorbar([r["epsilon"] * shift for r in rows], [100 * r["mean"] for r in rows],
+                        yerr=[100 * r["std"] for r in rows], marker="o", capsize=3,
+                        label=METHODS[m].label)
+        ax.set_xscale("log")
+        eps = sorted({r["epsilon"] for r in result["summary"] if r["dataset"] == ds})
+        ax.set_xticks(eps)
+        ax.set_xticklabels([f"{e:g}" for e in eps])
+        ax.minorticks_off()
+        ax.set_xlabel(f"ε (δ = {result['config']['delta']:g})")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{ds}: mean ± std over {result['config']['seeds']} seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return int(fig.get_figwidth() * 100), int(fig.get_figheight() * 100)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = resolve_args(build_parser().parse_args(argv))
+    command = "python -m dplis.experiments.compare" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    begin = time.perf_counter()
+    methods = [METHODS[m] for m in args.methods]
+    keys = list(dict.fromkeys(m.tuning_key for m in methods))
+    grid = {k: getattr(args, f"grid_{k}") for k in PRESET}
+    preset = {k: getattr(args, k) for k in PRESET}
+    datasets = datasets_to_run(args.dataset, args.data_dir)
+    middle = args.epsilons[(len(args.epsilons) - 1) // 2]
+    tune_eps = args.epsilons if args.tune_at == "each" else [middle]
+    trials_per_eps = sum(len(grid_for(k, grid)) for k in keys) if args.tune else 0
+    total = len(datasets) * (len(tune_eps) * trials_per_eps
+                             + len(args.epsilons) * args.seeds * len(methods))
+    bar = tqdm(total=total, disable=args.quiet, unit="run", file=sys.stderr)
+    common = {"delta": args.delta, "epochs": args.epochs, "batch_size": args.batch_size,
+              "lr_schedule": args.lr_schedule, "momentum": args.momentum,
+              "device": args.device}
+    trials, chosen, runs, ds_info = [], [], [], []
+    with memoized_calibration():
+        for ds in datasets:
+            train, test = load(ds, args)
+            model_name = args.model
+            if model_name == "auto":
+                model_name = "mlp" if ds == "mnist1d" else "cnn"
+            ds_info.append({"name": ds, "train": len(train), "test": len(test),
+                            "model": model_name})
+            if not 1 <= args.batch_size <= len(train):
+                raise SystemExit(f"--batch-size must be in [1, {len(train)}] for {ds}")
+            best: dict[tuple[str, float], tuple[dict, float | None]] = {}
+            if args.tune:
+                sub, val = split_validation(train, args.val_fraction, seed=0)
+                for eps, key in itertools.product(tune_eps, keys):
+                    scored = []
+                    for values in grid_for(key, grid):
+                        method = METHODS[key]
+                        params = method_params(method, values)
+                        bar.set_postfix_str(f"{ds} tune {key} ε={eps:g} {values}")
+                        r = train_and_evaluate(sub, val, dataset=ds, model_name=model_name,
+                                               method=method, params=params, epsilon=eps,
+                                               seed=0, **common)
+                        trials.append({"dataset": ds, "method": key, "epsilon": eps,
+                                       "params": params, "val_accuracy": r["accuracy"],
+                                       "seconds": r["seconds"], "diverged": r["diverged"]})
+                        scored.append((r["accuracy"], params))
+                        bar.update(1)
+                    acc, params = max(scored, key=lambda t: t[0])  # first best in grid order
+                    best[key, eps] = (params, acc)
+            for eps in args.epsilons:
+                src = eps if args.tune_at == "each" else middle
+                for method in methods:
+                    params, val_acc = best.get((method.tuning_key, src),
+                                               (method_params(method, preset), None))
+                    params = method_params(method, params)
+                    chosen.append({"dataset": ds, "method": method.name, "epsilon": eps,
+                                   "params": params, "val_accuracy": val_acc,
+                                   "tuned_at_epsilon": src if args.tune else None})
+                    for seed in range(args.seeds):
+                        bar.set_postfix_str(f"{ds} {method.name} ε={eps:g} seed {seed}")
+                        r = train_and_evaluate(train, test, dataset=ds, model_name=model_name,
+                                               method=method, params=params, epsilon=eps,
+                                               seed=seed, **common)
+                        runs.append({"dataset": ds, "method": method.name, "epsilon": eps,
+                                     "seed": seed, "params": params, **r})
+                        bar.update(1)
+    bar.close()
+    tuning_text = (f"{round(100 * args.val_fraction)} % of the training set held out "
+                   f"(split_validation seed 0), one run per configuration (seed 0), "
+                   f"{'at every ε' if args.tune_at == 'each' else f'at ε = {middle:g}'}, "
+                   "best validation accuracy wins; dplis-lr / dplis-linear reuse dplis's "
+                   "values. Every method: the same lr × C grid; DPlis adds r × K, DP-SAT adds ρ.")
+    result = {
+        "version": __version__, "command": command,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
+                   f"{torch.__version__}, {torch.get_num_threads()} threads",
+        "config": {k: getattr(args, k) for k in (
+            "epsilons", "delta", "seeds", "methods", "epochs", "batch_size", "momentum",
+            "lr_schedule", "num_samples", "quick", "tune", "tune_at", "val_fraction")},
+        "datasets": ds_info,
+        "tuning": {"enabled": bool(args.tune), "description": tuning_text,
+                   "grid": {k: {n: grid[n] for n in KEYS[k]} for k in keys},
+                   "trials": trials},
+        "preset": preset, "chosen": chosen, "runs": runs, "summary": summarize(runs),
+        "total_seconds": time.perf_counter() - begin,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out / f"{args.prefix}.{ext}" for ext in ("json", "md", "png")}
+    result["figure_size"] = plot(result, paths["png"])
+    paths["json"].write_text(json.dumps(result, indent=2, default=float) + "\n")
+    paths["md"].write_text(markdown(result) + "\n")
+    if not args.quiet:
+        print(markdown(result))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The ghost engine: clipped per-example sums from one forward + one backward per perturbation.
+
+Forward hooks record each layer call's inputs; one ``autograd.grad`` of Σ_b ℓ_b gives the
+gradients of the layer outputs. Layer rules (``ghost_rules``) turn them into per-example
+gradients in factored form Σ_p u_pᵀ v_p, and per parameter the engine picks the cheaper way
+to get each example's squared norm ("mixed" ghost clipping):
+
+- ghost norm: Σ_{p,p'} (u_p·u_p')(v_p·v_p'), cost ~ P²(m+n) per example;
+- explicit:   ‖Σ_p u_pᵀ v_p‖², cost ~ P·m·n, forming the [m, n] gradient.
+
+K perturbations: the gradient to clip is the mean over the K passes, so the K passes are
+stacked as extra positions with u scaled by 1/K: the norm of the K-averaged gradient comes
+out of the same Gram products. The clipped sum Σ_b c_b Σ_p u_bpᵀ v_bp is one matmul per
+parameter (book-keeping, no second backward). Shared (tied) parameters sum the factors of
+all their uses before the norm. Layers without a rule get per-example gradients of their own
+parameters by ``vmap(vjp)`` of that layer alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+from .ghost_rules import RULES, Factor, Unsupported
+
+
+class ParamGrad:
+    """Per-example gradient of one parameter [B, *shape], kept as factors and/or explicitly."""
+
+    def __init__(self, shape: torch.Size):
+        self.shape = shape
+        self.factors: list[Factor] = []
+        self.explicit: torch.Tensor | None = None
+
+    def add(self, part: Factor | torch.Tensor, scale: float) -> None:
+        if isinstance(part, Factor):
+            if part.index:
+                self.factors.append(Factor(part.u, part.v * scale, index=True))
+            else:
+                self.factors.append(Factor(part.u * scale, part.v))
+            return
+        part = part.reshape(part.shape[0], *self.shape).float() * scale
+        self.explicit = part if self.explicit is None else self.explicit + part
+
+    def _dense_u(self, f: Factor) -> torch.Tensor:
+        if not f.index:
+            return f.u
+        rows = self.shape[0]
+        return nn.functional.one_hot(f.u, rows).to(f.v.dtype)
+
+    def finish(self) -> torch.Tensor:
+        """Squared per-example norms [B] (fp32); picks ghost or explicit per parameter."""
+        if not self.factors:
+            return self.explicit.flatten(1).float().pow(2).sum(1)
+        m, n = self.shape[0], self.shape[1:].numel()
+        positions = sum(f.v.shape[1] for f in self.factors)
+        all_index = all(f.index for f in self.factors)
+        ghost = self.explicit is None and (all_index or positions * (m + n) < m * n)
+        if ghost:
+            v = torch.cat([f.v for f in self.factors], 1).float()
+            gram_v = v @ v.transpose(1, 2)
+            if all_index:
+                idx = torch.cat([f.u for f in self.factors], 1)
+                gram_u = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
+            else:
+                u = torch.cat([self._dense_u(f) for f in self.factors], 1).float()
+                gram_u = u @ u.transpose(1, 2)
+            return (gram_u * gram_v).sum((1, 2))
+        # explicit: form each example's gradient once, it also serves the clipped sum
+        full = sum(torch.einsum("bpm,bpn->bmn", self._dense_u(f).float(), f.v.float())
+                   for f in self.factors).reshape(-1, *self.shape)
+        self.explicit = full if self.explicit is None else self.explicit + full
+        self.factors = []
+        return self.explicit.flatten(1).pow(2).sum(1)
+
+    def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
+        """Σ_b c_b · g_b -> fp32 [*shape] (after ``finish``)."""
+        if not self.factors:
+            return torch.einsum("b,b...->...", c, self.explicit)
+        total = torch.zeros(self.shape[0], self.shape[1:].numel(), device=c.device)
+        for f in self.factors:
+            v = (f.v.float() * c[:, None, None]).flatten(0, 1)
+            if f.index:
+                total.index_add_(0, f.u.flatten(), v)
+            else:
+                total += f.u.float().flatten(0, 1).T @ v
+        return total.reshape(self.shape)
+
+
+def _plan(model: nn.Module, trainable: dict[str, torch.Tensor]) -> dict[nn.Module, dict]:
+    """module -> {its attribute name: canonical trainable name} for modules owning trainables."""
+    canon = {id(p): n for n, p in trainable.items()}
+    plan: dict[nn.Module, dict] = {}
+    for module in model.modules():
+        owned = {a: canon[id(p)] for a, p in module.named_parameters(recurse=False)
+                 if id(p) in canon}
+        if owned:
+            plan[module] = owned
+    return plan
+
+
+def supports(model: nn.Module, trainable: dict[str, torch.Tensor]) -> bool:
+    """True when every layer owning a trainable parameter has a rule (no vmap fallback)."""
+    return all(type(m) in RULES for m in _plan(model, trainable))
+
+
+def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs: dict,
+              grad: torch.Tensor, name: str) -> dict:
+    """Per-example gradients of ``module``'s own parameters by vmap(vjp) over the batch."""
+    own = {a: params[c].detach() for a, c in owned.items()}
+
+    def one(x, g):
+        def f(p):
+            return functional_call(module, p, tuple(t.unsqueeze(0) for t in x), kwargs)
+        return vjp(f, own)[1](g.unsqueeze(0))[0]
+
+    try:
+        return vmap(one, randomness="different")(args, grad)
+    except Exception as e:  # any layer vmap/vjp cannot handle: say which one
+        raise ValueError(f"the ghost engine cannot compute per-example gradients of layer "
+                         f"{name} ({type(module).__name__}): {e}. Use engine='vmap'") from e
+
+
+def clipped_sum(
+    model: nn.Module,
+    loss_fn: Callable,
+    trainable: dict[str, torch.Tensor],
+    frozen: dict[str, torch.Tensor],
+    thetas: list[dict[str, torch.Tensor]],
+    inputs: tuple,
+    targets: torch.Tensor,
+    max_grad_norm: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Σ_b clip_C(mean_k g_kb) per parameter (fp32), norms [B] and losses [K, B].
+
+    thetas: K dicts name -> parameter value (the perturbed points).
+    """
+    plan = _plan(model, trainable)
+    names = {m: n for n, m in model.named_modules()}
+    batch, k = len(targets), len(thetas)
+    grads = {n: ParamGrad(p.shape) for n, p in trainable.items()}
+    losses = []
+    per_example_loss = vmap(lambda out, t: loss_fn(out.unsqueeze(0), t.unsqueeze(0)),
+                            randomness="different")
+    for params in thetas:
+        params = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+        calls: list[tuple] = []
+        hooks = [m.register_forward_hook(
+            lambda mod, a, kw, out: calls.append((mod, a, kw, out)), with_kwargs=True)
+            for m in plan]
+        try:
+            out = functional_call(model, {**frozen, **params}, inputs, tie_weights=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        loss = per_example_loss(out, targets)
+        losses.append(loss.detach())
+        outs = [c[3] for c in calls]
+        douts = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
+        for (module, args, kwargs, output), dout in zip(calls, douts):
+            if dout is None:
+                continue
+            name = names.get(module, type(module).__name__)
+            shapes = [t.shape[0] for t in (*args, dout) if isinstance(t, torch.Tensor)]
+            if any(s != batch for s in shapes):
+                raise ValueError(f"layer {name} ({type(module).__name__}) got an input or output "
+                                 f"without the batch dimension {batch} first: per-example "
+                                 "gradients need every layer input to carry the batch")
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            owned = plan[module]
+            rule = RULES.get(type(module))
+            try:
+                if rule is None:
+                    raise Unsupported(type(module).__name__)
+                parts = rule(module, args, dout.detach())
+            except Unsupported:
+                parts = _fallback(module, owned, params, args, kwargs, dout.detach(), name)
+            for attr, part in parts.items():
+                if attr in owned:
+                    grads[owned[attr]].add(part, 1.0 / k)
+    losses = torch.stack(losses)
+    sq = torch.zeros(batch, device=losses.device)
+    for g in grads.values():
+        if g.factors or g.explicit is not None:
+            sq = sq + g.finish()
+    norms = sq.sqrt()
+    if not bool(torch.isfinite(norms).all()) or not bool(torch.isfinite(losses).all()):
+        from .kernels import NonFiniteError
+        raise NonFiniteError("a per-example loss or gradient is NaN or infinite")
+    c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    sums = {n: (g.clipped_sum(c) if (g.factors or g.explicit is not None)
+                else torch.zeros(g.shape, device=c.device)) for n, g in grads.items()}
+    return sums, norms, losses

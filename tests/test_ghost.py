@@ -1,0 +1,121 @@
+"""Ghost engine specifics: memory, K as extra positions, sequence layers, padding, fallbacks."""
+
+import pytest
+import torch
+from helpers import gpt_case
+from test_private_grad import assert_close
+from torch import nn
+from torch.nn import functional as F
+
+import dplis
+from dplis.memory import peak_tensor_bytes
+from dplis.models import TinyTransformer, lm_loss
+from dplis.reference import naive_private_grad
+
+
+def test_ghost_peak_memory_is_far_below_the_materialised_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+    batch = 64
+    x, y = torch.randn(batch, 2048), torch.randint(0, 10, (batch,))
+    dim = sum(p.numel() for p in model.parameters())
+    materialised = batch * dim * 4  # the [B, D] fp32 buffer vmap(grad) needs: ~1.1 GB
+    peak = peak_tensor_bytes(lambda: dplis.private_grad(
+        model, F.cross_entropy, x, y, max_grad_norm=1.0, noise_multiplier=1.0, engine="ghost"))
+    # a few parameter-sized buffers (θ, the clipped sum, the noise, the output), whatever B is
+    assert 2 * dim * 4 < peak < 6 * dim * 4, (peak, dim * 4)
+    assert peak < 0.1 * materialised
+
+
+class Padded(nn.Module):
+    """Linear over a sequence, mean over real tokens only, with RMSNorm and Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.norm = nn.RMSNorm(6)
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, tokens, mask):
+        h = self.conv(self.emb(tokens).transpose(1, 2)).transpose(1, 2)
+        h = self.lin(self.norm(h)) * mask.unsqueeze(-1)
+        return h.sum(1) / mask.sum(1, keepdim=True)
+
+
+def test_sequence_layers_with_padding_match_the_reference():
+    torch.manual_seed(1)
+    model = Padded()
+    tokens = torch.randint(1, 11, (4, 9))
+    mask = torch.ones(4, 9)
+    tokens[1, 6:], mask[1, 6:] = 0, 0
+    y = torch.randint(0, 4, (4,))
+    for k, std in ((1, 0.0), (3, 0.02)):
+        fast = dplis.private_grad(model, F.cross_entropy, (tokens, mask), y, max_grad_norm=0.3,
+                                  noise_multiplier=0.0, engine="ghost", smoothing_std=std,
+                                  num_perturbations=k, generator=torch.Generator().manual_seed(0))
+        vm = dplis.private_grad(model, F.cross_entropy, (tokens, mask), y, max_grad_norm=0.3,
+                                noise_multiplier=0.0, engine="vmap", smoothing_std=std,
+                                num_perturbations=k, generator=torch.Generator().manual_seed(0))
+        assert_close(fast, {n: t.double() for n, t in vm.items()})
+    slow = naive_private_grad(model, F.cross_entropy, (tokens, mask), y, max_grad_norm=0.3)
+    fast = dplis.private_grad(model, F.cross_entropy, (tokens, mask), y, max_grad_norm=0.3,
+                              noise_multiplier=0.0, engine="ghost")
+    assert_close(fast, slow)
+    assert float(fast["emb.weight"][0].abs().max()) == 0  # the padding row gets nothing
+
+
+def test_padding_positions_contribute_nothing():
+    model, loss_fn, (tokens, mask), targets = gpt_case()
+    kw = dict(max_grad_norm=0.5, noise_multiplier=0.0, engine="ghost")
+    base = dplis.private_grad(model, loss_fn, (tokens, mask), targets, **kw)
+    tokens2 = tokens.clone()
+    tokens2[0, 5:] = (tokens2[0, 5:] + 3) % 17  # change only padded positions of example 0
+    other = dplis.private_grad(model, loss_fn, (tokens2, mask), targets, **kw)
+    for name in base:
+        if name != "tok.weight":  # the embedding rows of padded tokens differ, with zero grad
+            torch.testing.assert_close(base[name], other[name])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_transformers_ghost_equals_vmap(causal):
+    torch.manual_seed(2)
+    model = TinyTransformer(vocab=13, seq_len=6, dim=8, heads=2, layers=2, causal=causal,
+                            tied=causal)
+    tokens = torch.randint(0, 13, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[2, 4:] = False
+    targets = tokens.masked_fill(~mask, -100)
+    kw = dict(max_grad_norm=0.2, noise_multiplier=0.0, smoothing_std=0.01, num_perturbations=3)
+    g = dplis.private_grad(model, lm_loss, (tokens, mask), targets, engine="ghost",
+                           generator=torch.Generator().manual_seed(9), **kw)
+    v = dplis.private_grad(model, lm_loss, (tokens, mask), targets, engine="vmap",
+                           generator=torch.Generator().manual_seed(9), **kw)
+    assert_close(g, {n: t.double() for n, t in v.items()})
+
+
+def test_layer_without_batch_dimension_is_refused():
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(x + self.pos(torch.arange(5)).sum(0))
+
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    with pytest.raises(ValueError, match="pos .*batch dimension"):
+        dplis.private_grad(Broadcast(), F.cross_entropy, x, y, max_grad_norm=1.0,
+                           noise_multiplier=0.0, engine="ghost")
+
+
+def test_frozen_layers_get_no_hook_and_no_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2))
+    model[0].requires_grad_(False)
+    x, y = torch.randn(3, 5), torch.randint(0, 2, (3,))
+    g = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0, noise_multiplier=0.0,
+                           engine="ghost")
+    assert set(g) == {"1.weight", "1.bias"}
+    assert_close(g, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0))
