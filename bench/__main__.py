@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 
 import torch
@@ -32,7 +33,8 @@ columns:
               optimizer step) over --steps timed steps after --warmup untimed ones
   x nonpriv   step time / non-private step time (1.0 = as fast as non-private; 3.0 = 3x slower)
   x opacus    step time / step time of the fastest working Opacus mode on that model
-  peak MB     {MEMORY_METHOD}
+  peak MB     {textwrap.fill(MEMORY_METHOD.removeprefix("peak memory = "), 90,
+                              initial_indent=" " * 14, subsequent_indent=" " * 14).lstrip()}
 
 modes: {", ".join(MODES)}
   nonprivate: torch.optim.SGD on the mean loss; dplis_kK: dplis.PrivateTrainer.step with K
@@ -53,7 +55,9 @@ def _split(values: list[str]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.splitlines()[0].split(": ", 1)[1],
+        prog="python -m bench",
+        description="Throughput and peak memory of dplis (DP-SGD, DPlis K=4/8) against "
+                    "non-private training and Opacus 1.6, on small models built in code.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), metavar="MODEL",
@@ -73,10 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="small batch and few steps: about a minute on 2 CPU cores")
     p.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the table as GitHub markdown (full error messages)")
     p.add_argument("--max-grad-norm", type=float, default=Settings.max_grad_norm,
                    help="clipping bound C (default %(default)s)")
     p.add_argument("--noise-multiplier", type=float, default=Settings.noise_multiplier,
                    help="noise multiplier sigma (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's default, one per core)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds before one case is abandoned and reported failed "
                         "(default %(default)s)")
@@ -97,8 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        p.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+    threads = 1 if args.threads is None else args.threads
+    if min(args.batch_size, args.steps, args.warmup + 1, threads) < 1:
+        p.error("--batch-size, --steps and --threads must be >= 1, --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available in this torch build / machine")
     return args
@@ -167,6 +176,18 @@ def slowest(rows: list[dict]) -> dict | None:
             "examples_per_s": r["examples_per_s"]}
 
 
+def busy_machine_notes(env: dict, threads: int | None) -> list[str]:
+    """Warn when other processes already load the CPUs: threaded timings are then unreliable."""
+    load = (env.get("load_avg_start") or [0.0])[0]
+    cpus = env.get("cpu_count") or 1
+    threads = threads or env.get("torch_threads") or cpus
+    if load + threads <= cpus + 0.5:
+        return []
+    return [f"1-min load average {load:.2f} on {cpus} CPUs before the run: other processes "
+            f"compete with the {threads} torch threads, so timings can be far too slow and "
+            "noisy (threads wait for descheduled peers); use a quiet machine or --threads 1"]
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -188,11 +209,30 @@ def format_table(rows: list[dict], error_width: int = 70) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[dict]) -> str:
+    """The same table as GitHub markdown (for the README)."""
+    lines = ["| model | mode | batch | examples/s | step ms | × non-private | × best Opacus "
+             "| peak MB | error |", "|" + "---|" * 2 + "---:|" * 6 + "---|"]
+    for r in rows:
+        err = (r["error"] or "").replace("|", "\\|")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['batch_size']} | "
+            f"{_fmt(r['examples_per_s'], '.1f')} | {_fmt(r['step_ms'], '.2f')} | "
+            f"{_fmt(r['ratio_to_nonprivate'], '.2f')} | {_fmt(r['ratio_to_best_opacus'], '.2f')} | "
+            f"{_fmt(r['peak_mem_mb'], '.1f')} | {'failed: ' + err if err else ''} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings(max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment()
     started = time.time()
+    notes = busy_machine_notes(env, args.threads)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     check_modes = tuple(m for m in args.modes if m in OPACUS_MODES)
     do_check = any(m != "nonprivate" for m in args.modes)
     total = len(args.models) * (len(args.modes) + (1 if do_check else 0))
@@ -216,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 kwargs = dict(model=model, mode=mode, batch_size=args.batch_size,
                               device=args.device, steps=args.steps, warmup=args.warmup,
-                              settings=settings)
+                              settings=settings, threads=args.threads)
                 m = measure(**kwargs) if ctx is None else measure_isolated(
                     ctx, timeout=args.timeout, **kwargs)
             rows.append(_row(model, mode, args.batch_size, m))
@@ -244,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_method": MEMORY_METHOD,
         "equivalence": [c.as_dict() for c in checks],
         "slowest": worst,
+        "warnings": notes,
         "wall_s": round(time.time() - started, 1),
     }
 
@@ -253,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"C={settings.max_grad_norm}, sigma={settings.noise_multiplier}, SGD lr={settings.lr}"
           f"{' (--quick)' if args.quick else ''}")
+    for note in notes:
+        print(f"warning: {note}")
     print()
-    print(format_table(rows))
+    print(format_markdown(rows) if args.markdown else format_table(rows))
     print()
     for c in checks:
         ok = [v.opacus_mode for v in c.verdicts if v.ok]

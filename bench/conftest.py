@@ -17,3 +17,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated models (default {','.join(MODEL_NAMES)})")
     group.addoption("--bench-rounds", type=int, default=5,
                     help="timed steps per case (default 5)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the cases of models not named by --bench-models."""
+    wanted = {m for m in config.getoption("--bench-models").split(",") if m}
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        model = callspec.params.get("model") if callspec else None
+        (drop if model is not None and model not in wanted else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

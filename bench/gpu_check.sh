@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check of the Triton kernels on a CUDA machine (about 3-6 minutes):
+# One prepared check of the Triton kernels on a CUDA machine (about 3-5 minutes, at most 8):
 #   1. tests/test_kernels.py with compiled Triton on CUDA tensors (TRITON_INTERPRET=0),
 #   2. python -m bench.kernel_bench: GB/s of fused_dp_step / perturb vs a plain copy.
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else /tmp/dplis-gpu-check)
@@ -12,8 +12,8 @@ export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would default i
 export PYTHONUNBUFFERED=1
 
 # torch with CUDA is assumed present; without network fall back to the package alone
-timeout 120 python -m pip install -q -e ".[test]" \
-  || timeout 60 python -m pip install -q --no-deps --no-build-isolation -e . \
+timeout 60 python -m pip install -q -e ".[test]" \
+  || timeout 30 python -m pip install -q --no-deps --no-build-isolation -e . \
   || echo "WARNING: pip install failed; using the environment as it is"
 
 {
@@ -22,13 +22,16 @@ timeout 120 python -m pip install -q -e ".[test]" \
 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
 } | tee "$OUT_DIR/env.txt"
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 2
+# dplis imports its runtime deps (prv-accountant, scipy, ...): fail clearly if pip could not
+python -c "import dplis.kernels, pytest, triton" \
+  || { echo "gpu_check: dplis or its test deps are not importable (offline pip?)"; exit 3; }
 
 status=0
-timeout 300 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider \
+timeout 240 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider \
   --durations=10 --junitxml="$OUT_DIR/kernel_tests.xml" 2>&1 | tee "$OUT_DIR/pytest.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-timeout 240 python -m bench.kernel_bench --device cuda --json "$OUT_DIR/kernels.json" 2>&1 \
+timeout 150 python -m bench.kernel_bench --device cuda --json "$OUT_DIR/kernels.json" 2>&1 \
   | tee "$OUT_DIR/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

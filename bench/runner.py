@@ -99,11 +99,14 @@ class Measurement:
 
 
 def measure(model: str, mode: str, batch_size: int, *, device: str = "cpu", steps: int = 10,
-            warmup: int = 2, settings: Settings | None = None) -> Measurement:
+            warmup: int = 2, settings: Settings | None = None,
+            threads: int | None = None) -> Measurement:
     """Build the case, run ``warmup`` + ``steps`` steps; never raises for a failing mode."""
     import warnings
 
     warnings.simplefilter("ignore")  # Opacus' notices would garble the progress line
+    if threads:
+        torch.set_num_threads(threads)
     dev = torch.device(device)
     try:
         step = make_step(model, mode, batch_size, device=dev, settings=settings)

@@ -33,7 +33,6 @@ def bench_config(request: pytest.FixtureRequest) -> dict:
         if not torch.cuda.is_available():
             pytest.skip("--bench-device cuda: CUDA is not available")
     return {"device": device, "batch_size": opt("--bench-batch-size"),
-            "models": [m for m in opt("--bench-models").split(",") if m],
             "rounds": opt("--bench-rounds")}
 
 
@@ -55,8 +54,6 @@ def equivalence(bench_config: dict):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_step(benchmark, bench_config: dict, equivalence, model: str, mode: str) -> None:
-    if model not in bench_config["models"]:
-        pytest.skip(f"{model} not in --bench-models")
     if mode in OPACUS_MODES or mode.startswith("dplis_"):
         check = equivalence(model)
         error = check.mode_error(mode)

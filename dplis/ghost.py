@@ -25,6 +25,8 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from .ghost_rules import RULES, Factor, Unsupported
+from .kernels import NonFiniteError
+from .kernels.reference import clip_factors
 
 
 class ParamGrad:
@@ -70,7 +72,7 @@ class ParamGrad:
                 gram_u = u @ u.transpose(1, 2)
             return (gram_u * gram_v).sum((1, 2))
         # explicit: form each example's gradient once, it also serves the clipped sum
-        full = sum(torch.einsum("bpm,bpn->bmn", self._dense_u(f).float(), f.v.float())
+        full = sum(torch.bmm(self._dense_u(f).float().transpose(1, 2), f.v.float())
                    for f in self.factors).reshape(-1, *self.shape)
         self.explicit = full if self.explicit is None else self.explicit + full
         self.factors = []
@@ -79,7 +81,7 @@ class ParamGrad:
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
         """Σ_b c_b · g_b -> fp32 [*shape] (after ``finish``)."""
         if not self.factors:
-            return torch.einsum("b,b...->...", c, self.explicit)
+            return (c @ self.explicit.flatten(1)).reshape(self.shape)
         total = torch.zeros(self.shape[0], self.shape[1:].numel(), device=c.device)
         for f in self.factors:
             v = (f.v.float() * c[:, None, None]).flatten(0, 1)
@@ -148,8 +150,9 @@ def clipped_sum(
     for params in thetas:
         params = {n: t.detach().requires_grad_(True) for n, t in params.items()}
         calls: list[tuple] = []
+        record = calls.append
         hooks = [m.register_forward_hook(
-            lambda mod, a, kw, out: calls.append((mod, a, kw, out)), with_kwargs=True)
+            lambda mod, a, kw, out, record=record: record((mod, a, kw, out)), with_kwargs=True)
             for m in plan]
         try:
             out = functional_call(model, {**frozen, **params}, inputs, tie_weights=True)
@@ -160,7 +163,7 @@ def clipped_sum(
         losses.append(loss.detach())
         outs = [c[3] for c in calls]
         douts = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
-        for (module, args, kwargs, output), dout in zip(calls, douts):
+        for (module, args, kwargs, _), dout in zip(calls, douts):
             if dout is None:
                 continue
             name = names.get(module, type(module).__name__)
@@ -188,9 +191,8 @@ def clipped_sum(
             sq = sq + g.finish()
     norms = sq.sqrt()
     if not bool(torch.isfinite(norms).all()) or not bool(torch.isfinite(losses).all()):
-        from .kernels import NonFiniteError
         raise NonFiniteError("a per-example loss or gradient is NaN or infinite")
-    c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    c = clip_factors(norms, max_grad_norm)
     sums = {n: (g.clipped_sum(c) if (g.factors or g.explicit is not None)
                 else torch.zeros(g.shape, device=c.device)) for n, g in grads.items()}
     return sums, norms, losses

@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from . import __version__, models
+from . import __version__, distributed, models
 from .data import load_dataset
 from .trainer import PrivateTrainer
 
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --checkpoint (same flags)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast forward/backward; norms, clipping, noise in fp32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -82,7 +86,24 @@ def accuracy(model: torch.nn.Module, dataset, device: str, batch: int = 2048) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the command; under torchrun (WORLD_SIZE > 1) join the process group first."""
     args = build_parser().parse_args(argv)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if launched:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        return run(args)
+    finally:
+        if launched:
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> dict:
+    rank, world_size = distributed.world()
+    if rank != 0:
+        args.quiet, args.json = True, None
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     kw = {"num_samples": args.num_samples, "seed": args.seed} if args.dataset == "mnist1d" else {}
@@ -103,13 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
         smoothing_radius=radius if dplis else None,
         num_perturbations=args.perturbations if dplis else 1,
         seed=None if args.secure_rng else args.seed, secure_rng=args.secure_rng,
-        dataset_size=len(train))
+        precision=args.precision, dataset_size=len(train))
     if args.resume:
         if not args.checkpoint:
             raise SystemExit("--resume needs --checkpoint PATH")
         trainer.load(args.checkpoint)
     log = (lambda *a: None) if args.quiet else tqdm.write
-    log(f"dplis {__version__}: {args.method} on {args.dataset} ({len(train)} train), "
+    log(f"dplis {__version__}: {args.method} on {args.dataset} ({len(train)} train"
+        f"{f', {world_size} ranks' if world_size > 1 else ''}), "
         f"σ={trainer.noise_multiplier:.3f}, q={trainer.sample_rate:.4g}, "
         f"{trainer.max_steps} steps, K={trainer.num_perturbations}, "
         f"s={trainer.current_smoothing_std():.3g}")
@@ -144,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         "smoothing_std": trainer.current_smoothing_std(), "seconds": time.perf_counter() - start,
         "history": history, "flags": vars(args), "version": __version__,
     }
+    if rank != 0:
+        return result
     print(f"final test accuracy {result['accuracy']:.4f} at ε = {result['epsilon']:.3f} "
           f"(δ = {args.delta}), σ = {result['sigma']:.3f}, {result['steps']} steps, "
           f"{result['seconds']:.0f} s")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import __version__, checks
+from . import __version__, checks, distributed
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
 from .private_grad import private_step, resolve_engine, trainable
 from .sampling import poisson_batches
@@ -23,8 +23,9 @@ from .validation import validate
 
 PRIVACY_KEYS = ("sample_rate", "max_grad_norm", "noise_multiplier", "num_perturbations",
                 "smoothing_std", "smoothing_radius", "smoothing_schedule", "sat_rho",
-                "expected_batch_size", "accountant", "secure_rng")
+                "expected_batch_size", "accountant", "secure_rng", "precision")
 SCHEDULES = ("constant", "lr", "linear")
+PRECISIONS = ("fp32", "bf16")
 
 
 class BudgetExceededError(RuntimeError):
@@ -43,6 +44,9 @@ class PrivateTrainer:
     ``engine``: "auto" (ghost when every layer has a rule, else vmap), "ghost" or "vmap";
     ``max_physical_batch_size`` bounds memory: the Poisson batch is processed in chunks and
     the noise added once per logical step (Opacus's virtual steps).
+    ``precision="bf16"``: forward and backward under bf16 autocast; per-example norms,
+    clipping and noise stay in fp32. Under torch.distributed (``torchrun``) see
+    ``dplis.distributed``: the privacy accounting is that of the single-process run.
     ``secure_rng=True`` draws the noise from os.urandom (see ``secure_noise``; no seed allowed).
     ``sat_rho`` ρ > 0 adds DP-SAT (Park et al. 2023): gradients are taken at
     θ + ρ·g_prev/‖g_prev‖, g_prev the previous (already private) gradient; no privacy cost.
@@ -77,6 +81,7 @@ class PrivateTrainer:
         perturbation_chunk_size: int | None = None,
         backend: str | None = None,
         secure_rng: bool = False,
+        precision: str = "fp32",
     ):
         validate(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -106,6 +111,10 @@ class PrivateTrainer:
         self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
         self.backend = backend
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        self.rank, self.world_size = distributed.world()
         self.dataset_size = None
         self.expected_batch_size = None
         if dataset_size is not None and expected_batch_size is not None:
@@ -127,7 +136,7 @@ class PrivateTrainer:
                      else checks.integer("seed", seed, 0))
         device = next(iter(self.params.values())).device
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        self.sampler_generator = torch.Generator().manual_seed(self.seed + 1)
+        self.sampler_generator = torch.Generator().manual_seed(self.seed + 1 + self.rank)
 
     def _noise(self, sigma, target_epsilon, epochs, steps, accountant) -> float:
         if (sigma is None) == (target_epsilon is None):
@@ -189,11 +198,13 @@ class PrivateTrainer:
     def data_loader(self, dataset, *, steps: int | None = None):
         """Poisson-sampled batches of ``dataset`` (each example kept with prob. q; may be empty).
 
-        One pass = ``steps`` batches, by default round(1/q) (one expected epoch).
+        One pass = ``steps`` batches, by default round(1/q) (one expected epoch). Under
+        torch.distributed each rank samples its own shard; the union is the logical batch.
         """
         self._set_dataset_size(len(dataset))
-        return poisson_batches(dataset, self.sample_rate, generator=self.sampler_generator,
-                               steps=steps)
+        steps = max(1, round(1 / self.sample_rate)) if steps is None else steps
+        return poisson_batches(distributed.shard(dataset, self.rank, self.world_size),
+                               self.sample_rate, generator=self.sampler_generator, steps=steps)
 
     def step(self, inputs: torch.Tensor | tuple, targets: torch.Tensor) -> float:
         """One private step on a batch; returns its mean loss (non-private, for logging)."""
@@ -201,21 +212,52 @@ class PrivateTrainer:
             raise BudgetExceededError(
                 f"{self.max_steps} steps taken: one more would exceed target_epsilon="
                 f"{self.target_epsilon} at delta={self.target_delta}")
-        result = private_step(
-            self.model, self.loss_fn, inputs, targets, max_grad_norm=self.max_grad_norm,
-            noise_multiplier=self.noise_multiplier, smoothing_std=self.current_smoothing_std(),
-            num_perturbations=self.num_perturbations, expected_batch_size=self._divisor(),
-            generator=self.generator, engine=self.engine,
-            max_physical_batch_size=self.max_physical_batch_size,
-            perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
-            offset=self.sat_offset(), secure_rng=self.secure_rng)
+        state = self.generator.get_state()
+        try:
+            result, error = self._private_step(inputs, targets), None
+        except Exception as e:  # under torch.distributed every rank must hear of it
+            result, error = None, e
+        if self.world_size > 1:
+            try:
+                distributed.agree(error, self.generator.device)
+            except Exception:
+                self.generator.set_state(state)
+                raise
+        elif error is not None:
+            raise error
+        grads, loss = result.grads, result.loss
+        if self.world_size > 1:
+            flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads.values()]))
+            flat /= self._divisor()
+            grads = dict(zip(grads, torch.split(flat, [g.numel() for g in grads.values()])))
+            stats = torch.tensor([0.0 if math.isnan(loss) else loss * len(targets),
+                                  float(len(targets))], device=flat.device)
+            total, count = distributed.all_reduce_sum(stats).tolist()
+            loss = total / count if count else float("nan")
         for name, p in self.params.items():
-            p.grad = result.grads[name]
+            p.grad = grads[name].view(p.shape)
         if self.sat_rho:
-            self.prev_grad = torch.cat([g.reshape(-1) for g in result.grads.values()])
+            self.prev_grad = torch.cat([p.grad.reshape(-1) for p in self.params.values()])
         self.optimizer.step()
         self.accountant.step(self.noise_multiplier, self.sample_rate)
-        return result.loss
+        return loss
+
+    def _private_step(self, inputs, targets):
+        """This rank's part: the private gradient, or under torch.distributed the clipped sum
+        of its examples (noise on rank 0 only), to be all-reduced and divided by E|B|."""
+        alone = self.world_size == 1
+        with torch.autocast(self.generator.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            return private_step(
+                self.model, self.loss_fn, inputs, targets, max_grad_norm=self.max_grad_norm,
+                noise_multiplier=self.noise_multiplier if alone or self.rank == 0 else 0.0,
+                smoothing_std=self.current_smoothing_std(),
+                num_perturbations=self.num_perturbations,
+                expected_batch_size=self._divisor() if alone else 1.0,
+                generator=self.generator, engine=self.engine,
+                max_physical_batch_size=self.max_physical_batch_size,
+                perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
+                offset=self.sat_offset(), secure_rng=self.secure_rng)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: target_delta)."""

@@ -25,6 +25,10 @@ position in the concatenation of the list). The kernels draw noise from
 ``tl.randn(seed, column)``, so tensors get independent noise and a list gives
 exactly the same noise as the concatenated flat buffer.
 
+Block sizes are fixed per kernel, because the host sizes the chunk tables and
+partial buffers with them; on a GPU ``triton.autotune`` picks ``num_warps``
+(keyed on B, K, D and the mode), under the interpreter the plain kernel runs.
+
 Tensors whose rows are not contiguous are copied by ``.contiguous()`` (a
 correct, rare slow path); tensors with no elements are skipped.
 """

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from .. import __version__, models
 from .. import trainer as trainer_module
+from ..accounting import compute_epsilon
 from ..data import DATASETS, load_dataset, split_validation
 from ..kernels import NonFiniteError
 from ..train import accuracy, build_model
@@ -156,7 +157,17 @@ def train_and_evaluate(train, evaluation, *, dataset: str, model_name: str, meth
     seconds = time.perf_counter() - start
     return {"accuracy": accuracy(model, evaluation, device), "seconds": seconds,
             "sigma": trainer.noise_multiplier, "steps": trainer.accountant.steps,
-            "epsilon_spent": trainer.epsilon(), "diverged": diverged}
+            "epsilon_spent": spent_epsilon(trainer.noise_multiplier, trainer.sample_rate,
+                                           trainer.accountant.steps, delta,
+                                           trainer.accountant.mechanism),
+            "diverged": diverged}
+
+
+@functools.lru_cache(maxsize=None)
+def spent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float,
+                  accountant: str) -> float:
+    """ε spent by ``steps`` steps (what ``trainer.epsilon()`` says for one σ), memoized."""
+    return compute_epsilon(sigma, sample_rate, steps, delta, accountant)
 
 
 # --------------------------------------------------------------------------------- the command

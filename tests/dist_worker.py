@@ -1,0 +1,61 @@
+"""Runs inside each process of the distributed tests (spawned; gloo on loopback)."""
+
+import os
+
+import torch
+import torch.distributed as dist
+from helpers import mlp_case
+from torch import nn
+
+import dplis
+
+SMOOTH = dict(smoothing_std=0.05, num_perturbations=3)
+
+
+def trainer_for(model, loss_fn, **kw):
+    params = [p for p in model.parameters() if p.requires_grad]
+    args = dict(sample_rate=0.1, max_grad_norm=0.5, noise_multiplier=0.0, seed=0,
+                expected_batch_size=8.0) | kw
+    return dplis.PrivateTrainer(model, torch.optim.SGD(params, lr=0.1), loss_fn, **args)
+
+
+def checks(rank: int, world: int) -> dict:
+    out = {}
+    # 1. noise 0: each rank half of the batch -> the single-process update
+    model, loss_fn, x, y = mlp_case(batch=8)
+    trainer = trainer_for(model, loss_fn, **SMOOTH)
+    out["loss"] = trainer.step(x[rank::world], y[rank::world])
+    out["params"] = {k: v.clone() for k, v in model.state_dict().items()}
+    out["generator"] = trainer.generator.get_state()
+    out["epsilon"] = trainer.epsilon(1e-5)
+    # 2. noise on: the summed gradient carries σC once
+    torch.manual_seed(0)
+    wide = nn.Linear(200, 100)
+    zero = trainer_for(wide, lambda o, t: (o * 0).sum(), noise_multiplier=1.3,
+                       max_grad_norm=2.0)
+    zero.step(torch.randn(4, 200), torch.zeros(4, 100))
+    out["noise"] = torch.cat([p.grad.flatten() for p in wide.parameters()])
+    # 3. a rank that fails makes every rank fail, and none applies anything
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = trainer.generator.get_state()
+    bad = x[rank::world].clone()
+    if rank == 1:
+        bad[0, 0] = float("nan")
+    try:
+        trainer.step(bad, y[rank::world])
+        out["failure"] = "no error"
+    except Exception as e:  # each rank reports what it raised
+        out["failure"] = type(e).__name__
+    out["unchanged"] = (all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+                        and trainer.accountant.steps == 1
+                        and torch.equal(trainer.generator.get_state(), state))
+    return out
+
+
+def run(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(checks(rank, world), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

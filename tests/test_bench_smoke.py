@@ -1,0 +1,77 @@
+"""Smoke test of ``python -m bench``: a tiny run writes the documented JSON schema.
+
+Runs the CLI as a user would (a subprocess from the repository root) on one model with one timed
+step, and checks that every mode has a row, that successful rows carry numbers and failed rows
+an error, and that the equivalence check ran. Needs the bench extra (opacus).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "opacus", reason="opacus is not installed (benchmark extra: pip install -e '.[bench]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ["nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "opacus_hooks", "opacus_functorch",
+         "opacus_ew", "opacus_ghost"]
+ROW_KEYS = {"model", "mode", "batch_size", "examples_per_s", "step_ms", "peak_mem_mb",
+            "ratio_to_nonprivate", "error"}
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_cli_writes_every_mode_row(tmp_path: Path) -> None:
+    data, stdout = run_bench(tmp_path, "--models", "mlp", "--batch-size", "8", "--steps", "2",
+                             "--warmup", "0")
+    assert data["device"] == "cpu"
+    assert isinstance(data["torch"], str) and data["torch"]
+    rows = data["results"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("mlp", m) for m in MODES]
+    for r in rows:
+        assert ROW_KEYS <= set(r), r
+        assert r["batch_size"] == 8
+        if r["error"] is None:
+            assert r["examples_per_s"] > 0 and r["step_ms"] > 0, r
+            assert r["peak_mem_mb"] >= 0 and r["ratio_to_nonprivate"] > 0, r
+            assert r["examples_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3), rel=1e-3)
+        else:
+            assert isinstance(r["error"], str) and r["error"]
+            assert r["examples_per_s"] is None
+    by_mode = {r["mode"]: r for r in rows}
+    for mode in ("nonprivate", "dplis_k1", "dplis_k4", "dplis_k8"):
+        assert by_mode[mode]["error"] is None, by_mode[mode]
+    assert by_mode["nonprivate"]["ratio_to_nonprivate"] == pytest.approx(1.0)
+    # the equivalence check ran, and on the MLP every Opacus mode agrees with dplis K=1
+    (check,) = data["equivalence"]
+    assert check["model"] == "mlp" and check["dplis_error"] is None
+    assert {v["opacus_mode"]: v["ok"] for v in check["verdicts"]} == {
+        m: True for m in MODES if m.startswith("opacus_")}
+    for mode in MODES:
+        assert mode in stdout
+
+
+def test_failed_opacus_mode_carries_its_error(tmp_path: Path) -> None:
+    # Opacus ghost clipping refuses tied weights (the transformer's head is tied to its embedding)
+    data, _ = run_bench(tmp_path, "--models", "transformer", "--modes", "dplis_k1",
+                        "opacus_ghost", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                        "--in-process")
+    rows = {r["mode"]: r for r in data["results"]}
+    assert set(rows) == {"dplis_k1", "opacus_ghost"}
+    assert rows["dplis_k1"]["error"] is None
+    ghost = rows["opacus_ghost"]
+    assert ghost["error"] and "tying" in ghost["error"]
+    assert ghost["examples_per_s"] is None and ghost["step_ms"] is None
