@@ -18,7 +18,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib", "ruff"],
+        "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib", "ruff", "transformers"],
         "bench": ["opacus==1.6.0", "pytest-benchmark", "triton>=3.0"],
         "plot": ["matplotlib"],
     },

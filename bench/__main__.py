@@ -183,9 +183,10 @@ def busy_machine_notes(env: dict, threads: int | None) -> list[str]:
     threads = threads or env.get("torch_threads") or cpus
     if load + threads <= cpus + 0.5:
         return []
+    advice = "use a quiet machine" + (" or --threads 1" if threads > 1 else "")
     return [f"1-min load average {load:.2f} on {cpus} CPUs before the run: other processes "
-            f"compete with the {threads} torch threads, so timings can be far too slow and "
-            "noisy (threads wait for descheduled peers); use a quiet machine or --threads 1"]
+            f"compete with the {threads} torch thread(s), so timings are slower and noisier "
+            f"than on an idle machine (threads wait for descheduled peers); {advice}"]
 
 
 def _fmt(value, spec: str) -> str:

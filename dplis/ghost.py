@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .ghost_rules import RULES, Factor, Unsupported
+from .ghost_rules import Factor, Unsupported, rule_for
 from .kernels import NonFiniteError
 from .kernels.reference import clip_factors
 
@@ -106,7 +106,7 @@ def _plan(model: nn.Module, trainable: dict[str, torch.Tensor]) -> dict[nn.Modul
 
 def supports(model: nn.Module, trainable: dict[str, torch.Tensor]) -> bool:
     """True when every layer owning a trainable parameter has a rule (no vmap fallback)."""
-    return all(type(m) in RULES for m in _plan(model, trainable))
+    return all(rule_for(m) is not None for m in _plan(model, trainable))
 
 
 def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs: dict,
@@ -174,7 +174,7 @@ def clipped_sum(
                                  "gradients need every layer input to carry the batch")
             args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             owned = plan[module]
-            rule = RULES.get(type(module))
+            rule = rule_for(module)
             try:
                 if rule is None:
                     raise Unsupported(type(module).__name__)

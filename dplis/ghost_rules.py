@@ -8,7 +8,8 @@ and returns, per direct parameter, the per-example gradient either
 - an explicit tensor [B, *shape] (vectors: biases, norm weights).
 
 Registered like Opacus's grad samplers: ``RULES[type] = rule``. Linear, Embedding, Conv1d/2d,
-LayerNorm, GroupNorm and RMSNorm have rules; other layers use the vmap fallback.
+LayerNorm, GroupNorm, RMSNorm and Hugging Face's GPT-2 ``Conv1D`` have rules; other layers
+use the vmap fallback.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class Unsupported(Exception):
 Contribution = dict[str, "Factor | torch.Tensor"]
 Rule = Callable[[nn.Module, tuple, torch.Tensor], Contribution]
 RULES: dict[type, Rule] = {}
+NAMED_RULES: dict[str, Rule] = {}  # "module.Class" of optional libraries, not imported here
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    kind = type(module)
+    return RULES.get(kind) or NAMED_RULES.get(f"{kind.__module__}.{kind.__name__}")
 
 
 def register(*types: type) -> Callable[[Rule], Rule]:
@@ -122,3 +129,12 @@ def group_norm(module: nn.GroupNorm, args: tuple, grad: torch.Tensor) -> Contrib
     normed = F.group_norm(args[0], module.num_groups, eps=module.eps)
     # weight/bias are per channel (dim 1): move channels last, then reduce like the others
     return _affine(module, normed.movedim(1, -1), grad.movedim(1, -1), 1)
+
+
+def hf_conv1d(module: nn.Module, args: tuple, grad: torch.Tensor) -> Contribution:
+    """transformers' GPT-2 Conv1D: y = x W + b with W [in, out] (a transposed Linear)."""
+    a, g = _positions(args[0]), _positions(grad)
+    return {"weight": Factor(a, g), "bias": g.sum(1)}
+
+
+NAMED_RULES["transformers.pytorch_utils.Conv1D"] = hf_conv1d

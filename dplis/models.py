@@ -103,8 +103,13 @@ class TinyTransformer(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: logits [B, T, V], targets [B, T] (-100 = ignored)."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    """Token cross-entropy averaged over real targets: logits [B, T, V], targets [B, T].
+
+    -100 marks ignored positions; a batch without any target has loss 0 (not NaN).
+    """
+    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                            reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 MODELS = {"mlp": mlp, "cnn": paper_cnn, "conv1d": conv1d_net}
