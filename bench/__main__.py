@@ -166,14 +166,23 @@ def add_ratios(rows: list[dict]) -> None:
                 r["ratio_to_best_opacus"] = round(r["step_ms"] / best, 3)
 
 
+def _brief(r: dict) -> dict:
+    return {k: r[k] for k in ("model", "mode", "ratio_to_nonprivate", "examples_per_s",
+                              "step_ms")}
+
+
 def slowest(rows: list[dict]) -> dict | None:
     """The private row with the largest slowdown vs non-private (ties: lowest examples/s)."""
     ranked = [r for r in rows if r["ratio_to_nonprivate"] is not None and r["mode"] != "nonprivate"]
     if not ranked:
         return None
-    r = max(ranked, key=lambda r: (r["ratio_to_nonprivate"], -r["examples_per_s"]))
-    return {"model": r["model"], "mode": r["mode"], "ratio_to_nonprivate": r["ratio_to_nonprivate"],
-            "examples_per_s": r["examples_per_s"]}
+    return _brief(max(ranked, key=lambda r: (r["ratio_to_nonprivate"], -r["examples_per_s"])))
+
+
+def lowest_throughput(rows: list[dict]) -> dict | None:
+    """The row with the fewest examples per second (across models)."""
+    ranked = [r for r in rows if r["examples_per_s"] is not None]
+    return _brief(min(ranked, key=lambda r: r["examples_per_s"])) if ranked else None
 
 
 def busy_machine_notes(env: dict, threads: int | None) -> list[str]:
@@ -285,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_method": MEMORY_METHOD,
         "equivalence": [c.as_dict() for c in checks],
         "slowest": worst,
+        "lowest_throughput": lowest_throughput(rows),
         "warnings": notes,
         "wall_s": round(time.time() - started, 1),
     }
@@ -312,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slowest model x mode: {worst['model']} x {worst['mode']} "
               f"({worst['ratio_to_nonprivate']:.2f}x the non-private step time, "
               f"{worst['examples_per_s']:.1f} examples/s)")
+    if result["lowest_throughput"]:
+        low = result["lowest_throughput"]
+        print(f"lowest throughput: {low['model']} x {low['mode']} "
+              f"({low['examples_per_s']:.1f} examples/s, {low['step_ms']:.1f} ms per step)")
     print(f"total wall time {result['wall_s']} s")
 
     if args.json:

@@ -131,14 +131,15 @@ def clipped_sum(
     loss_fn: Callable,
     trainable: dict[str, torch.Tensor],
     frozen: dict[str, torch.Tensor],
-    thetas: list[dict[str, torch.Tensor]],
+    thetas: list[dict[str, torch.Tensor] | None],
     inputs: tuple,
     targets: torch.Tensor,
     max_grad_norm: float,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Σ_b clip_C(mean_k g_kb) per parameter (fp32), norms [B] and losses [K, B].
 
-    thetas: K dicts name -> parameter value (the perturbed points).
+    thetas: K dicts name -> parameter value (the perturbed points), or [None]: the model's own
+    parameters (one unperturbed pass).
     """
     plan = _plan(model, trainable)
     names = {m: n for n, m in model.named_modules()}
@@ -148,14 +149,17 @@ def clipped_sum(
     per_example_loss = vmap(lambda out, t: loss_fn(out.unsqueeze(0), t.unsqueeze(0)),
                             randomness="different")
     for params in thetas:
-        params = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+        direct = params is None  # the model's own parameters: no functional_call needed
+        params = trainable if direct else {n: t.detach().requires_grad_(True)
+                                           for n, t in params.items()}
         calls: list[tuple] = []
         record = calls.append
         hooks = [m.register_forward_hook(
             lambda mod, a, kw, out, record=record: record((mod, a, kw, out)), with_kwargs=True)
             for m in plan]
         try:
-            out = functional_call(model, {**frozen, **params}, inputs, tie_weights=True)
+            out = (model(*inputs) if direct else
+                   functional_call(model, {**frozen, **params}, inputs, tie_weights=True))
         finally:
             for h in hooks:
                 h.remove()

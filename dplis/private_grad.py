@@ -184,6 +184,8 @@ def private_step(
     frozen = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())
               if n not in params}
 
+    plain = k == 1 and std == 0 and offset is None  # gradients at θ itself
+
     def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: v.view(s) for n, v, s in zip(params, torch.split(flat, sizes), shapes)}
 
@@ -200,9 +202,9 @@ def private_step(
     def clipped(x: tuple, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Σ_b clip_C(mean_k g_kb) flat fp32 [D], norms [b], losses [K, b] for one chunk."""
         if engine == "ghost":
-            sums, norms, losses = ghost.clipped_sum(
-                model, loss_fn, params, frozen, [unflatten(t) for t in thetas], x, y,
-                max_grad_norm)
+            points = [None] if plain else [unflatten(t) for t in thetas]
+            sums, norms, losses = ghost.clipped_sum(model, loss_fn, params, frozen, points, x, y,
+                                                    max_grad_norm)
             return torch.cat([t.reshape(-1) for t in sums.values()]), norms, losses
         grads, losses = vmap_grads(x, y)
         (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
