@@ -24,6 +24,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -102,29 +103,28 @@ def measure(model: str, mode: str, batch_size: int, *, device: str = "cpu", step
             warmup: int = 2, settings: Settings | None = None,
             threads: int | None = None) -> Measurement:
     """Build the case, run ``warmup`` + ``steps`` steps; never raises for a failing mode."""
-    import warnings
-
-    warnings.simplefilter("ignore")  # Opacus' notices would garble the progress line
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    try:
-        step = make_step(model, mode, batch_size, device=dev, settings=settings)
-    except Exception as e:
-        return Measurement(error=describe(e))
-    meter = MemoryMeter(dev)
-    meter.start()
-    times = []
-    try:
-        for _ in range(warmup):
-            step()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    except Exception as e:
-        return Measurement(error=describe(e))
-    return Measurement(times=times, peak_mem_mb=meter.peak_mb())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' notices would garble the progress line
+        try:
+            step = make_step(model, mode, batch_size, device=dev, settings=settings)
+        except Exception as e:
+            return Measurement(error=describe(e))
+        meter = MemoryMeter(dev)
+        meter.start()
+        times = []
+        try:
+            for _ in range(warmup):
+                step()
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        except Exception as e:
+            return Measurement(error=describe(e))
+        return Measurement(times=times, peak_mem_mb=meter.peak_mb())
 
 
 def _worker(conn, kwargs: dict) -> None:
@@ -142,8 +142,11 @@ _PRELOAD = ["torch", "dplis", "bench.cases", "bench.runner", "opacus"]
 def context():
     """forkserver where available (fresh, already-imported children); spawn otherwise."""
     if "forkserver" in mp.get_all_start_methods():
+        from multiprocessing import forkserver
+
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)
+        forkserver.ensure_running()  # start (and preload) now, not inside the first case's timeout
         return ctx
     return mp.get_context("spawn")
 
@@ -159,13 +162,12 @@ def measure_isolated(ctx, *, timeout: float, **kwargs) -> Measurement:
         if parent.poll(timeout):
             result = parent.recv()
         else:
+            proc.kill()
             result = Measurement(error=f"timed out after {timeout:g} s")
-    except EOFError:
+    except EOFError:  # the child died without sending anything
         pass
     finally:
         parent.close()
-        if result is not None and result.error and result.error.startswith("timed out"):
-            proc.kill()
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()

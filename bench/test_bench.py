@@ -3,7 +3,7 @@
     pytest bench --benchmark-only                          # compare modes, grouped by model
     pytest bench --benchmark-only --benchmark-autosave     # save the run under .benchmarks/
     pytest bench --benchmark-only --benchmark-compare      # compare with the last saved run
-    pytest bench --benchmark-only --bench-models mlp --bench-batch-size 64
+    pytest bench --benchmark-only --bench-models mlp --bench-batch-size 64 --bench-threads 1
 
 Not part of the default test run (``pytest`` collects ``tests/`` only). Before the first case of
 a model runs, dplis K = 1 is checked against every Opacus mode with noise 0
@@ -27,6 +27,10 @@ pytest.importorskip("pytest_benchmark")
 def bench_config(request: pytest.FixtureRequest) -> dict:
     opt = request.config.getoption
     device = opt("--bench-device")
+    if opt("--bench-threads"):
+        import torch
+
+        torch.set_num_threads(opt("--bench-threads"))
     if device == "cuda":
         import torch
 

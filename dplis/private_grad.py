@@ -241,9 +241,9 @@ def private_step(
                     norms, losses = norms + [n], losses + [lo]
                 norms = torch.cat(norms)
                 losses = torch.cat(losses, 1) if losses else torch.full((1, 1), float("nan"))
-                if noise_std > 0:
-                    total.add_(kernels.reference.gaussian_like(total, noise_std, noise_seed))
-                out = total.div_(divisor).to(theta.dtype)
+                (out,) = kernels.add_noise([total], noise_std=noise_std, divisor=divisor,
+                                           seed=noise_seed, backend=backend)
+                out = out.to(theta.dtype)
         if secure_rng and sigma > 0:
             noise = secure_gaussian(out.numel(), sigma * max_grad_norm / divisor, out.device)
             out = out + noise.to(out.dtype)

@@ -125,14 +125,41 @@ def fused_dp_step(
         bad = int((~torch.isfinite(norms)).sum())
         raise NonFiniteError(f"{bad} of {norms.numel()} per-example gradients are NaN or infinite")
     factors = reference.clip_factors(norms, max_grad_norm)
-    if be == "triton":
-        from .dp_step import clipped_noisy_sum_triton as summer
-    else:
-        summer = reference.clipped_noisy_sum_torch
-    out = summer(
+    out = _summer(be)(
         grads, factors, noise_std=noise_std, divisor=divisor, seed=seed, batch_dims=batch_dims
     )
     return out, norms
+
+
+def _summer(backend: str):
+    if backend == "triton":
+        from .dp_step import clipped_noisy_sum_triton
+
+        return clipped_noisy_sum_triton
+    return reference.clipped_noisy_sum_torch
+
+
+def add_noise(
+    tensors: Sequence[torch.Tensor],
+    *,
+    noise_std: float,
+    divisor: float,
+    seed: int | None = None,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """(t_j + N(0, noise_std²)) / divisor for already-clipped sums ``t_j`` ``[*P_j]``.
+
+    The noise half of ``fused_dp_step`` (same kernel, one example with factor 1, so the same
+    RNG), for engines that form the clipped sum themselves (dplis.ghost).
+    """
+    tensors = _check_tensors(tensors, "tensors")
+    noise_std = _positive("noise_std", noise_std, allow_zero=True)
+    divisor = _positive("divisor", divisor)
+    seed = _seed(seed, tensors[0].device)
+    be = resolve(backend, tensors[0].device)
+    ones = torch.ones(1, dtype=torch.float32, device=tensors[0].device)
+    return _summer(be)([t.unsqueeze(0) for t in tensors], ones, noise_std=noise_std,
+                       divisor=divisor, seed=seed, batch_dims=1)
 
 
 def perturb(

@@ -36,7 +36,7 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
 
 def test_cli_writes_every_mode_row(tmp_path: Path) -> None:
     data, stdout = run_bench(tmp_path, "--models", "mlp", "--batch-size", "8", "--steps", "2",
-                             "--warmup", "0")
+                             "--warmup", "0", "--threads", "1")
     assert data["device"] == "cpu"
     assert isinstance(data["torch"], str) and data["torch"]
     rows = data["results"]
@@ -67,7 +67,7 @@ def test_cli_writes_every_mode_row(tmp_path: Path) -> None:
 def test_failed_opacus_mode_carries_its_error(tmp_path: Path) -> None:
     # Opacus ghost clipping refuses tied weights (the transformer's head is tied to its embedding)
     data, _ = run_bench(tmp_path, "--models", "transformer", "--modes", "dplis_k1",
-                        "opacus_ghost", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                        "opacus_ghost", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
                         "--in-process")
     rows = {r["mode"]: r for r in data["results"]}
     assert set(rows) == {"dplis_k1", "opacus_ghost"}

@@ -31,6 +31,7 @@ if not torch.cuda.is_available():  # must precede any triton import
 
 from dplis.kernels import (  # noqa: E402
     NonFiniteError,
+    add_noise,
     fused_dp_step,
     per_sample_norms,
     perturb,
@@ -552,3 +553,20 @@ def test_kernel_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["op"] for r in rows} == {"copy", "fused_dp_step", "perturb"}
     assert all(r["GBps"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_noise_is_the_noise_half_of_the_fused_step(backend):
+    torch.manual_seed(0)
+    sums = [torch.randn(7, 3, device=DEVICE), torch.randn(1001, device=DEVICE)]
+    kw = dict(noise_std=0.0, divisor=4.0, backend=backend)
+    plain = add_noise(sums, seed=1, **kw)
+    for got, s in zip(plain, sums, strict=True):
+        torch.testing.assert_close(got, s / 4.0)
+    # same seed, same kernel: add_noise(Σ) equals fused_dp_step on one example with Σ
+    noisy = add_noise(sums, seed=3, noise_std=2.0, divisor=4.0, backend=backend)
+    fused, _ = fused_dp_step([s.unsqueeze(0) for s in sums], max_grad_norm=1e30, noise_std=2.0,
+                             divisor=4.0, seed=3, backend=backend, batch_dims=1)
+    for a, b in zip(noisy, fused, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(noisy[1], plain[1])
