@@ -78,18 +78,19 @@ class ParamGrad:
         self.factors = []
         return self.explicit.flatten(1).pow(2).sum(1)
 
-    def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        """Σ_b c_b · g_b -> fp32 [*shape] (after ``finish``)."""
+    def clipped_sum(self, c: torch.Tensor, out: torch.Tensor) -> None:
+        """Write Σ_b c_b · g_b (fp32) into ``out`` [m, n] or [m] (after ``finish``)."""
         if not self.factors:
-            return (c @ self.explicit.flatten(1)).reshape(self.shape)
-        total = torch.zeros(self.shape[0], self.shape[1:].numel(), device=c.device)
+            torch.mm(c.unsqueeze(0), self.explicit.flatten(1), out=out.view(1, -1))
+            return
+        out = out.view(self.shape[0], -1)
+        out.zero_()
         for f in self.factors:
             v = (f.v.float() * c[:, None, None]).flatten(0, 1)
             if f.index:
-                total.index_add_(0, f.u.flatten(), v)
+                out.index_add_(0, f.u.flatten(), v)
             else:
-                total += f.u.float().flatten(0, 1).T @ v
-        return total.reshape(self.shape)
+                out.addmm_(f.u.float().flatten(0, 1).T, v)
 
 
 def _plan(model: nn.Module, trainable: dict[str, torch.Tensor]) -> dict[nn.Module, dict]:
@@ -135,8 +136,8 @@ def clipped_sum(
     inputs: tuple,
     targets: torch.Tensor,
     max_grad_norm: float,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Σ_b clip_C(mean_k g_kb) per parameter (fp32), norms [B] and losses [K, B].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ_b clip_C(mean_k g_kb), flat fp32 [D] in ``trainable`` order, norms [B], losses [K, B].
 
     thetas: K dicts name -> parameter value (the perturbed points), or [None]: the model's own
     parameters (one unperturbed pass).
@@ -197,6 +198,9 @@ def clipped_sum(
     if not bool(torch.isfinite(norms).all()) or not bool(torch.isfinite(losses).all()):
         raise NonFiniteError("a per-example loss or gradient is NaN or infinite")
     c = clip_factors(norms, max_grad_norm)
-    sums = {n: (g.clipped_sum(c) if (g.factors or g.explicit is not None)
-                else torch.zeros(g.shape, device=c.device)) for n, g in grads.items()}
-    return sums, norms, losses
+    sizes = [g.shape.numel() for g in grads.values()]
+    flat = torch.zeros(sum(sizes), device=c.device)
+    for g, part in zip(grads.values(), torch.split(flat, sizes)):
+        if g.factors or g.explicit is not None:  # an unused parameter keeps its zeros
+            g.clipped_sum(c, part)
+    return flat, norms, losses

@@ -203,9 +203,7 @@ def private_step(
         """Σ_b clip_C(mean_k g_kb) flat fp32 [D], norms [b], losses [K, b] for one chunk."""
         if engine == "ghost":
             points = [None] if plain else [unflatten(t) for t in thetas]
-            sums, norms, losses = ghost.clipped_sum(model, loss_fn, params, frozen, points, x, y,
-                                                    max_grad_norm)
-            return torch.cat([t.reshape(-1) for t in sums.values()]), norms, losses
+            return ghost.clipped_sum(model, loss_fn, params, frozen, points, x, y, max_grad_norm)
         grads, losses = vmap_grads(x, y)
         (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
                                                 noise_std=0.0, divisor=1.0, batch_dims=2,
@@ -231,14 +229,16 @@ def private_step(
                     [flat], max_grad_norm=max_grad_norm, noise_std=noise_std, divisor=divisor,
                     seed=noise_seed, backend=backend, batch_dims=2)
             else:
-                total = theta.new_zeros(theta.numel(), dtype=torch.float32)
+                total = None
                 norms, losses = [theta.new_zeros(0, dtype=torch.float32)], []
                 for i in range(0, batch, physical):
                     part, n, lo = clipped(tuple(t[i:i + physical] for t in inputs),
                                           targets[i:i + physical])
                     _check_losses(lo)
-                    total.add_(part)
+                    total = part if total is None else total.add_(part)
                     norms, losses = norms + [n], losses + [lo]
+                if total is None:  # an empty batch: the noise alone
+                    total = theta.new_zeros(theta.numel(), dtype=torch.float32)
                 norms = torch.cat(norms)
                 losses = torch.cat(losses, 1) if losses else torch.full((1, 1), float("nan"))
                 (out,) = kernels.add_noise([total], noise_std=noise_std, divisor=divisor,

@@ -43,7 +43,7 @@ def gaussian_like(ref: torch.Tensor, std: float, seed: int | None) -> torch.Tens
         gen.seed()
     else:
         gen.manual_seed(seed)
-    return torch.randn(ref.shape, generator=gen, device=ref.device, dtype=torch.float32) * std
+    return torch.randn(ref.shape, generator=gen, device=ref.device, dtype=torch.float32).mul_(std)
 
 
 def clipped_noisy_sum_torch(
@@ -62,11 +62,10 @@ def clipped_noisy_sum_torch(
     out = []
     for j, g in enumerate(grads):
         kbd = as_kbd(g, batch_dims).float()
-        summed = torch.einsum("b,kbd->d", factors, kbd) / kbd.shape[0]
-        if noise_std > 0:
-            summed = summed + gaussian_like(summed, noise_std, None if seed is None else seed + j)
-        shape = g.shape[batch_dims:]
-        out.append((summed / divisor).reshape(shape).to(g.dtype))
+        summed = torch.einsum("b,kbd->d", factors, kbd).div_(kbd.shape[0])
+        if noise_std > 0:  # in place: the output is the only D-sized buffer besides the noise
+            summed.add_(gaussian_like(summed, noise_std, None if seed is None else seed + j))
+        out.append(summed.div_(divisor).reshape(g.shape[batch_dims:]).to(g.dtype))
     return out
 
 

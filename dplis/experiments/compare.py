@@ -59,48 +59,79 @@ class Method:
     smoothing: bool = False
     schedule: str = "constant"
     sat: bool = False
+    K: int | None = None  # overrides the tuned K (the K ablation rows)
 
     @property
     def tuning_key(self) -> str:
-        """Whose tuned values this method uses (schedule variants share dplis's)."""
+        """Whose tuned values this method uses (schedule and K variants share dplis's)."""
         return "dplis" if self.smoothing else self.name
 
 
 METHODS = {m.name: m for m in (
     Method("dpsgd", "DP-SGD"),
     Method("dplis", "DPlis", smoothing=True),
-    Method("dplis-lr", "DPlis (r ∝ lr)", smoothing=True, schedule="lr"),
-    Method("dplis-linear", "DPlis (r linear → 0)", smoothing=True, schedule="linear"),
+    Method("dplis-lr", "DPlis, r ∝ lr", smoothing=True, schedule="lr"),
+    Method("dplis-linear", "DPlis, r linear → 0", smoothing=True, schedule="linear"),
+    Method("dplis-k1", "DPlis, K = 1", smoothing=True, K=1),
+    Method("dplis-k10", "DPlis, K = 10", smoothing=True, K=10),
     Method("dpsat", "DP-SAT", sat=True),
 )}
 
-# Hyper-parameters a method uses (the others are ignored, and reported as None).
-KEYS = {"dpsgd": ("lr", "max_grad_norm"), "dplis": ("lr", "max_grad_norm", "radius", "K"),
+PARAMS = ("lr", "max_grad_norm", "radius", "K", "rho")
+# What each method tunes, and what it uses at a fixed value (--max-grad-norm, --K, ...). Same
+# budget for all: |lr grid| × 3 runs per ε — DP-SGD spends its third axis on C, DPlis on r,
+# DP-SAT on ρ (these two keep C fixed).
+TUNED = {"dpsgd": ("lr", "max_grad_norm"), "dplis": ("lr", "radius", "K"),
+         "dpsat": ("lr", "rho")}
+USED = {"dpsgd": ("lr", "max_grad_norm"), "dplis": ("lr", "max_grad_norm", "radius", "K"),
         "dpsat": ("lr", "max_grad_norm", "rho")}
+GRID = {"lr": [0.125, 0.25, 0.5], "max_grad_norm": [0.5, 1.0, 2.0], "radius": [10.0, 20.0, 40.0],
+        "K": [4], "rho": [0.3, 1.0, 3.0]}
+FIXED = {"max_grad_norm": 1.0, "K": 4}
+
+# Values used without tuning (--no-tune, --quick): those the full MNIST-1D run
+# (docs/compare_full.json) chose on its validation split, per ε and tuning key; another ε takes
+# the nearest one's (in log ε).
+PRESETS = {
+    1.0: {"dpsgd": {"lr": 0.125, "max_grad_norm": 1.0},
+          "dplis": {"lr": 0.125, "max_grad_norm": 1.0, "radius": 20.0, "K": 4},
+          "dpsat": {"lr": 0.125, "max_grad_norm": 1.0, "rho": 1.0}},
+    3.0: {"dpsgd": {"lr": 0.25, "max_grad_norm": 1.0},
+          "dplis": {"lr": 0.25, "max_grad_norm": 1.0, "radius": 20.0, "K": 4},
+          "dpsat": {"lr": 0.25, "max_grad_norm": 1.0, "rho": 1.0}},
+    8.0: {"dpsgd": {"lr": 0.5, "max_grad_norm": 1.0},
+          "dplis": {"lr": 0.5, "max_grad_norm": 1.0, "radius": 20.0, "K": 4},
+          "dpsat": {"lr": 0.5, "max_grad_norm": 1.0, "rho": 1.0}},
+}
 
 # Defaults: the full run (--quick changes some; flags given on the command line always win).
-FULL = {"epsilons": [1.0, 3.0, 8.0], "seeds": 5, "epochs": 5.0, "batch_size": 256,
-        "methods": ["dpsgd", "dplis", "dplis-lr", "dplis-linear", "dpsat"], "tune": True}
-QUICK = {"epsilons": [1.0, 3.0, 8.0], "seeds": 3, "epochs": 3.0, "batch_size": 256,
+FULL = {"epsilons": [1.0, 3.0, 8.0], "seeds": 5, "epochs": 20.0, "batch_size": 256,
+        "methods": ["dpsgd", "dplis", "dplis-lr", "dplis-linear", "dplis-k1", "dplis-k10",
+                    "dpsat"], "tune": True}
+QUICK = {"epsilons": [1.0, 3.0, 8.0], "seeds": 3, "epochs": 20.0, "batch_size": 256,
          "methods": ["dpsgd", "dplis", "dpsat"], "tune": False}
 
-# Tuning grid (per method: the product of its keys' lists) and the values used without tuning
-# (--no-tune, --quick): those the full MNIST-1D run chose on its validation split.
-GRID = {"lr": [0.25, 0.5], "max_grad_norm": [1.0], "radius": [5.0, 20.0], "K": [4],
-        "rho": [0.02, 0.1]}
-PRESET = {"lr": 0.5, "max_grad_norm": 1.0, "radius": 20.0, "K": 4, "rho": 0.02}
+
+def grid_for(key: str, grid: dict[str, list], fixed: dict) -> list[dict]:
+    """The configurations tried when tuning ``key`` (grid order = tie-break order)."""
+    names = TUNED[key]
+    rest = {n: fixed[n] for n in USED[key] if n not in names}
+    return [{**rest, **dict(zip(names, values))}
+            for values in itertools.product(*(grid[n] for n in names))]
 
 
-def grid_for(key: str, grid: dict[str, list]) -> list[dict]:
-    """The configurations tried for tuning key ``key`` (grid order = tie-break order)."""
-    names = KEYS[key]
-    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+def preset_for(key: str, epsilon: float) -> dict:
+    nearest = min(PRESETS, key=lambda e: abs(math.log(e / epsilon)))
+    return dict(PRESETS[nearest][key])
 
 
 def method_params(method: Method, values: dict) -> dict:
-    """The full parameter record of ``method`` (unused knobs None)."""
-    used = KEYS[method.tuning_key]
-    return {k: (values[k] if k in used else None) for k in PRESET}
+    """The full parameter record of ``method`` (knobs it does not use: None)."""
+    used = USED[method.tuning_key]
+    params = {k: (values[k] if k in used else None) for k in PARAMS}
+    if method.K is not None:
+        params["K"] = method.K
+    return params
 
 
 @contextlib.contextmanager
