@@ -61,6 +61,10 @@ class ParamGrad:
         positions = sum(f.v.shape[1] for f in self.factors)
         all_index = all(f.index for f in self.factors)
         ghost = self.explicit is None and (all_index or positions * (m + n) < m * n)
+        if ghost and positions == 1:  # one position: ‖u vᵀ‖² = ‖u‖²‖v‖²
+            (f,) = self.factors
+            u_sq = torch.ones_like(f.v[:, 0, 0]) if f.index else f.u.float().pow(2).sum((1, 2))
+            return u_sq * f.v.float().pow(2).sum((1, 2))
         if ghost:
             v = torch.cat([f.v for f in self.factors], 1).float()
             gram_v = v @ v.transpose(1, 2)

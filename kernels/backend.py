@@ -5,6 +5,7 @@ Nothing here touches CUDA at import time; Triton itself is imported on first use
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -13,6 +14,7 @@ import torch
 BACKENDS = ("triton", "torch")
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -8,14 +8,19 @@ accounting, so σ is the same for all at a given ε. Methods:
   dplis          DPlis, smoothing radius r constant (s = r·lr·σ·C / E|B|, K perturbations)
   dplis-lr       DPlis, s follows the current learning rate (s·lr_t/lr_0)
   dplis-linear   DPlis, s decays linearly to 0 over the run
+  dplis-k1       DPlis with K = 1 (the cost / accuracy of K: ablation rows)
+  dplis-k10      DPlis with K = 10 (the DPlis authors' K)
   dpsat          DP-SAT (gradients at θ + ρ·g_prev/‖g_prev‖), a second flatness-seeking method
 
 Tuning (``--tune``, on by default): the training set is split 80/20 (``split_validation``, seed
 0); every configuration of a method's grid trains once (seed 0) on the 80 % and is scored on
-the 20 %, at the middle ε of ``--epsilons`` (or at each ε with ``--tune-at each``); the best
-validation accuracy wins (ties: the first in grid order). The test set is never looked at.
-dplis-lr and dplis-linear reuse the values chosen for dplis (a schedule ablation at fixed r, K).
-Final runs then train on the whole training set, one per seed, and report test accuracy.
+the 20 %, at every ε (or at the middle ε only with ``--tune-at middle``); the best validation
+accuracy wins (ties: the first in grid order). Every method gets the same budget, |lr grid| × 3
+configurations per ε: DP-SGD tunes lr × C, DPlis lr × r (K fixed), DP-SAT lr × ρ. The schedule
+and K variants of DPlis reuse dplis's values (ablations at fixed lr, r). The test set is never
+looked at while tuning; final runs train on the whole training set, one per seed, and report
+test accuracy. A seed fixes initialisation, Poisson batches and noise draws, so the methods are
+compared on the same draws (the paired Δ column).
 
 Writes ``<out>/<prefix>.json`` (every run, the grid, the chosen values), ``<prefix>.md``
 (mean ± std of test accuracy per method and ε, wall time per run) and ``<prefix>.png``
@@ -45,7 +50,7 @@ from tqdm import tqdm
 
 from .. import __version__, models
 from .. import trainer as trainer_module
-from ..accounting import compute_epsilon
+from ..accounting import compute_epsilon, find_noise_multiplier
 from ..data import DATASETS, load_dataset, split_validation
 from ..kernels import NonFiniteError
 from ..train import accuracy, build_model
@@ -134,15 +139,20 @@ def method_params(method: Method, values: dict) -> dict:
     return params
 
 
+@functools.cache
+def _calibrate(*args, **kwargs) -> float:
+    return find_noise_multiplier(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def memoized_calibration() -> Iterator[None]:
     """Calibrate σ once per (ε, δ, q, steps): PRV calibration costs seconds and is deterministic.
 
-    The trainer still calibrates through its own code path (same σ, same ``max_steps`` budget),
-    only repeated calls with identical arguments are answered from a cache.
+    The trainer still calibrates through its own code path (same σ, same ``max_steps`` budget);
+    calls with arguments seen before (in this process) are answered from a cache.
     """
     original = trainer_module.find_noise_multiplier
-    trainer_module.find_noise_multiplier = functools.lru_cache(maxsize=None)(original)
+    trainer_module.find_noise_multiplier = _calibrate
     try:
         yield
     finally:
@@ -194,7 +204,7 @@ def train_and_evaluate(train, evaluation, *, dataset: str, model_name: str, meth
             "diverged": diverged}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float,
                   accountant: str) -> float:
     """ε spent by ``steps`` steps (what ``trainer.epsilon()`` says for one σ), memoized."""
@@ -206,14 +216,16 @@ def spent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float,
 def build_parser() -> argparse.ArgumentParser:
     full = ", ".join(f"{k}={v}" for k, v in FULL.items())
     quick = ", ".join(f"{k}={v}" for k, v in QUICK.items())
-    grid = "; ".join(f"{key}: {' × '.join(f'{n} ∈ {GRID[n]}' for n in names)}"
-                     for key, names in KEYS.items())
+    grid = "; ".join(f"{key}: " + " × ".join(f"{n} ∈ {GRID[n]}" for n in names)
+                     for key, names in TUNED.items())
     p = argparse.ArgumentParser(
         prog="python -m dplis.experiments.compare", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Defaults: {full}.\n--quick: {quick} (with the preset values {PRESET}).\n"
-               f"Tuning grid: {grid}.\nEvery run: SGD with momentum, learning rate decayed by "
-               "a cosine schedule stepped every step (--lr-schedule).")
+        epilog=f"Defaults: {full}.\n--quick: {quick}, with the preset values (the full run's "
+               f"choices) {PRESETS}.\nTuning grid per ε: {grid} (DPlis and DP-SAT at "
+               f"C = {FIXED['max_grad_norm']}; K = {FIXED['K']} unless --grid-K).\n"
+               "Every run: SGD with momentum, learning rate decayed by a cosine schedule "
+               "stepped every step (--lr-schedule); σ calibrated by the PRV accountant.")
     p.add_argument("--dataset", nargs="+", default=["mnist1d"], choices=(*DATASETS, "all"),
                    help="datasets to compare on; 'all' = mnist1d plus each image dataset "
                         "found in --data-dir (default: mnist1d)")
@@ -227,10 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target ε values (default: 1 3 8)")
     p.add_argument("--delta", type=float, default=1e-5, help="δ (default: 1e-5)")
     p.add_argument("--seeds", type=int, default=None,
-                   help="final runs per method and ε, seeds 0..N-1 (default: 5)")
+                   help="final runs per method and ε, seeds 0..N-1; a seed fixes the "
+                        "initialisation, the Poisson batches and the noise draws, so methods "
+                        "are compared on the same draws (default: 5)")
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
-                   help="methods to compare (default: all five)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs (default: 5)")
+                   help="methods to compare (default: all)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs (default: 20)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="expected Poisson batch size (default: 256)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
@@ -239,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
                    help="tune each method on a validation split first (default: on; "
                         "off with --quick: the preset values are used)")
-    p.add_argument("--tune-at", choices=("middle", "each"), default="middle",
-                   help="tune at the middle ε and reuse, or at each ε (default: middle)")
+    p.add_argument("--tune-at", choices=("each", "middle"), default="each",
+                   help="tune at every ε, or at the middle ε and reuse (default: each)")
+    p.add_argument("--tune-seeds", type=int, default=1,
+                   help="runs (seeds 0..N-1) averaged per tuning configuration (default: 1)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="validation share of the training set (default: 0.2)")
     for name, kind, help_ in (("lr", float, "learning rate"),
@@ -251,30 +267,32 @@ def build_parser() -> argparse.ArgumentParser:
         key = name.replace("-", "_")
         p.add_argument(f"--grid-{name}", nargs="+", type=kind, default=None, dest=f"grid_{key}",
                        metavar="V", help=f"tuning values of the {help_} (default: {GRID[key]})")
+        extra = (f"; with tuning, the value of methods that do not tune it (default: "
+                 f"{FIXED[key]})" if key in FIXED else "")
         p.add_argument(f"--{name}", type=kind, default=None, dest=key,
-                       help=f"{help_} without tuning (default: {PRESET[key]})")
+                       help=f"{help_} without tuning (default: the preset){extra}")
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes on 2 CPU cores: fewer seeds and epochs, no tuning")
+                   help="a few minutes on 2 CPU cores: 3 seeds, 3 methods, no tuning")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; on a shared 2-core machine 2 threads "
+                        "ran up to 20× slower)")
     p.add_argument("--out", default="compare-results", help="output folder")
     p.add_argument("--prefix", default="compare", help="output file name stem")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
     return p
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill what the user left unset from the quick or full defaults."""
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
+    """Fill what the user left unset from the quick or full defaults; check the rest."""
+    for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in PRESET:
-        if getattr(args, key) is None:
-            setattr(args, key, PRESET[key])
+    for key in PARAMS:
         if getattr(args, f"grid_{key}") is None:
             setattr(args, f"grid_{key}", list(GRID[key]))
-    if args.seeds < 1:
-        raise SystemExit("--seeds must be >= 1")
+    if args.seeds < 1 or args.tune_seeds < 1 or args.threads < 1:
+        raise SystemExit("--seeds, --tune-seeds and --threads must be >= 1")
     if args.batch_size < 1 or args.epochs <= 0:
         raise SystemExit("--batch-size must be >= 1 and --epochs > 0")
     if any(e <= 0 for e in args.epsilons):
@@ -299,52 +317,57 @@ def datasets_to_run(names: Sequence[str], data_dir: str | None) -> list[str]:
     return found
 
 
-def load(name: str, args: argparse.Namespace):
-    kw = {"num_samples": args.num_samples, "seed": 0} if name == "mnist1d" else {}
-    return load_dataset(name, args.data_dir, **kw)
-
-
 def summarize(runs: list[dict]) -> list[dict]:
-    rows = []
+    """Per (dataset, method, ε): accuracy stats, and the paired difference to DP-SGD (same seed)."""
     keyed: dict[tuple, list[dict]] = {}
     for r in runs:
         keyed.setdefault((r["dataset"], r["method"], r["epsilon"]), []).append(r)
+    rows = []
     for (dataset, method, eps), group in keyed.items():
         accs = [r["accuracy"] for r in group]
-        rows.append({
-            "dataset": dataset, "method": method, "epsilon": eps, "n": len(accs),
-            "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "min": min(accs), "max": max(accs),
-            "seconds": statistics.fmean(r["seconds"] for r in group),
-            "diverged": sum(r["diverged"] for r in group), "sigma": group[0]["sigma"],
-            "steps": group[0]["steps"],
-            "epsilon_spent": max(r["epsilon_spent"] for r in group),
-        })
+        row = {"dataset": dataset, "method": method, "epsilon": eps, "n": len(accs),
+               "mean": statistics.fmean(accs), "std": _std(accs), "min": min(accs),
+               "max": max(accs), "seconds": statistics.fmean(r["seconds"] for r in group),
+               "diverged": sum(r["diverged"] for r in group), "sigma": group[0]["sigma"],
+               "steps": group[0]["steps"],
+               "epsilon_spent": max(r["epsilon_spent"] for r in group)}
+        base = {r["seed"]: r["accuracy"] for r in keyed.get((dataset, "dpsgd", eps), [])}
+        diffs = [r["accuracy"] - base[r["seed"]] for r in group if r["seed"] in base]
+        if method != "dpsgd" and diffs:
+            row.update(diff_mean=statistics.fmean(diffs), diff_std=_std(diffs),
+                       wins=sum(d > 0 for d in diffs), paired=len(diffs))
+        rows.append(row)
     return rows
 
 
-def fmt_param(v) -> str:
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(v) -> str:
     return "–" if v is None else f"{v:g}"
 
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
-    lines = [f"# DP-SGD vs DPlis vs DP-SAT (dplis {result['version']})", "",
-             f"Command: `{result['command']}`", "",
+    lines = [f"Command: `{result['command']}`", "",
              f"{cfg['seeds']} seeds, δ = {cfg['delta']:g}, {cfg['epochs']:g} epochs, expected "
-             f"batch {cfg['batch_size']}, SGD momentum {cfg['momentum']:g}, lr schedule "
-             f"{cfg['lr_schedule']}; test accuracy in %, mean ± std over seeds (min–max in "
-             f"the JSON). Time: mean wall seconds of one training run (steps only). Total "
+             f"batch {cfg['batch_size']}, SGD momentum {cfg['momentum']:g}, "
+             f"{cfg['lr_schedule']} learning-rate schedule. Test accuracy in %, mean ± std "
+             "over seeds. Δ: paired difference to DP-SGD on the same seed (same init, batches "
+             "and noise draws), mean ± std, and on how many seeds the method beat DP-SGD. "
+             "Time: mean wall seconds of one training run (steps only). Whole command: "
              f"{result['total_seconds'] / 60:.1f} min on {result['machine']}.", ""]
     for ds in result["datasets"]:
         rows = [r for r in result["summary"] if r["dataset"] == ds["name"]]
         eps = sorted({r["epsilon"] for r in rows})
-        lines += [f"## {ds['name']} ({ds['train']} train / {ds['test']} test, model "
-                  f"{ds['model']})", ""]
-        lines.append("| method | " + " | ".join(f"ε = {e:g}" for e in eps)
-                     + " | time / run (s) | × DP-SGD time |")
-        lines.append("|---" * (len(eps) + 3) + "|")
-        base = {r["epsilon"]: r["seconds"] for r in rows if r["method"] == "dpsgd"}
+        lines += [f"### {ds['name']} ({ds['train']} train / {ds['test']} test, {ds['model']})",
+                  ""]
+        lines.append("| method | " + " | ".join(f"ε = {e:g}" for e in eps) + " | "
+                     + " | ".join(f"Δ at ε = {e:g}" for e in eps)
+                     + " | time / run (s) | × DP-SGD |")
+        lines.append("|---" * (2 * len(eps) + 3) + "|")
+        base = [r["seconds"] for r in rows if r["method"] == "dpsgd"]
         for m in cfg["methods"]:
             mrows = {r["epsilon"]: r for r in rows if r["method"] == m}
             if not mrows:
@@ -356,33 +379,38 @@ def markdown(result: dict) -> str:
                 if r["diverged"]:
                     cell += f" ({r['diverged']} diverged)"
                 cells.append(cell)
+            for e in eps:
+                r = mrows[e]
+                cells.append(f"{100 * r['diff_mean']:+.1f} ± {100 * r['diff_std']:.1f} "
+                             f"({r['wins']}/{r['paired']})" if "diff_mean" in r else "–")
             secs = statistics.fmean(r["seconds"] for r in mrows.values())
-            ratio = (f"{secs / statistics.fmean(base.values()):.1f}" if base else "–")
+            ratio = f"{secs / statistics.fmean(base):.1f}" if base else "–"
             lines.append(f"| {METHODS[m].label} | " + " | ".join(cells)
                          + f" | {secs:.1f} | {ratio} |")
         first = {r["epsilon"]: r for r in reversed(rows)}
-        sig = ", ".join(f"ε = {e:g}: σ = {first[e]['sigma']:.3f}, {first[e]['steps']} steps"
-                        for e in eps)
-        lines += ["", f"Noise (identical for every method): {sig}.", ""]
-        lines += ["Hyper-parameters used (r: smoothing radius, s = r·lr·σ·C/E|B|; K: "
-                  "perturbations; ρ: DP-SAT):", "",
-                  "| method | ε | lr | C | r | K | ρ | validation acc. |", "|---" * 8 + "|"]
+        spent = {e: max(r["epsilon_spent"] for r in rows if r["epsilon"] == e) for e in eps}
+        sig = "; ".join(f"ε = {e:g}: σ = {first[e]['sigma']:.3f}, {first[e]['steps']} steps, "
+                        f"spent ε = {spent[e]:.3f}" for e in eps)
+        lines += ["", f"Noise, the same for every method: {sig}.", "",
+                  "Hyper-parameters used (C: clipping norm; r: smoothing radius, "
+                  "s = r·lr·σ·C/E|B|; K: perturbations; ρ: DP-SAT):", "",
+                  "| method | ε | lr | C | r | K | ρ | validation acc. (%) |",
+                  "|---" * 8 + "|"]
         for c in result["chosen"]:
             if c["dataset"] != ds["name"]:
                 continue
-            p = c["params"]
             val = "–" if c["val_accuracy"] is None else f"{100 * c['val_accuracy']:.1f}"
             lines.append(f"| {METHODS[c['method']].label} | {c['epsilon']:g} | "
-                         + " | ".join(fmt_param(p[k])
-                                      for k in ("lr", "max_grad_norm", "radius", "K", "rho"))
-                         + f" | {val} |")
+                         + " | ".join(_fmt(c["params"][k]) for k in PARAMS) + f" | {val} |")
         lines.append("")
-    if result["tuning"]["enabled"]:
-        t = result["tuning"]
-        lines += [f"Tuning: {t['description']} Grid: "
-                  + "; ".join(f"{k}: {v}" for k, v in t["grid"].items()) + ".", ""]
+    t = result["tuning"]
+    if t["enabled"]:
+        lines += [f"Tuning: {t['description']} Grid per ε: "
+                  + "; ".join(f"{k}: " + " × ".join(f"{n} ∈ {v}" for n, v in g.items())
+                              for k, g in t["grid"].items()) + ".", ""]
     else:
-        lines += ["No tuning: preset values (chosen by the full run's validation tuning).", ""]
+        lines += ["No tuning: preset values (those the full run chose on its validation "
+                  "split).", ""]
     return "\n".join(lines)
 
 
@@ -402,39 +430,85 @@ def plot(result: dict, path: Path) -> tuple[int, int]:
                            if r["dataset"] == ds and r["method"] == m), key=lambda r: r["epsilon"])
             if not rows:
                 continue
-            shift = 1 + 0.03 * (j - (len(methods) - 1) / 2)  # spread the points on a log axis
+            shift = 1 + 0.025 * (j - (len(methods) - 1) / 2)  # spread the points on the log axis
             ax.errorbar([r["epsilon"] * shift for r in rows], [100 * r["mean"] for r in rows],
-                        yerr=[100 * r["std"] for r in rows], marker="o", capsize=3,
+                        yerr=[100 * r["std"] for r in rows], marker="o", ms=4, capsize=3,
                         label=METHODS[m].label)
         ax.set_xscale("log")
         eps = sorted({r["epsilon"] for r in result["summary"] if r["dataset"] == ds})
-        ax.set_xticks(eps)
-        ax.set_xticklabels([f"{e:g}" for e in eps])
+        ax.set_xticks(eps, [f"{e:g}" for e in eps])
         ax.minorticks_off()
         ax.set_xlabel(f"ε (δ = {result['config']['delta']:g})")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{ds}: mean ± std over {result['config']['seeds']} seeds")
+        ax.set_title(f"{ds}: mean ± std over {result['config']['seeds']} seeds", fontsize="medium")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    return int(fig.get_figwidth() * 100), int(fig.get_figheight() * 100)
+    return round(fig.get_figwidth() * 100), round(fig.get_figheight() * 100)
+
+
+def tune(train, args, *, dataset: str, model_name: str, keys: list[str], eps_list: list[float],
+         grid: dict, fixed: dict, common: dict, bar) -> tuple[dict, list[dict]]:
+    """Best configuration per (tuning key, ε) on a validation split of ``train``; all trials."""
+    sub, val = split_validation(train, args.val_fraction, seed=0)
+    best, trials = {}, []
+    for eps, key in itertools.product(eps_list, keys):
+        method = METHODS[key]
+        scored = []
+        for values in grid_for(key, grid, fixed):
+            params = method_params(method, values)
+            accs = []
+            for seed in range(args.tune_seeds):
+                bar.set_postfix_str(f"{dataset} tune {key} ε={eps:g} {values}")
+                r = train_and_evaluate(sub, val, dataset=dataset, model_name=model_name,
+                                       method=method, params=params, epsilon=eps, seed=seed,
+                                       **common)
+                accs.append(r["accuracy"])
+                trials.append({"dataset": dataset, "method": key, "epsilon": eps,
+                               "params": params, "seed": seed, "val_accuracy": r["accuracy"],
+                               "seconds": r["seconds"], "diverged": r["diverged"]})
+                bar.update(1)
+            scored.append((statistics.fmean(accs), params))
+        acc, params = max(scored, key=lambda t: t[0])  # the first best, in grid order
+        best[key, eps] = (params, acc)
+    return best, trials
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = resolve_args(build_parser().parse_args(argv))
     command = "python -m dplis.experiments.compare" + "".join(
         f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        result = _run(args, command)
+    finally:
+        torch.set_num_threads(threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out / f"{args.prefix}.{ext}" for ext in ("json", "md", "png")}
+    result["figure_size"] = plot(result, paths["png"])
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["md"].write_text(markdown(result) + "\n")
+    if not args.quiet:
+        print(markdown(result))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return result
+
+
+def _run(args: argparse.Namespace, command: str) -> dict:
     begin = time.perf_counter()
     methods = [METHODS[m] for m in args.methods]
     keys = list(dict.fromkeys(m.tuning_key for m in methods))
-    grid = {k: getattr(args, f"grid_{k}") for k in PRESET}
-    preset = {k: getattr(args, k) for k in PRESET}
+    grid = {k: getattr(args, f"grid_{k}") for k in PARAMS}
+    fixed = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in FIXED.items()}
+    overrides = {k: getattr(args, k) for k in PARAMS if getattr(args, k) is not None}
     datasets = datasets_to_run(args.dataset, args.data_dir)
     middle = args.epsilons[(len(args.epsilons) - 1) // 2]
     tune_eps = args.epsilons if args.tune_at == "each" else [middle]
-    trials_per_eps = sum(len(grid_for(k, grid)) for k in keys) if args.tune else 0
-    total = len(datasets) * (len(tune_eps) * trials_per_eps
+    trials_per_eps = sum(len(grid_for(k, grid, fixed)) for k in keys) * args.tune_seeds
+    total = len(datasets) * ((len(tune_eps) * trials_per_eps if args.tune else 0)
                              + len(args.epsilons) * args.seeds * len(methods))
     bar = tqdm(total=total, disable=args.quiet, unit="run", file=sys.stderr)
     common = {"delta": args.delta, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -443,7 +517,8 @@ def main(argv: list[str] | None = None) -> dict:
     trials, chosen, runs, ds_info = [], [], [], []
     with memoized_calibration():
         for ds in datasets:
-            train, test = load(ds, args)
+            kw = {"num_samples": args.num_samples, "seed": 0} if ds == "mnist1d" else {}
+            train, test = load_dataset(ds, args.data_dir, **kw)
             model_name = args.model
             if model_name == "auto":
                 model_name = "mlp" if ds == "mnist1d" else "cnn"
@@ -451,31 +526,21 @@ def main(argv: list[str] | None = None) -> dict:
                             "model": model_name})
             if not 1 <= args.batch_size <= len(train):
                 raise SystemExit(f"--batch-size must be in [1, {len(train)}] for {ds}")
-            best: dict[tuple[str, float], tuple[dict, float | None]] = {}
+            best = {}
             if args.tune:
-                sub, val = split_validation(train, args.val_fraction, seed=0)
-                for eps, key in itertools.product(tune_eps, keys):
-                    scored = []
-                    for values in grid_for(key, grid):
-                        method = METHODS[key]
-                        params = method_params(method, values)
-                        bar.set_postfix_str(f"{ds} tune {key} ε={eps:g} {values}")
-                        r = train_and_evaluate(sub, val, dataset=ds, model_name=model_name,
-                                               method=method, params=params, epsilon=eps,
-                                               seed=0, **common)
-                        trials.append({"dataset": ds, "method": key, "epsilon": eps,
-                                       "params": params, "val_accuracy": r["accuracy"],
-                                       "seconds": r["seconds"], "diverged": r["diverged"]})
-                        scored.append((r["accuracy"], params))
-                        bar.update(1)
-                    acc, params = max(scored, key=lambda t: t[0])  # first best in grid order
-                    best[key, eps] = (params, acc)
+                best, ds_trials = tune(train, args, dataset=ds, model_name=model_name, keys=keys,
+                                       eps_list=tune_eps, grid=grid, fixed=fixed, common=common,
+                                       bar=bar)
+                trials += ds_trials
             for eps in args.epsilons:
                 src = eps if args.tune_at == "each" else middle
                 for method in methods:
-                    params, val_acc = best.get((method.tuning_key, src),
-                                               (method_params(method, preset), None))
-                    params = method_params(method, params)
+                    key = method.tuning_key
+                    if args.tune:
+                        values, val_acc = best[key, src]
+                    else:
+                        values, val_acc = {**preset_for(key, eps), **overrides}, None
+                    params = method_params(method, values)
                     chosen.append({"dataset": ds, "method": method.name, "epsilon": eps,
                                    "params": params, "val_accuracy": val_acc,
                                    "tuned_at_epsilon": src if args.tune else None})
@@ -488,35 +553,30 @@ def main(argv: list[str] | None = None) -> dict:
                                      "seed": seed, "params": params, **r})
                         bar.update(1)
     bar.close()
-    tuning_text = (f"{round(100 * args.val_fraction)} % of the training set held out "
-                   f"(split_validation seed 0), one run per configuration (seed 0), "
-                   f"{'at every ε' if args.tune_at == 'each' else f'at ε = {middle:g}'}, "
-                   "best validation accuracy wins; dplis-lr / dplis-linear reuse dplis's "
-                   "values. Every method: the same lr × C grid; DPlis adds r × K, DP-SAT adds ρ.")
-    result = {
+    where = "at every ε" if args.tune_at == "each" else f"at ε = {middle:g}, reused for all ε"
+    description = (
+        f"{round(100 * args.val_fraction)} % of the training set held out (split_validation, "
+        f"seed 0); each configuration trained on the rest ({args.tune_seeds} seed(s)) and "
+        f"scored on the held-out part {where}; best validation accuracy wins (ties: first in "
+        "grid order). Same budget for every method: DP-SGD tunes lr × C, DPlis lr × r × K and "
+        "DP-SAT lr × ρ (these two at C = "
+        f"{fixed['max_grad_norm']:g}); the schedule and K variants of DPlis reuse dplis's "
+        "values. The test set is only used for the final runs.")
+    return {
         "version": __version__, "command": command,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-                   f"{torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} thread(s)",
         "config": {k: getattr(args, k) for k in (
             "epsilons", "delta", "seeds", "methods", "epochs", "batch_size", "momentum",
-            "lr_schedule", "num_samples", "quick", "tune", "tune_at", "val_fraction")},
+            "lr_schedule", "num_samples", "quick", "tune", "tune_at", "tune_seeds",
+            "val_fraction", "threads")},
         "datasets": ds_info,
-        "tuning": {"enabled": bool(args.tune), "description": tuning_text,
-                   "grid": {k: {n: grid[n] for n in KEYS[k]} for k in keys},
-                   "trials": trials},
-        "preset": preset, "chosen": chosen, "runs": runs, "summary": summarize(runs),
+        "tuning": {"enabled": bool(args.tune), "description": description,
+                   "grid": {k: {n: grid[n] for n in TUNED[k]} for k in keys},
+                   "fixed": fixed, "trials": trials},
+        "chosen": chosen, "runs": runs, "summary": summarize(runs),
         "total_seconds": time.perf_counter() - begin,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"{args.prefix}.{ext}" for ext in ("json", "md", "png")}
-    result["figure_size"] = plot(result, paths["png"])
-    paths["json"].write_text(json.dumps(result, indent=2, default=float) + "\n")
-    paths["md"].write_text(markdown(result) + "\n")
-    if not args.quiet:
-        print(markdown(result))
-    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
-    return result
 
 
 if __name__ == "__main__":
