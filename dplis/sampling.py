@@ -11,34 +11,15 @@ into batches of tensors for a map-style dataset.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
-from numbers import Integral, Real
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from . import checks
+
 __all__ = ["PoissonSampler", "PoissonLoader", "poisson_batches"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_sample_rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(
-            f"sample_rate must be a float in (0, 1], got {type(value).__name__} {value!r}"
-        )
-    q = float(value)
-    if not (math.isfinite(q) and 0.0 < q <= 1.0):
-        raise ValueError(f"sample_rate must be a finite float in (0, 1], got {value!r}")
-    return q
 
 
 class PoissonSampler:
@@ -67,10 +48,10 @@ class PoissonSampler:
 
     def __init__(self, num_examples: int, sample_rate: float, *, steps: int | None = None,
                  generator: torch.Generator | None = None) -> None:
-        self.num_examples = _check_int("num_examples", num_examples, 1)
-        self.sample_rate = _check_sample_rate(sample_rate)
+        self.num_examples = checks.integer("num_examples", num_examples, 1)
+        self.sample_rate = checks.rate("sample_rate", sample_rate)
         default_steps = max(1, round(1.0 / self.sample_rate))
-        self.steps = default_steps if steps is None else _check_int("steps", steps, 1)
+        self.steps = default_steps if steps is None else checks.integer("steps", steps, 1)
         if generator is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             generator = torch.Generator().manual_seed(seed)
@@ -111,7 +92,7 @@ class PoissonSampler:
                     f"state_dict was saved with {key}={state[key]!r}, but this sampler has "
                     f"{key}={getattr(self, key)!r}"
                 )
-        position = _check_int("state_dict position", state["position"], 0)
+        position = checks.integer("state_dict position", state["position"], 0)
         if position >= self.steps:
             raise ValueError(f"state_dict position must be < steps={self.steps}, got {position}")
         self.generator.set_state(state["generator_state"])

@@ -67,8 +67,8 @@ def test_cli_writes_every_mode_row(tmp_path: Path) -> None:
 def test_failed_opacus_mode_carries_its_error(tmp_path: Path) -> None:
     # Opacus ghost clipping refuses tied weights (the transformer's head is tied to its embedding)
     data, _ = run_bench(tmp_path, "--models", "transformer", "--modes", "dplis_k1",
-                        "opacus_ghost", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
-                        "--in-process")
+                        "opacus_ghost", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                        "--threads", "1", "--in-process")
     rows = {r["mode"]: r for r in data["results"]}
     assert set(rows) == {"dplis_k1", "opacus_ghost"}
     assert rows["dplis_k1"]["error"] is None

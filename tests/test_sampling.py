@@ -130,7 +130,7 @@ def test_load_state_dict_rejects_mismatch():
         ({"num_examples": 5, "sample_rate": 1.5}, ValueError, r"\(0, 1\], got 1.5"),
         ({"num_examples": 5, "sample_rate": -0.1}, ValueError, "sample_rate"),
         ({"num_examples": 5, "sample_rate": math.nan}, ValueError, "finite"),
-        ({"num_examples": 5, "sample_rate": "0.1"}, TypeError, "sample_rate must be a float"),
+        ({"num_examples": 5, "sample_rate": "0.1"}, TypeError, "sample_rate must be a real"),
         ({"num_examples": 5, "sample_rate": 0.1, "steps": 0}, ValueError, "steps must be"),
         ({"num_examples": 5, "sample_rate": 0.1, "steps": 2.5}, TypeError, "steps must be"),
         ({"num_examples": 5, "sample_rate": 0.1, "generator": 0}, TypeError, "torch.Generator"),
