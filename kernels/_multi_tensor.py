@@ -39,6 +39,8 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import triton
+import triton.language as tl
 
 TABLE_COLS = 4  # tensor_table columns: input address, output address, D_j, col_j
 
@@ -115,3 +117,13 @@ def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+@triton.jit
+def table_entry(chunk_table_ptr, tensor_table_ptr, chunk, TABLE_COLS: tl.constexpr):
+    """Decode chunk ``chunk`` of the tables: (first column, input address, output address,
+    D_j, col_j); the caller casts the addresses to its typed pointers."""
+    j = tl.load(chunk_table_ptr + 2 * chunk)
+    start = tl.load(chunk_table_ptr + 2 * chunk + 1)
+    row = tensor_table_ptr + TABLE_COLS * j
+    return start, tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)

@@ -57,13 +57,9 @@ def _clipped_noisy_sum_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     if MULTI:
-        j = tl.load(chunk_table_ptr + 2 * pid)
-        start = tl.load(chunk_table_ptr + 2 * pid + 1)
-        row = tensor_table_ptr + TABLE_COLS * j
-        g_ptr = tl.load(row).to(g_ptr.dtype)
-        out_ptr = tl.load(row + 1).to(out_ptr.dtype)
-        D = tl.load(row + 2)
-        col = tl.load(row + 3)
+        start, src, dst, D, col = mt.table_entry(chunk_table_ptr, tensor_table_ptr, pid,
+                                                 TABLE_COLS)
+        g_ptr, out_ptr = src.to(g_ptr.dtype), dst.to(out_ptr.dtype)
         row_stride = D * B
     else:
         start = pid * BLOCK_D

@@ -50,11 +50,8 @@ def _sq_norm_partials_kernel(
     b = pid // n_chunks
     chunk = pid % n_chunks
     if MULTI:
-        j = tl.load(chunk_table_ptr + 2 * chunk)
-        start = tl.load(chunk_table_ptr + 2 * chunk + 1)
-        row = tensor_table_ptr + TABLE_COLS * j
-        g_ptr = tl.load(row).to(g_ptr.dtype)
-        D = tl.load(row + 2)
+        start, src, _, D, _ = mt.table_entry(chunk_table_ptr, tensor_table_ptr, chunk, TABLE_COLS)
+        g_ptr = src.to(g_ptr.dtype)
         row_stride = D * B
     else:
         start = chunk * BLOCK_D

@@ -55,13 +55,9 @@ def _perturb_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     if MULTI:
-        j = tl.load(chunk_table_ptr + 2 * pid)
-        start = tl.load(chunk_table_ptr + 2 * pid + 1)
-        row = tensor_table_ptr + TABLE_COLS * j
-        p_ptr = tl.load(row).to(p_ptr.dtype)
-        out_ptr = tl.load(row + 1).to(out_ptr.dtype)
-        D = tl.load(row + 2)
-        col = tl.load(row + 3)
+        start, src, dst, D, col = mt.table_entry(chunk_table_ptr, tensor_table_ptr, pid,
+                                                 TABLE_COLS)
+        p_ptr, out_ptr = src.to(p_ptr.dtype), dst.to(out_ptr.dtype)
     else:
         start = pid * BLOCK_D
     cols = start + tl.arange(0, BLOCK_D)
