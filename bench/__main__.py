@@ -23,7 +23,7 @@ from .cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings
 from .equivalence import EQUIVALENCE_MAX_BATCH, check_model
 from .runner import MEMORY_METHOD, Measurement, context, environment, measure, measure_isolated
 
-DEFAULTS = {"batch_size": 64, "steps": 10, "warmup": 2}
+DEFAULTS = {"batch_size": 64, "steps": 20, "warmup": 3}
 QUICK = {"batch_size": 32, "steps": 3, "warmup": 1}
 
 EPILOG = f"""\

@@ -29,6 +29,11 @@ from .kernels import NonFiniteError
 from .kernels.reference import clip_factors
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the position axis (dim 1); a single part is returned as is."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
 class ParamGrad:
     """Per-example gradient of one parameter [B, *shape], kept as factors and/or explicitly."""
 
@@ -66,13 +71,13 @@ class ParamGrad:
             u_sq = torch.ones_like(f.v[:, 0, 0]) if f.index else f.u.float().pow(2).sum((1, 2))
             return u_sq * f.v.float().pow(2).sum((1, 2))
         if ghost:
-            v = torch.cat([f.v for f in self.factors], 1).float()
+            v = _cat([f.v for f in self.factors]).float()
             gram_v = v @ v.transpose(1, 2)
             if all_index:
-                idx = torch.cat([f.u for f in self.factors], 1)
+                idx = _cat([f.u for f in self.factors])
                 gram_u = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
             else:
-                u = torch.cat([self._dense_u(f) for f in self.factors], 1).float()
+                u = _cat([self._dense_u(f) for f in self.factors]).float()
                 gram_u = u @ u.transpose(1, 2)
             return (gram_u * gram_v).sum((1, 2))
         # explicit: form each example's gradient once, it also serves the clipped sum
