@@ -219,8 +219,10 @@ def private_step(
                                      backend=backend)[0]
         fork_devices = [theta.device] if theta.device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices, enabled=generator is not None):
-            if generator is not None:
-                torch.manual_seed(dropout_seed)
+            if generator is not None:  # dropout masks from the generator's stream
+                torch.random.default_generator.manual_seed(dropout_seed)
+                if fork_devices:
+                    torch.cuda.manual_seed(dropout_seed)
             if engine == "vmap" and 0 < batch <= physical:
                 # the common case: one fused kernel pass clips, sums, noises and scales
                 flat, losses = vmap_grads(inputs, targets)
