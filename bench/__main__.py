@@ -19,18 +19,28 @@ import time
 
 import torch
 
-from .cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings
-from .equivalence import EQUIVALENCE_MAX_BATCH, check_model
-from .runner import MEMORY_METHOD, Measurement, context, environment, measure, measure_isolated
+from .cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings, dplis_engine_used, dplis_options
+from .equivalence import EQUIVALENCE_MAX_BATCH, check_model, describe
+from .runner import (
+    MEMORY_METHOD,
+    Measurement,
+    context,
+    environment,
+    measure,
+    measure_interleaved,
+)
 
-DEFAULTS = {"batch_size": 64, "steps": 20, "warmup": 3}
-QUICK = {"batch_size": 32, "steps": 3, "warmup": 1}
+DEFAULTS = {"batch_size": 64, "steps": 20, "warmup": 3, "rounds": 5}
+QUICK = {"batch_size": 32, "steps": 3, "warmup": 1, "rounds": 3}
 
 EPILOG = f"""\
 columns:
   ex/s        examples per second = batch size / median step time
   step ms     median wall time of one training step (forward, backward, clip, noise,
-              optimizer step) over --steps timed steps after --warmup untimed ones
+              optimizer step) over --steps timed steps after --warmup untimed ones; the
+              modes of a model live side by side in their own processes (one runs at a time);
+              their timed steps are interleaved in --rounds rounds, so a busy phase of
+              the machine hits all modes alike
   x nonpriv   step time / non-private step time (1.0 = as fast as non-private; 3.0 = 3x slower)
   x opacus    step time / step time of the fastest working Opacus mode on that model
   peak MB     {textwrap.fill(MEMORY_METHOD.removeprefix("peak memory = "), 90,
@@ -74,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None,
                    help=f"untimed steps before timing (default {DEFAULTS['warmup']}, "
                         f"--quick {QUICK['warmup']})")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"the timed steps of one model's modes are interleaved in this many "
+                        f"rounds, each mode in its own live process (default "
+                        f"{DEFAULTS['rounds']}, --quick {QUICK['rounds']})")
     p.add_argument("--quick", action="store_true",
                    help="small batch and few steps: about a minute on 2 CPU cores")
     p.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
@@ -83,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clipping bound C (default %(default)s)")
     p.add_argument("--noise-multiplier", type=float, default=Settings.noise_multiplier,
                    help="noise multiplier sigma (default %(default)s)")
+    p.add_argument("--dplis-engine", choices=("auto", "vmap", "ghost"), default=None,
+                   help="dplis per-example engine for the dplis_* modes and the equivalence "
+                        "check (default: the library default, auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default, one per core)")
     p.add_argument("--timeout", type=float, default=600.0,
@@ -106,8 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     threads = 1 if args.threads is None else args.threads
-    if min(args.batch_size, args.steps, args.warmup + 1, threads) < 1:
-        p.error("--batch-size, --steps and --threads must be >= 1, --warmup >= 0")
+    if min(args.batch_size, args.steps, args.rounds, args.warmup + 1, threads) < 1:
+        p.error("--batch-size, --steps, --rounds and --threads must be >= 1, --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available in this torch build / machine")
     return args
@@ -235,7 +252,8 @@ def format_markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier)
+    settings = Settings(max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
+                        dplis_engine=args.dplis_engine)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
@@ -245,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {note}", file=sys.stderr)
     check_modes = tuple(m for m in args.modes if m in OPACUS_MODES)
     do_check = any(m != "nonprivate" for m in args.modes)
-    total = len(args.models) * (len(args.modes) + (1 if do_check else 0))
-    progress = Progress(total)
+    rounds = min(args.rounds, args.steps)
+    phases = [(1 if do_check else 0) + len(args.modes) + (0 if args.in_process else rounds)
+              for _ in args.models]
+    progress = Progress(sum(phases))
     ctx = None if args.in_process else context()
 
     rows, checks = [], []
@@ -255,26 +275,46 @@ def main(argv: list[str] | None = None) -> int:
         if do_check:
             progress.show(f"{model}: equivalence check (dplis K=1 vs Opacus, noise 0)")
             check = check_model(model, min(args.batch_size, EQUIVALENCE_MAX_BATCH),
-                                device=args.device, modes=check_modes, seed=settings.seed)
+                                device=args.device, modes=check_modes, seed=settings.seed,
+                                dplis_options=dplis_options(settings))
             checks.append(check)
             progress.advance()
+        measured: dict[str, Measurement] = {}
+        todo = []
         for mode in args.modes:
-            progress.show(f"{model} {mode} (batch {args.batch_size})")
             error = check.mode_error(mode) if check else None
             if error is not None:
-                m = Measurement(error=error)
+                measured[mode] = Measurement(error=error)
             else:
-                kwargs = dict(model=model, mode=mode, batch_size=args.batch_size,
-                              device=args.device, steps=args.steps, warmup=args.warmup,
-                              settings=settings, threads=args.threads)
-                m = measure(**kwargs) if ctx is None else measure_isolated(
-                    ctx, timeout=args.timeout, **kwargs)
-            rows.append(_row(model, mode, args.batch_size, m))
-            progress.advance()
+                todo.append(dict(model=model, mode=mode, batch_size=args.batch_size,
+                                 device=args.device, steps=args.steps, warmup=args.warmup,
+                                 settings=settings, threads=args.threads))
+        if ctx is None:
+            for kwargs in todo:
+                progress.show(f"{model} {kwargs['mode']} (batch {args.batch_size})")
+                measured[kwargs["mode"]] = measure(**kwargs)
+                progress.advance()
+        else:
+            def report(text: str, model=model) -> None:
+                progress.show(f"{model}: {text}")
+                progress.advance()
+
+            results = measure_interleaved(ctx, todo, steps=args.steps, rounds=args.rounds,
+                                          timeout=args.timeout, on_progress=report)
+            measured.update({kwargs["mode"]: m for kwargs, m in zip(todo, results)})
+        rows += [_row(model, mode, args.batch_size, measured[mode]) for mode in args.modes]
+        progress.done = sum(phases[:args.models.index(model) + 1])
     progress.close()
     add_ratios(rows)
 
     worst = slowest(rows)
+    engines = {}
+    if any(m.startswith("dplis_") for m in args.modes):
+        for model in args.models:
+            try:
+                engines[model] = dplis_engine_used(model, settings)
+            except Exception as e:
+                engines[model] = f"unknown ({describe(e)})"
     if hasattr(os, "getloadavg"):
         env["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
@@ -287,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         **env,
         "config": {
             "quick": args.quick, "batch_size": args.batch_size, "steps": args.steps,
-            "warmup": args.warmup, "models": args.models, "modes": args.modes,
-            "isolated": ctx is not None, **settings.as_dict(),
+            "warmup": args.warmup, "rounds": rounds, "threads": args.threads,
+            "models": args.models, "modes": args.modes,
+            "isolated": ctx is not None, **settings.as_dict(), "dplis_engine_used": engines,
             "ratio_definition": "step_ms / step_ms of the reference mode (higher = slower)",
         },
         "memory_method": MEMORY_METHOD,
@@ -299,12 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.time() - started, 1),
     }
 
-    print(f"dplis {env['dplis']} | torch {torch.__version__} | opacus {env['opacus']} | "
+    commit = f" (git {env['git_commit']})" if env.get("git_commit") else ""
+    print(f"dplis {env['dplis']}{commit} | torch {torch.__version__} | opacus {env['opacus']} | "
           f"{args.device}: {device_name} | {env['cpu_count']} CPUs, "
           f"{env['torch_threads']} torch threads")
     print(f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"C={settings.max_grad_norm}, sigma={settings.noise_multiplier}, SGD lr={settings.lr}"
           f"{' (--quick)' if args.quick else ''}")
+    if engines:
+        print("dplis engine: " + ", ".join(f"{m} {e}" for m, e in engines.items()))
     for note in notes:
         print(f"warning: {note}")
     print()

@@ -49,7 +49,8 @@ class Settings:
     """What every private mode shares: clipping bound C, noise multiplier σ, SGD lr, seed.
 
     ``smoothing_std`` is the DPlis perturbation std s used by the K > 1 modes (K = 1 is plain
-    DP-SGD, s = 0).
+    DP-SGD, s = 0). ``dplis_engine`` ("auto" | "vmap" | "ghost") is passed to dplis as
+    ``engine=`` when set.
     """
 
     max_grad_norm: float = 1.0
@@ -57,6 +58,7 @@ class Settings:
     lr: float = 0.05
     smoothing_std: float = 1e-3
     seed: int = 0
+    dplis_engine: str | None = None  # None: the library default ("auto")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +207,22 @@ def make_opacus(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 # Steps
 
 
+def dplis_options(settings: Settings) -> dict:
+    """Keyword arguments selecting the dplis engine (none: the library default)."""
+    return {} if settings.dplis_engine is None else {"engine": settings.dplis_engine}
+
+
+def dplis_engine_used(name: str, settings: Settings | None = None) -> str:
+    """The engine ``dplis.PrivateTrainer`` resolves for model ``name`` ("vmap" | "ghost" ...)."""
+    s = settings or Settings()
+    model = build_model(name, "cpu", s.seed)
+    trainer = dplis.PrivateTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=s.lr), get_case(name).loss_fn,
+        sample_rate=0.5, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=1,
+        seed=0, **dplis_options(s))
+    return str(getattr(trainer, "engine", "vmap"))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -241,7 +259,7 @@ def make_step(name: str, mode: str, batch_size: int, *, device: str | torch.devi
             sample_rate=min(1.0, batch_size / DATASET_SIZE), max_grad_norm=s.max_grad_norm,
             noise_multiplier=s.noise_multiplier, num_perturbations=k,
             smoothing_std=s.smoothing_std if k > 1 else 0.0,
-            expected_batch_size=batch_size, seed=s.seed,
+            expected_batch_size=batch_size, seed=s.seed, **dplis_options(s),
         )
 
         def step() -> None:

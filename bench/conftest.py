@@ -17,6 +17,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated models (default {','.join(MODEL_NAMES)})")
     group.addoption("--bench-rounds", type=int, default=5,
                     help="timed steps per case (default 5)")
+    group.addoption("--bench-dplis-engine", default=None, choices=("auto", "vmap", "ghost"),
+                    help="dplis engine for the dplis_* cases (default: the library default)")
     group.addoption("--bench-threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's default)")
 

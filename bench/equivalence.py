@@ -126,8 +126,14 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
 
 def check_model(name: str, batch_size: int, *, device: str | torch.device = "cpu",
                 modes: tuple[str, ...] | None = None, seed: int = 0,
-                rtol: float = RTOL, atol: float = ATOL) -> ModelCheck:
-    """Compare dplis K = 1 with each Opacus mode in ``modes`` (default: all) on ``name``."""
+                rtol: float = RTOL, atol: float = ATOL,
+                dplis_options: dict | None = None) -> ModelCheck:
+    """Compare dplis K = 1 with each Opacus mode in ``modes`` (default: all) on ``name``.
+
+    ``dplis_options``: extra keyword arguments for ``dplis.private_grad`` (e.g. ``engine``),
+    so the check covers the same code path as the timed dplis rows.
+    """
+    options = dplis_options or {}
     modes = tuple(OPACUS_MODES) if modes is None else tuple(m for m in modes if m in OPACUS_MODES)
     case = get_case(name)
     base = build_model(name, device, seed)
@@ -135,13 +141,14 @@ def check_model(name: str, batch_size: int, *, device: str | torch.device = "cpu
     result = ModelCheck(name, batch_size)
     try:
         probe = dplis.private_step(fresh_copy(base), case.loss_fn, x, y, max_grad_norm=1.0,
-                                   noise_multiplier=0.0, expected_batch_size=batch_size)
+                                   noise_multiplier=0.0, expected_batch_size=batch_size,
+                                   **options)
         max_grad_norm = float(probe.norms.median())
         result.max_grad_norm = max_grad_norm
         result.clipped_fraction = float((probe.norms > max_grad_norm).float().mean())
         ours = dplis.private_grad(fresh_copy(base), case.loss_fn, x, y,
                                   max_grad_norm=max_grad_norm, noise_multiplier=0.0,
-                                  expected_batch_size=batch_size)
+                                  expected_batch_size=batch_size, **options)
     except Exception as e:
         result.dplis_error = f"dplis K=1 failed in the equivalence check: {describe(e)}"
         return result

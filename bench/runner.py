@@ -1,7 +1,9 @@
-"""Time one (model, mode) case and measure its peak memory, each in a fresh process.
+"""Time (model, mode) cases and measure their peak memory, each case in its own process.
 
 Timing: ``warmup`` untimed steps, then ``steps`` timed steps (``time.perf_counter`` around the
-step closure, which waits for CUDA); the CLI reports the median.
+step closure, which waits for CUDA); the CLI reports the median. The CLI keeps the processes of
+one model's modes alive together and interleaves their timed steps in rounds
+(``measure_interleaved``), so a slow phase of a shared machine hits every mode alike.
 
 Peak memory (``MEMORY_METHOD``): the memory a training step adds on top of the already built
 model, batch and optimizer.
@@ -127,13 +129,43 @@ def measure(model: str, mode: str, batch_size: int, *, device: str = "cpu", step
         return Measurement(times=times, peak_mem_mb=meter.peak_mb())
 
 
-def _worker(conn, kwargs: dict) -> None:
+def _serve(conn, kwargs: dict) -> None:
+    """Child process: build one case, warm it up, then time steps on request.
+
+    Protocol (parent -> child / child -> parent): after start the child sends ("ready", None)
+    or ("error", message); then each int n asks for n timed steps, answered by ("times", [s])
+    or ("error", message); None ends it, answered by ("done", peak_mem_mb).
+    """
     try:
-        result = measure(**kwargs)
-    except BaseException as e:  # keep the parent informed whatever happens
-        result = Measurement(error=describe(e))
-    conn.send(result)
-    conn.close()
+        warnings.simplefilter("ignore")  # Opacus' notices would garble the progress line
+        if kwargs.get("threads"):
+            torch.set_num_threads(kwargs["threads"])
+        dev = torch.device(kwargs["device"])
+        step = make_step(kwargs["model"], kwargs["mode"], kwargs["batch_size"], device=dev,
+                         settings=kwargs.get("settings"))
+        meter = MemoryMeter(dev)
+        meter.start()
+        for _ in range(kwargs["warmup"]):
+            step()
+    except BaseException as e:
+        conn.send(("error", describe(e)))
+        return
+    conn.send(("ready", None))
+    while True:
+        n = conn.recv()
+        if n is None:
+            conn.send(("done", meter.peak_mb()))
+            return
+        try:
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        except BaseException as e:
+            conn.send(("error", describe(e)))
+            return
+        conn.send(("times", times))
 
 
 _PRELOAD = ["torch", "dplis", "bench.cases", "bench.runner", "opacus"]
@@ -151,30 +183,103 @@ def context():
     return mp.get_context("spawn")
 
 
-def measure_isolated(ctx, *, timeout: float, **kwargs) -> Measurement:
-    """``measure(**kwargs)`` in a fresh child process; a crash or timeout becomes an error."""
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(child, kwargs), daemon=True)
-    proc.start()
-    child.close()
-    result = None
+class _Worker:
+    """One case in its own process (see ``_serve``); errors end up in ``self.error``."""
+
+    def __init__(self, ctx, kwargs: dict, timeout: float):
+        self.timeout, self.times, self.error, self.peak = timeout, [], None, None
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, kwargs), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def _ask(self, message, expect: str):
+        if self.error is not None:
+            return None
+        try:
+            if message is not False:
+                self.conn.send(message)
+            if not self.conn.poll(self.timeout):
+                self.error = f"timed out after {self.timeout:g} s"
+                self.close()
+                return None
+            kind, value = self.conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            self.proc.join(timeout=5)
+            self.error = f"worker process died (exit code {self.proc.exitcode})"
+            return None
+        if kind == "error":
+            self.error = value
+            self.close()
+            return None
+        assert kind == expect, (kind, expect)
+        return value
+
+    def wait_ready(self) -> None:
+        self._ask(False, "ready")
+
+    def run(self, n: int) -> None:
+        times = self._ask(n, "times")
+        if times:
+            self.times += times
+
+    def finish(self) -> Measurement:
+        self.peak = self._ask(None, "done")
+        self.close()
+        if self.error is not None:
+            return Measurement(error=self.error)
+        return Measurement(times=self.times, peak_mem_mb=self.peak)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.proc.join(timeout=5 if self.error is None else 0)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def measure_interleaved(ctx, cases: list[dict], *, steps: int, rounds: int, timeout: float,
+                        on_progress=None) -> list[Measurement]:
+    """Measure several cases, each in its own process, interleaving their timed steps.
+
+    Every case is built and warmed up first (one after the other); then ``rounds`` rounds each
+    run ``steps / rounds`` timed steps of every case in turn, so a slow phase of the machine
+    (another job, frequency change) falls on all cases alike and ratios between them stay
+    meaningful. Peak memory is per process, hence per case.
+    """
+    rounds = max(1, min(rounds, steps))
+    chunks = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    workers = []
+    for i, kwargs in enumerate(cases):
+        if on_progress:
+            on_progress(f"building + warm-up {kwargs['mode']} ({i + 1}/{len(cases)})")
+        worker = _Worker(ctx, kwargs, timeout)
+        worker.wait_ready()
+        workers.append(worker)
+    for r, n in enumerate(chunks):
+        if on_progress:
+            on_progress(f"timing round {r + 1}/{rounds} ({n} step{'s' * (n > 1)} per mode)")
+        for worker in workers:
+            worker.run(n)
+    return [worker.finish() for worker in workers]
+
+
+def _git_commit() -> str | None:
+    """Short HEAD of the checkout holding this file, "+dirty" if tracked files changed."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        if parent.poll(timeout):
-            result = parent.recv()
-        else:
-            proc.kill()
-            result = Measurement(error=f"timed out after {timeout:g} s")
-    except EOFError:  # the child died without sending anything
-        pass
-    finally:
-        parent.close()
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if result is None:
-        result = Measurement(error=f"worker process died (exit code {proc.exitcode})")
-    return result
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def environment() -> dict:
@@ -205,6 +310,7 @@ def environment() -> dict:
             info["processor"] = names[0]
     except OSError:
         pass
+    info["git_commit"] = _git_commit()
     if hasattr(os, "getloadavg"):
         info["load_avg_start"] = [round(v, 2) for v in os.getloadavg()]
     return info

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 
-from bench.cases import MODEL_NAMES, MODES, OPACUS_MODES, make_step
+from bench.cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings, dplis_options, make_step
 from bench.equivalence import EQUIVALENCE_MAX_BATCH, check_model
 
 pytest.importorskip("pytest_benchmark")
@@ -37,7 +37,8 @@ def bench_config(request: pytest.FixtureRequest) -> dict:
         if not torch.cuda.is_available():
             pytest.skip("--bench-device cuda: CUDA is not available")
     return {"device": device, "batch_size": opt("--bench-batch-size"),
-            "rounds": opt("--bench-rounds")}
+            "rounds": opt("--bench-rounds"),
+            "settings": Settings(dplis_engine=opt("--bench-dplis-engine"))}
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +50,8 @@ def equivalence(bench_config: dict):
         if model not in cache:
             cache[model] = check_model(
                 model, min(bench_config["batch_size"], EQUIVALENCE_MAX_BATCH),
-                device=bench_config["device"])
+                device=bench_config["device"],
+                dplis_options=dplis_options(bench_config["settings"]))
         return cache[model]
 
     return get
@@ -67,7 +69,8 @@ def test_step(benchmark, bench_config: dict, equivalence, model: str, mode: str)
             pytest.fail(f"{mode} on {model}: {error}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        step = make_step(model, mode, bench_config["batch_size"], device=bench_config["device"])
+        step = make_step(model, mode, bench_config["batch_size"], device=bench_config["device"],
+                         settings=bench_config["settings"])
         step()  # first call: tracing / lazy initialisation
     benchmark.group = f"{model} batch {bench_config['batch_size']}"
     benchmark.name = f"{model}-{mode}"
