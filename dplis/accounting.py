@@ -8,6 +8,7 @@ A history is a list of (noise_multiplier, sample_rate, steps) segments, composed
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -67,9 +68,16 @@ def prv_bounds(history: Sequence[Segment], delta: float) -> tuple[float, float, 
 
 
 def history_epsilon(history: Sequence[Segment], delta: float, accountant: str = "prv") -> float:
-    """ε after every segment of ``history`` at ``delta`` (0 with no step, inf with no noise)."""
+    """ε after every segment of ``history`` at ``delta`` (0 with no step, inf with no noise).
+
+    Memoized: PRV costs up to a second, and a training loop asks the same question often.
+    """
     delta, accountant = checks.delta(delta), _accountant(accountant)
-    history = [(s, q, n) for s, q, n in history if n > 0]
+    return _history_epsilon(tuple((s, q, n) for s, q, n in history if n > 0), delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _history_epsilon(history: tuple[Segment, ...], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
     if any(s == 0 for s, _, _ in history):
@@ -90,11 +98,13 @@ def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, del
     return history_epsilon([_segment(noise_multiplier, sample_rate, steps)], delta, accountant)
 
 
+@functools.lru_cache(maxsize=256)
 def find_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                           accountant: str = "prv", rel_tol: float = 0.01) -> float:
     """Smallest σ found whose ε is <= target and >= (1 - rel_tol) · target.
 
-    Brackets σ by doubling/halving, then bisects on log σ (ε falls as σ grows).
+    Brackets σ by doubling/halving, then bisects on log σ (ε falls as σ grows). Memoized:
+    the same question (seeds of one experiment) is answered once.
     """
     target = checks.positive("target_epsilon", target_epsilon)
     _segment(1.0, sample_rate, steps)

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=("auto", *models.MODELS), default="auto",
                    help="auto: mlp for mnist1d, cnn for images")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 on a busy shared machine)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="save the trainer here after every epoch (atomic write)")
     p.add_argument("--resume", action="store_true",
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> dict:
     rank, world_size = distributed.world()
     if rank != 0:
         args.quiet, args.json = True, None
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     kw = {"num_samples": args.num_samples, "seed": args.seed} if args.dataset == "mnist1d" else {}

@@ -40,7 +40,7 @@ class PrivateTrainer:
     Smoothing: ``smoothing_std`` s, or ``smoothing_radius`` r meaning s = r·lr·σ·C / E|B|
     (the DPlis authors' unit: r times the std of one step's noise on the weights, at the
     initial learning rate). ``smoothing_schedule``: "constant", "lr" (s follows the current
-    learning rate: s·lr_t/lr_0) or "linear" (s decays linearly to 0 over ``max_steps``).
+    learning rate: s·lr_t/lr_0) or "linear" (s decays linearly to 0 over ``steps``/``epochs``).
     ``engine``: "auto" (ghost when every layer has a rule, else vmap), "ghost" or "vmap";
     ``max_physical_batch_size`` bounds memory: the Poisson batch is processed in chunks and
     the noise added once per logical step (Opacus's virtual steps).
@@ -123,10 +123,12 @@ class PrivateTrainer:
             self._set_dataset_size(dataset_size)
         elif expected_batch_size is not None:
             self.expected_batch_size = checks.positive("expected_batch_size", expected_batch_size)
-        self.target_epsilon, self.max_steps = None, None
+        self.target_epsilon, self.planned_steps = None, None
         self.noise_multiplier = self._noise(noise_multiplier, target_epsilon, epochs, steps,
                                             accountant)
-        if smoothing_schedule == "linear" and self.max_steps is None:
+        # the budget guard: with target_epsilon, no step beyond the calibrated length
+        self.max_steps = self.planned_steps if self.target_epsilon is not None else None
+        if smoothing_schedule == "linear" and self.planned_steps is None:
             raise ValueError('smoothing_schedule="linear" needs steps or epochs (the decay length)')
         self.accountant = Accountant(accountant)
         if secure_rng and seed is not None:
@@ -144,17 +146,17 @@ class PrivateTrainer:
         if epochs is not None and steps is not None:
             raise ValueError("give epochs or steps, not both")
         if steps is not None:
-            self.max_steps = checks.integer("steps", steps, 1)
+            self.planned_steps = checks.integer("steps", steps, 1)
         elif epochs is not None:
-            self.max_steps = max(1, math.ceil(checks.positive("epochs", epochs) / self.sample_rate))
+            self.planned_steps = max(1, math.ceil(checks.positive("epochs", epochs)
+                                                  / self.sample_rate))
         if sigma is not None:
-            self.max_steps = None
             return checks.non_negative("noise_multiplier", sigma)
         self.target_epsilon = checks.positive("target_epsilon", target_epsilon)
-        if self.target_delta is None or self.max_steps is None:
+        if self.target_delta is None or self.planned_steps is None:
             raise ValueError("target_epsilon needs target_delta and epochs or steps to calibrate σ")
         return find_noise_multiplier(self.target_epsilon, self.target_delta, self.sample_rate,
-                                     self.max_steps, accountant)
+                                     self.planned_steps, accountant)
 
     def _set_dataset_size(self, n: int) -> None:
         n = checks.integer("dataset_size", n, 1)
@@ -179,7 +181,7 @@ class PrivateTrainer:
         if self.smoothing_schedule == "lr":
             return base * self.lr / self.initial_lr
         if self.smoothing_schedule == "linear":
-            return base * max(0.0, 1 - self.accountant.steps / self.max_steps)
+            return base * max(0.0, 1 - self.accountant.steps / self.planned_steps)
         return base
 
     def sat_offset(self) -> torch.Tensor | None:

@@ -65,9 +65,8 @@ def test_same_seed_same_accuracy(cache):
         method = compare.METHODS[name]
         params = compare.method_params(method, {"lr": 0.5, "max_grad_norm": 1.0, "radius": 20.0,
                                                 "K": 3, "rho": 1.0})
-        with compare.memoized_calibration():
-            a, b, c = (compare.train_and_evaluate(train, test, method=method, params=params,
-                                                  seed=seed, **common) for seed in (3, 3, 4))
+        a, b, c = (compare.train_and_evaluate(train, test, method=method, params=params,
+                                              seed=seed, **common) for seed in (3, 3, 4))
         assert a["accuracy"] == b["accuracy"] and a["sigma"] == c["sigma"]
         assert a["steps"] == b["steps"] == 8  # 240 train examples, q = 30 / 240
 
@@ -100,3 +99,27 @@ def test_runs_as_a_module():
                           capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout and "Tuning grid per ε" in proc.stdout
+
+
+def _write_idx(path, array):
+    import struct
+
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.tobytes())
+
+
+def test_all_datasets_runs_the_images_found_in_data_dir(cache):
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    data = cache / "data"
+    data.mkdir()
+    for split, n in (("train", 120), ("t10k", 30)):
+        _write_idx(data / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), np.uint8))
+        _write_idx(data / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (n,), np.uint8))
+    result = compare.main([*TINY, "--dataset", "all", "--data-dir", str(data), "--no-tune",
+                           "--seeds", "1", "--methods", "dpsgd", "--out", str(cache / "out")])
+    # MNIST files found; Fashion-MNIST would be the same files (skipped); no CIFAR-10
+    assert [d["name"] for d in result["datasets"]] == ["mnist1d", "mnist"]
+    assert result["datasets"][1]["model"] == "cnn" and len(result["runs"]) == 2
+    assert tuple(result["figure_size"]) == (1280, 480)

@@ -235,3 +235,7 @@ def test_smoothing_schedules():
         make(smoothing_schedule="cosine")
     with pytest.raises(ValueError, match="decay length"):
         make(smoothing_schedule="linear")
+    trainer, x, y = make(smoothing_std=0.2, smoothing_schedule="linear", steps=2)  # σ given
+    assert trainer.max_steps is None and trainer.planned_steps == 2
+    trainer.step(x, y)
+    assert trainer.current_smoothing_std() == pytest.approx(0.1)

@@ -30,8 +30,6 @@ Writes ``<out>/<prefix>.json`` (every run, the grid, the chosen values), ``<pref
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import itertools
 import json
 import math
@@ -40,7 +38,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +47,6 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .. import __version__, models
-from .. import trainer as trainer_module
-from ..accounting import compute_epsilon, find_noise_multiplier
 from ..data import DATASETS, load_dataset, split_validation
 from ..kernels import NonFiniteError
 from ..train import accuracy, build_model
@@ -92,17 +88,17 @@ USED = {"dpsgd": ("lr", "max_grad_norm"), "dplis": ("lr", "max_grad_norm", "radi
         "dpsat": ("lr", "max_grad_norm", "rho")}
 GRID = {"lr": [0.125, 0.25, 0.5], "max_grad_norm": [0.5, 1.0, 2.0], "radius": [10.0, 20.0, 40.0],
         "K": [4], "rho": [0.3, 1.0, 3.0]}
-FIXED = {"max_grad_norm": 1.0, "K": 4}
+FIXED = {"max_grad_norm": 1.0}
 
 # Values used without tuning (--no-tune, --quick): those the full MNIST-1D run
 # (docs/compare_full.json) chose on its validation split, per ε and tuning key; another ε takes
 # the nearest one's (in log ε).
 PRESETS = {
-    1.0: {"dpsgd": {"lr": 0.125, "max_grad_norm": 1.0},
-          "dplis": {"lr": 0.125, "max_grad_norm": 1.0, "radius": 20.0, "K": 4},
-          "dpsat": {"lr": 0.125, "max_grad_norm": 1.0, "rho": 1.0}},
+    1.0: {"dpsgd": {"lr": 0.25, "max_grad_norm": 0.5},
+          "dplis": {"lr": 0.125, "max_grad_norm": 1.0, "radius": 10.0, "K": 4},
+          "dpsat": {"lr": 0.125, "max_grad_norm": 1.0, "rho": 0.3}},
     3.0: {"dpsgd": {"lr": 0.25, "max_grad_norm": 1.0},
-          "dplis": {"lr": 0.25, "max_grad_norm": 1.0, "radius": 20.0, "K": 4},
+          "dplis": {"lr": 0.25, "max_grad_norm": 1.0, "radius": 40.0, "K": 4},
           "dpsat": {"lr": 0.25, "max_grad_norm": 1.0, "rho": 1.0}},
     8.0: {"dpsgd": {"lr": 0.5, "max_grad_norm": 1.0},
           "dplis": {"lr": 0.5, "max_grad_norm": 1.0, "radius": 20.0, "K": 4},
@@ -137,26 +133,6 @@ def method_params(method: Method, values: dict) -> dict:
     if method.K is not None:
         params["K"] = method.K
     return params
-
-
-@functools.cache
-def _calibrate(*args, **kwargs) -> float:
-    return find_noise_multiplier(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def memoized_calibration() -> Iterator[None]:
-    """Calibrate σ once per (ε, δ, q, steps): PRV calibration costs seconds and is deterministic.
-
-    The trainer still calibrates through its own code path (same σ, same ``max_steps`` budget);
-    calls with arguments seen before (in this process) are answered from a cache.
-    """
-    original = trainer_module.find_noise_multiplier
-    trainer_module.find_noise_multiplier = _calibrate
-    try:
-        yield
-    finally:
-        trainer_module.find_noise_multiplier = original
 
 
 def train_and_evaluate(train, evaluation, *, dataset: str, model_name: str, method: Method,
@@ -198,17 +174,8 @@ def train_and_evaluate(train, evaluation, *, dataset: str, model_name: str, meth
     seconds = time.perf_counter() - start
     return {"accuracy": accuracy(model, evaluation, device), "seconds": seconds,
             "sigma": trainer.noise_multiplier, "steps": trainer.accountant.steps,
-            "epsilon_spent": spent_epsilon(trainer.noise_multiplier, trainer.sample_rate,
-                                           trainer.accountant.steps, delta,
-                                           trainer.accountant.mechanism),
+            "epsilon_spent": trainer.epsilon(delta),
             "diverged": diverged}
-
-
-@functools.cache
-def spent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float,
-                  accountant: str) -> float:
-    """ε spent by ``steps`` steps (what ``trainer.epsilon()`` says for one σ), memoized."""
-    return compute_epsilon(sigma, sample_rate, steps, delta, accountant)
 
 
 # --------------------------------------------------------------------------------- the command
@@ -223,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Defaults: {full}.\n--quick: {quick}, with the preset values (the full run's "
                f"choices) {PRESETS}.\nTuning grid per ε: {grid} (DPlis and DP-SAT at "
-               f"C = {FIXED['max_grad_norm']}; K = {FIXED['K']} unless --grid-K).\n"
+               f"C = {FIXED['max_grad_norm']}).\n"
                "Every run: SGD with momentum, learning rate decayed by a cosine schedule "
                "stepped every step (--lr-schedule); σ calibrated by the PRV accountant.")
     p.add_argument("--dataset", nargs="+", default=["mnist1d"], choices=(*DATASETS, "all"),
@@ -302,19 +269,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def datasets_to_run(names: Sequence[str], data_dir: str | None) -> list[str]:
+def datasets_to_run(names: Sequence[str], data_dir: str | None) -> tuple[list[str], bool]:
+    """The datasets to compare on, and whether missing image files just skip a dataset."""
     if "all" not in names:
-        return list(dict.fromkeys(names))
-    found = ["mnist1d"]
-    for name in DATASETS[1:]:
-        if data_dir is None:
-            continue
-        try:
-            load_dataset(name, data_dir)
-        except FileNotFoundError:
-            continue
-        found.append(name)
-    return found
+        return list(dict.fromkeys(names)), False
+    return ["mnist1d", *(DATASETS[1:] if data_dir is not None else ())], True
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -381,8 +340,12 @@ def markdown(result: dict) -> str:
                 cells.append(cell)
             for e in eps:
                 r = mrows[e]
-                cells.append(f"{100 * r['diff_mean']:+.1f} ± {100 * r['diff_std']:.1f} "
-                             f"({r['wins']}/{r['paired']})" if "diff_mean" in r else "–")
+                if "diff_mean" not in r:
+                    cells.append("–")
+                    continue
+                diff = round(100 * r["diff_mean"], 1) + 0.0  # + 0.0: no "-0.0"
+                cells.append(f"{diff:+.1f} ± {100 * r['diff_std']:.1f} "
+                             f"({r['wins']}/{r['paired']})")
             secs = statistics.fmean(r["seconds"] for r in mrows.values())
             ratio = f"{secs / statistics.fmean(base):.1f}" if base else "–"
             lines.append(f"| {METHODS[m].label} | " + " | ".join(cells)
@@ -504,54 +467,73 @@ def _run(args: argparse.Namespace, command: str) -> dict:
     grid = {k: getattr(args, f"grid_{k}") for k in PARAMS}
     fixed = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in FIXED.items()}
     overrides = {k: getattr(args, k) for k in PARAMS if getattr(args, k) is not None}
-    datasets = datasets_to_run(args.dataset, args.data_dir)
+    datasets, optional = datasets_to_run(args.dataset, args.data_dir)
     middle = args.epsilons[(len(args.epsilons) - 1) // 2]
     tune_eps = args.epsilons if args.tune_at == "each" else [middle]
     trials_per_eps = sum(len(grid_for(k, grid, fixed)) for k in keys) * args.tune_seeds
-    total = len(datasets) * ((len(tune_eps) * trials_per_eps if args.tune else 0)
-                             + len(args.epsilons) * args.seeds * len(methods))
-    bar = tqdm(total=total, disable=args.quiet, unit="run", file=sys.stderr)
+    per_dataset = ((len(tune_eps) * trials_per_eps if args.tune else 0)
+                   + len(args.epsilons) * args.seeds * len(methods))
+    bar = tqdm(total=len(datasets) * per_dataset, disable=args.quiet, unit="run",
+               file=sys.stderr)
     common = {"delta": args.delta, "epochs": args.epochs, "batch_size": args.batch_size,
               "lr_schedule": args.lr_schedule, "momentum": args.momentum,
               "device": args.device}
     trials, chosen, runs, ds_info = [], [], [], []
-    with memoized_calibration():
-        for ds in datasets:
-            kw = {"num_samples": args.num_samples, "seed": 0} if ds == "mnist1d" else {}
+    loaded: dict[str, tuple] = {}  # dataset -> fingerprint of its training inputs
+    for ds in datasets:
+        kw = {"num_samples": args.num_samples, "seed": 0} if ds == "mnist1d" else {}
+        skip = None
+        try:
             train, test = load_dataset(ds, args.data_dir, **kw)
-            model_name = args.model
-            if model_name == "auto":
-                model_name = "mlp" if ds == "mnist1d" else "cnn"
-            ds_info.append({"name": ds, "train": len(train), "test": len(test),
-                            "model": model_name})
-            if not 1 <= args.batch_size <= len(train):
-                raise SystemExit(f"--batch-size must be in [1, {len(train)}] for {ds}")
-            best = {}
-            if args.tune:
-                best, ds_trials = tune(train, args, dataset=ds, model_name=model_name, keys=keys,
-                                       eps_list=tune_eps, grid=grid, fixed=fixed, common=common,
-                                       bar=bar)
-                trials += ds_trials
-            for eps in args.epsilons:
-                src = eps if args.tune_at == "each" else middle
-                for method in methods:
-                    key = method.tuning_key
-                    if args.tune:
-                        values, val_acc = best[key, src]
-                    else:
-                        values, val_acc = {**preset_for(key, eps), **overrides}, None
-                    params = method_params(method, values)
-                    chosen.append({"dataset": ds, "method": method.name, "epsilon": eps,
-                                   "params": params, "val_accuracy": val_acc,
-                                   "tuned_at_epsilon": src if args.tune else None})
-                    for seed in range(args.seeds):
-                        bar.set_postfix_str(f"{ds} {method.name} ε={eps:g} seed {seed}")
-                        r = train_and_evaluate(train, test, dataset=ds, model_name=model_name,
-                                               method=method, params=params, epsilon=eps,
-                                               seed=seed, **common)
-                        runs.append({"dataset": ds, "method": method.name, "epsilon": eps,
-                                     "seed": seed, "params": params, **r})
-                        bar.update(1)
+        except FileNotFoundError as e:
+            if not optional or ds == "mnist1d":
+                raise SystemExit(str(e)) from e
+            skip = f"its files are not in {args.data_dir}"
+        else:  # MNIST and Fashion-MNIST files share names: the same files found twice?
+            x = train.tensors[0]
+            fingerprint = (tuple(x.shape), float(x[:256].double().sum()))
+            twin = next((d for d, f in loaded.items() if f == fingerprint), None)
+            if optional and twin is not None:
+                skip = f"it found the same files as {twin}"
+            loaded[ds] = fingerprint
+        if skip:
+            bar.total -= per_dataset
+            bar.refresh()
+            print(f"skipping {ds}: {skip}", file=sys.stderr)
+            continue
+        model_name = args.model
+        if model_name == "auto":
+            model_name = "mlp" if ds == "mnist1d" else "cnn"
+        ds_info.append({"name": ds, "train": len(train), "test": len(test),
+                        "model": model_name})
+        if not 1 <= args.batch_size <= len(train):
+            raise SystemExit(f"--batch-size must be in [1, {len(train)}] for {ds}")
+        best = {}
+        if args.tune:
+            best, ds_trials = tune(train, args, dataset=ds, model_name=model_name, keys=keys,
+                                   eps_list=tune_eps, grid=grid, fixed=fixed, common=common,
+                                   bar=bar)
+            trials += ds_trials
+        for eps in args.epsilons:
+            src = eps if args.tune_at == "each" else middle
+            for method in methods:
+                key = method.tuning_key
+                if args.tune:
+                    values, val_acc = best[key, src]
+                else:
+                    values, val_acc = {**preset_for(key, eps), **overrides}, None
+                params = method_params(method, values)
+                chosen.append({"dataset": ds, "method": method.name, "epsilon": eps,
+                               "params": params, "val_accuracy": val_acc,
+                               "tuned_at_epsilon": src if args.tune else None})
+                for seed in range(args.seeds):
+                    bar.set_postfix_str(f"{ds} {method.name} ε={eps:g} seed {seed}")
+                    r = train_and_evaluate(train, test, dataset=ds, model_name=model_name,
+                                           method=method, params=params, epsilon=eps,
+                                           seed=seed, **common)
+                    runs.append({"dataset": ds, "method": method.name, "epsilon": eps,
+                                 "seed": seed, "params": params, **r})
+                    bar.update(1)
     bar.close()
     where = "at every ε" if args.tune_at == "each" else f"at ε = {middle:g}, reused for all ε"
     description = (
