@@ -48,7 +48,8 @@ columns:
 
 modes: {", ".join(MODES)}
   nonprivate: torch.optim.SGD on the mean loss; dplis_kK: dplis.PrivateTrainer.step with K
-  perturbations (K > 1: DPlis smoothing); opacus_*: Opacus PrivacyEngine.make_private with that
+  perturbations (K > 1: DPlis smoothing); dplis_k1_secure: K = 1 with secure_rng=True (noise
+  from os.urandom: its cost); opacus_*: Opacus PrivacyEngine.make_private with that
   grad_sample_mode. Same batch, SGD lr, clipping bound C and noise multiplier for all.
 
 Exit status: 0 when dplis and non-private rows ran (Opacus failures are results, not errors),

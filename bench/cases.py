@@ -29,12 +29,14 @@ MODES = (
     "dplis_k1",
     "dplis_k4",
     "dplis_k8",
+    "dplis_k1_secure",
     "opacus_hooks",
     "opacus_functorch",
     "opacus_ew",
     "opacus_ghost",
 )
-DPLIS_MODES = {"dplis_k1": 1, "dplis_k4": 4, "dplis_k8": 8}
+DPLIS_MODES = {"dplis_k1": 1, "dplis_k4": 4, "dplis_k8": 8, "dplis_k1_secure": 1}
+SECURE_MODES = ("dplis_k1_secure",)  # noise from os.urandom (secure_rng=True): its cost
 OPACUS_MODES = {
     "opacus_hooks": "hooks",
     "opacus_functorch": "functorch",
@@ -253,13 +255,14 @@ def make_step(name: str, mode: str, batch_size: int, *, device: str | torch.devi
             _sync(device)
 
     elif mode in DPLIS_MODES:
-        k = DPLIS_MODES[mode]
+        k, secure = DPLIS_MODES[mode], mode in SECURE_MODES
         trainer = dplis.PrivateTrainer(
             model, torch.optim.SGD(model.parameters(), lr=s.lr), case.loss_fn,
             sample_rate=min(1.0, batch_size / DATASET_SIZE), max_grad_norm=s.max_grad_norm,
             noise_multiplier=s.noise_multiplier, num_perturbations=k,
             smoothing_std=s.smoothing_std if k > 1 else 0.0,
-            expected_batch_size=batch_size, seed=s.seed, **dplis_options(s),
+            expected_batch_size=batch_size, seed=None if secure else s.seed,
+            secure_rng=secure, **dplis_options(s),
         )
 
         def step() -> None:

@@ -18,8 +18,8 @@ pytest.importorskip(
     "opacus", reason="opacus is not installed (benchmark extra: pip install -e '.[bench]')")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ["nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "opacus_hooks", "opacus_functorch",
-         "opacus_ew", "opacus_ghost"]
+MODES = ["nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "dplis_k1_secure", "opacus_hooks",
+         "opacus_functorch", "opacus_ew", "opacus_ghost"]
 ROW_KEYS = {"model", "mode", "batch_size", "examples_per_s", "step_ms", "peak_mem_mb",
             "ratio_to_nonprivate", "error"}
 
