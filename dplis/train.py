@@ -22,7 +22,7 @@ from . import __version__, distributed, models
 from .data import load_dataset
 from .trainer import PrivateTrainer
 
-DEFAULT_RADIUS = 2.0
+DEFAULT_RADIUS = 40.0  # tuned on MNIST-1D at ε = 3 (docs/compare_full.md)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1e-5, help="target δ")
     p.add_argument("--epochs", type=float, default=10, help="expected passes over the data")
     p.add_argument("--batch-size", type=int, default=256, help="expected (Poisson) batch size")
-    p.add_argument("--lr", type=float, default=0.5, help="learning rate")
+    p.add_argument("--lr", type=float, default=0.25, help="learning rate")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="torch optimizer")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
