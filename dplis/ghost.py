@@ -18,6 +18,7 @@ parameters by ``vmap(vjp)`` of that layer alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -145,11 +146,13 @@ def clipped_sum(
     inputs: tuple,
     targets: torch.Tensor,
     max_grad_norm: float,
+    forward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Σ_b clip_C(mean_k g_kb), flat fp32 [D] in ``trainable`` order, norms [B], losses [K, B].
 
     thetas: K dicts name -> parameter value (the perturbed points), or [None]: the model's own
-    parameters (one unperturbed pass).
+    parameters (one unperturbed pass). ``forward()``: the context of the model's forward and
+    loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32.
     """
     plan = _plan(model, trainable)
     names = {m: n for n, m in model.named_modules()}
@@ -168,12 +171,13 @@ def clipped_sum(
             lambda mod, a, kw, out, record=record: record((mod, a, kw, out)), with_kwargs=True)
             for m in plan]
         try:
-            out = (model(*inputs) if direct else
-                   functional_call(model, {**frozen, **params}, inputs, tie_weights=True))
+            with forward():
+                out = (model(*inputs) if direct else
+                       functional_call(model, {**frozen, **params}, inputs, tie_weights=True))
+                loss = per_example_loss(out, targets).float()
         finally:
             for h in hooks:
                 h.remove()
-        loss = per_example_loss(out, targets)
         losses.append(loss.detach())
         outs = [c[3] for c in calls]
         douts = torch.autograd.grad(loss.sum(), outs, allow_unused=True)

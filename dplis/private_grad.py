@@ -25,6 +25,21 @@ from .validation import validate
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SEED_MAX = 2**31 - 1
 ENGINES = ("auto", "vmap", "ghost")
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+Context = Callable[[], contextlib.AbstractContextManager]
+
+
+def forward_context(precision: str, device: torch.device) -> Context:
+    """What the model's forward runs under: bf16 autocast, or nothing; never the DP maths."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @dataclass
@@ -92,15 +107,16 @@ def restore_on_error(generator: torch.Generator | None) -> Iterator[None]:
         raise
 
 
-def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, targets):
+def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, targets, forward):
     """[k, B, D] flat gradients and [k, B] losses at the k parameter points ``thetas`` [k, D]."""
     sizes = [s.numel() for s in shapes]
 
     def loss_one(flat, xs, y):
         views = {n: v.view(s) for n, v, s in zip(names, torch.split(flat, sizes), shapes)}
-        out = functional_call(model, {**frozen, **views}, tuple(x.unsqueeze(0) for x in xs),
-                              tie_weights=True)
-        loss = loss_fn(out, y.unsqueeze(0))
+        with forward():
+            out = functional_call(model, {**frozen, **views}, tuple(x.unsqueeze(0) for x in xs),
+                                  tie_weights=True)
+            loss = loss_fn(out, y.unsqueeze(0)).float()
         return loss, loss.detach()
 
     per_example = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
@@ -136,6 +152,7 @@ def private_step(
     backend: str | None = None,
     offset: torch.Tensor | None = None,
     secure_rng: bool = False,
+    precision: str = "fp32",
 ) -> PrivateStep:
     """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``.
 
@@ -146,7 +163,9 @@ def private_step(
     ``offset`` (flat [D], trainable parameters in ``named_parameters`` order) moves the point
     where gradients are taken to θ + offset (DP-SAT's ascent step); the model is not changed.
     ``secure_rng`` draws the Gaussian noise from os.urandom (``secure_noise``) instead of the
-    seeded RNG; ``generator`` then only drives perturbations and dropout.
+    seeded RNG; ``generator`` then only drives perturbations and dropout. ``precision="bf16"``
+    runs the model's forward (and so its backward) under bf16 autocast; per-example norms,
+    clipping, sums and noise stay in fp32.
     """
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
@@ -165,6 +184,7 @@ def private_step(
     validate(model)
     params = trainable(model)
     engine = resolve_engine(engine, model, params)
+    forward = forward_context(check_precision(precision), params[next(iter(params))].device)
     kernels.resolve_backend(backend, params[next(iter(params))].device)  # reject bad names early
     shapes = [p.shape for p in params.values()]
     sizes = [s.numel() for s in shapes]
@@ -192,7 +212,7 @@ def private_step(
     def vmap_grads(x: tuple, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[1 or K, b, D] per-example gradients (K-averaged when chunked) and [K, b] losses."""
         parts = [_per_example_grads(model, loss_fn, list(params), shapes, thetas[i:i + chunk],
-                                    frozen, x, y) for i in range(0, k, chunk)]
+                                    frozen, x, y, forward) for i in range(0, k, chunk)]
         losses = torch.cat([p[1] for p in parts])
         if len(parts) == 1:
             return parts[0][0], losses
@@ -203,7 +223,8 @@ def private_step(
         """Σ_b clip_C(mean_k g_kb) flat fp32 [D], norms [b], losses [K, b] for one chunk."""
         if engine == "ghost":
             points = [None] if plain else [unflatten(t) for t in thetas]
-            return ghost.clipped_sum(model, loss_fn, params, frozen, points, x, y, max_grad_norm)
+            return ghost.clipped_sum(model, loss_fn, params, frozen, points, x, y, max_grad_norm,
+                                     forward)
         grads, losses = vmap_grads(x, y)
         (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
                                                 noise_std=0.0, divisor=1.0, batch_dims=2,

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import __version__, checks, distributed
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
-from .private_grad import private_step, resolve_engine, trainable
+from .private_grad import check_precision, private_step, resolve_engine, trainable
 from .sampling import poisson_batches
 from .validation import validate
 
@@ -25,7 +25,6 @@ PRIVACY_KEYS = ("sample_rate", "max_grad_norm", "noise_multiplier", "num_perturb
                 "smoothing_std", "smoothing_radius", "smoothing_schedule", "sat_rho",
                 "expected_batch_size", "accountant", "secure_rng", "precision")
 SCHEDULES = ("constant", "lr", "linear")
-PRECISIONS = ("fp32", "bf16")
 
 
 class BudgetExceededError(RuntimeError):
@@ -111,9 +110,7 @@ class PrivateTrainer:
         self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
         self.backend = backend
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.precision = precision
+        self.precision = check_precision(precision)
         self.rank, self.world_size = distributed.world()
         self.dataset_size = None
         self.expected_batch_size = None
@@ -248,18 +245,16 @@ class PrivateTrainer:
         """This rank's part: the private gradient, or under torch.distributed the clipped sum
         of its examples (noise on rank 0 only), to be all-reduced and divided by E|B|."""
         alone = self.world_size == 1
-        with torch.autocast(self.generator.device.type, dtype=torch.bfloat16,
-                            enabled=self.precision == "bf16"):
-            return private_step(
-                self.model, self.loss_fn, inputs, targets, max_grad_norm=self.max_grad_norm,
-                noise_multiplier=self.noise_multiplier if alone or self.rank == 0 else 0.0,
-                smoothing_std=self.current_smoothing_std(),
-                num_perturbations=self.num_perturbations,
-                expected_batch_size=self._divisor() if alone else 1.0,
-                generator=self.generator, engine=self.engine,
-                max_physical_batch_size=self.max_physical_batch_size,
-                perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
-                offset=self.sat_offset(), secure_rng=self.secure_rng)
+        return private_step(
+            self.model, self.loss_fn, inputs, targets, max_grad_norm=self.max_grad_norm,
+            noise_multiplier=self.noise_multiplier if alone or self.rank == 0 else 0.0,
+            smoothing_std=self.current_smoothing_std(),
+            num_perturbations=self.num_perturbations,
+            expected_batch_size=self._divisor() if alone else 1.0,
+            generator=self.generator, engine=self.engine,
+            max_physical_batch_size=self.max_physical_batch_size,
+            perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
+            offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: target_delta)."""
