@@ -3,8 +3,11 @@
 grad = ( Σ_i clip_C( (1/K) Σ_k ∇ℓ(θ + u_k; x_i) ) + N(0, (σC)² I) ) / expected_batch_size
 with u_k ~ N(0, s² I) drawn once per call and shared by the batch (s = 0, K = 1: DP-SGD).
 
-The trainable parameters are handled as ONE flat vector θ [D]: vmap(grad) then yields one
-contiguous [K, B, D] buffer, which the fused kernels (dplis.kernels) read in one launch.
+Two engines compute the clipped sum. "vmap": the trainable parameters are ONE flat vector
+θ [D], so vmap(grad) yields one contiguous [K, B, D] buffer that ``kernels.fused_dp_step``
+clips, sums, noises and scales in one launch. "ghost" (``dplis.ghost``): one forward and
+backward per perturbation, per-example norms from layer activations and output gradients,
+no [B, D] buffer; its noise goes through ``kernels.add_noise``. Sums are accumulated in fp32.
 """
 
 from __future__ import annotations
