@@ -180,6 +180,11 @@ def clipped_sum(
                 h.remove()
         losses.append(loss.detach())
         outs = [c[3] for c in calls]
+        for module, *_, output in calls:
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"the ghost engine needs layer {names.get(module, '?')} "
+                                 f"({type(module).__name__}) to return one tensor, got "
+                                 f"{type(output).__name__}. Use engine='vmap'")
         douts = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
         for (module, args, kwargs, _), dout in zip(calls, douts):
             if dout is None:

@@ -119,3 +119,24 @@ def test_frozen_layers_get_no_hook_and_no_gradient():
                            engine="ghost")
     assert set(g) == {"1.weight", "1.bias"}
     assert_close(g, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0))
+
+
+def test_layer_returning_a_tuple_is_refused_by_name():
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.mha(x, x, x)[0].mean(1))
+
+    x, y = torch.randn(3, 5, 4), torch.randint(0, 2, (3,))
+    with pytest.raises(ValueError, match="mha .*MultiheadAttention.*one tensor"):
+        dplis.private_grad(Attend(), F.cross_entropy, x, y, max_grad_norm=1.0,
+                           noise_multiplier=0.0, engine="ghost")
+    torch.manual_seed(0)
+    model = Attend()
+    g = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.1,
+                           noise_multiplier=0.0)  # auto: no rule for MHA, so vmap
+    assert_close(g, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.1))
