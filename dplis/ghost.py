@@ -19,7 +19,7 @@ parameters by ``vmap(vjp)`` of that layer alone.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -137,6 +137,43 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
                          f"{name} ({type(module).__name__}): {e}. Use engine='vmap'") from e
 
 
+def _versions(call: tuple) -> tuple[int, ...]:
+    """Version counters of a recorded call's tensor inputs and output (in-place detection)."""
+    _, args, _, out, *_ = call
+    return tuple(t._version for t in (*args, out) if isinstance(t, torch.Tensor))
+
+
+@contextlib.contextmanager
+def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
+    """Record (module, args, kwargs, output, versions) of every call of the planned layers.
+
+    ``isolate``: the layer gets copies of its tensor inputs and the rest of the model a copy
+    of its output, so an in-place op elsewhere (``ReLU(inplace=True)``) cannot change what
+    was recorded; used only when such an op was seen, as it costs a copy per layer.
+    """
+    calls: list[tuple] = []
+
+    def copy(t):
+        return t.clone() if isolate and isinstance(t, torch.Tensor) else t
+
+    def before(module, args, kwargs):
+        return (tuple(copy(a) for a in args), kwargs) if isolate else None
+
+    def after(module, args, kwargs, out):
+        call = (module, args, kwargs, out)
+        calls.append((*call, _versions(call)))
+        return copy(out) if isolate else None
+
+    hooks = [h for m in plan for h in (
+        m.register_forward_pre_hook(before, with_kwargs=True),
+        m.register_forward_hook(after, with_kwargs=True))]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def clipped_sum(
     model: nn.Module,
     loss_fn: Callable,
@@ -165,28 +202,25 @@ def clipped_sum(
         direct = params is None  # the model's own parameters: no functional_call needed
         params = trainable if direct else {n: t.detach().requires_grad_(True)
                                            for n, t in params.items()}
-        calls: list[tuple] = []
-        record = calls.append
-        hooks = [m.register_forward_hook(
-            lambda mod, a, kw, out, record=record: record((mod, a, kw, out)), with_kwargs=True)
-            for m in plan]
-        try:
-            with forward():
+
+        def run(isolate: bool, params=params, direct=direct) -> tuple[list, torch.Tensor]:
+            with forward(), _recording(plan, isolate) as calls:
                 out = (model(*inputs) if direct else
                        functional_call(model, {**frozen, **params}, inputs, tie_weights=True))
-                loss = per_example_loss(out, targets).float()
-        finally:
-            for h in hooks:
-                h.remove()
+                return calls, per_example_loss(out, targets).float()
+
+        calls, loss = run(isolate=False)
+        if any(_versions(c) != c[4] for c in calls):  # a later in-place op changed a record
+            calls, loss = run(isolate=True)
         losses.append(loss.detach())
         outs = [c[3] for c in calls]
-        for module, *_, output in calls:
+        for module, _, _, output, _ in calls:
             if not isinstance(output, torch.Tensor):
                 raise ValueError(f"the ghost engine needs layer {names.get(module, '?')} "
                                  f"({type(module).__name__}) to return one tensor, got "
                                  f"{type(output).__name__}. Use engine='vmap'")
         douts = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
-        for (module, args, kwargs, _), dout in zip(calls, douts):
+        for (module, args, kwargs, *_), dout in zip(calls, douts):
             if dout is None:
                 continue
             name = names.get(module, type(module).__name__)

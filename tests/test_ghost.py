@@ -140,3 +140,13 @@ def test_layer_returning_a_tuple_is_refused_by_name():
     g = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.1,
                            noise_multiplier=0.0)  # auto: no rule for MHA, so vmap
     assert_close(g, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.1))
+
+
+def test_in_place_activations_do_not_corrupt_the_recorded_outputs():
+    # ReLU(inplace=True) rewrites the Linear's output after the hook saw it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    fast = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3,
+                              noise_multiplier=0.0, engine="ghost")
+    assert_close(fast, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
