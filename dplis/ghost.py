@@ -184,17 +184,21 @@ def clipped_sum(
     targets: torch.Tensor,
     max_grad_norm: float,
     forward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    verify: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Σ_b clip_C(mean_k g_kb), flat fp32 [D] in ``trainable`` order, norms [B], losses [K, B].
 
     thetas: K dicts name -> parameter value (the perturbed points), or [None]: the model's own
     parameters (one unperturbed pass). ``forward()``: the context of the model's forward and
-    loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32.
+    loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32. ``verify``: also
+    take autograd's batch gradient (one more weight-gradient pass) and check the per-example
+    gradients add up to it, so a parameter used outside its layer cannot go unnoticed.
     """
     plan = _plan(model, trainable)
     names = {m: n for n, m in model.named_modules()}
     batch, k = len(targets), len(thetas)
     grads = {n: ParamGrad(p.shape) for n, p in trainable.items()}
+    batch_grad: dict[str, torch.Tensor] = {}
     losses = []
     per_example_loss = vmap(lambda out, t: loss_fn(out.unsqueeze(0), t.unsqueeze(0)),
                             randomness="different")
@@ -219,7 +223,13 @@ def clipped_sum(
                 raise ValueError(f"the ghost engine needs layer {names.get(module, '?')} "
                                  f"({type(module).__name__}) to return one tensor, got "
                                  f"{type(output).__name__}. Use engine='vmap'")
-        douts = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
+        wrt = outs + (list(params.values()) if verify else [])
+        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+        douts = found[:len(outs)]
+        if verify:  # autograd's batch gradient, to check the per-example ones add up to it
+            for n, g in zip(params, found[len(outs):]):
+                if g is not None:
+                    batch_grad[n] = batch_grad.get(n, 0) + g.detach().float() / k
         for (module, args, kwargs, *_), dout in zip(calls, douts):
             if dout is None:
                 continue
@@ -250,9 +260,35 @@ def clipped_sum(
     if not bool(torch.isfinite(norms).all()) or not bool(torch.isfinite(losses).all()):
         raise NonFiniteError("a per-example loss or gradient is NaN or infinite")
     c = clip_factors(norms, max_grad_norm)
+    if verify:
+        _check_sums(grads, batch_grad, torch.ones_like(c))
+    return _clipped_sums(grads, c), norms, losses
+
+
+def _clipped_sums(grads: dict[str, ParamGrad], c: torch.Tensor) -> torch.Tensor:
+    """Σ_b c_b g_b of every parameter, flat fp32 [D] in ``grads`` order."""
     sizes = [g.shape.numel() for g in grads.values()]
     flat = torch.zeros(sum(sizes), device=c.device)
     for g, part in zip(grads.values(), torch.split(flat, sizes)):
         if g.factors or g.explicit is not None:  # an unused parameter keeps its zeros
             g.clipped_sum(c, part)
-    return flat, norms, losses
+    return flat
+
+
+def _check_sums(grads: dict[str, ParamGrad], batch_grad: dict, ones: torch.Tensor) -> None:
+    """The unclipped per-example gradients must add up to autograd's batch gradient.
+
+    A parameter also used outside the layers that own it (e.g. ``F.linear(x, emb.weight)`` in a
+    parent's forward) would otherwise get a silently wrong per-example gradient.
+    """
+    sums = torch.split(_clipped_sums(grads, ones), [g.shape.numel() for g in grads.values()])
+    bad = []
+    for name, ours in zip(grads, sums):
+        ref = batch_grad.get(name)
+        ref = torch.zeros_like(ours) if ref is None else ref.reshape(-1)
+        if float((ours - ref).norm()) > 0.05 * float(ref.norm()) + 1e-6:
+            bad.append(name)
+    if bad:
+        raise ValueError(f"per-example gradients of {bad} do not add up to the batch gradient: "
+                         "these parameters are used outside the layers that own them (e.g. "
+                         "F.linear(x, module.weight) in a parent's forward). Use engine='vmap'")

@@ -156,6 +156,7 @@ def private_step(
     offset: torch.Tensor | None = None,
     secure_rng: bool = False,
     precision: str = "fp32",
+    verify: bool = True,
 ) -> PrivateStep:
     """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``.
 
@@ -168,7 +169,9 @@ def private_step(
     ``secure_rng`` draws the Gaussian noise from os.urandom (``secure_noise``) instead of the
     seeded RNG; ``generator`` then only drives perturbations and dropout. ``precision="bf16"``
     runs the model's forward (and so its backward) under bf16 autocast; per-example norms,
-    clipping, sums and noise stay in fp32.
+    clipping, sums and noise stay in fp32. ``verify`` (ghost engine): also check that the
+    per-example gradients add up to autograd's batch gradient (one more weight-gradient pass;
+    ``PrivateTrainer`` does it on its first step only).
     """
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
@@ -227,7 +230,7 @@ def private_step(
         if engine == "ghost":
             points = [None] if plain else [unflatten(t) for t in thetas]
             return ghost.clipped_sum(model, loss_fn, params, frozen, points, x, y, max_grad_norm,
-                                     forward)
+                                     forward, verify)
         grads, losses = vmap_grads(x, y)
         (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
                                                 noise_std=0.0, divisor=1.0, batch_dims=2,

@@ -254,7 +254,8 @@ class PrivateTrainer:
             generator=self.generator, engine=self.engine,
             max_physical_batch_size=self.max_physical_batch_size,
             perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
-            offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision)
+            offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
+            verify=self.accountant.steps == 0)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: target_delta)."""

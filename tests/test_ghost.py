@@ -150,3 +150,27 @@ def test_in_place_activations_do_not_corrupt_the_recorded_outputs():
     fast = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3,
                               noise_multiplier=0.0, engine="ghost")
     assert_close(fast, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
+
+
+class OutsideUse(nn.Module):
+    """The embedding matrix is also used by F.linear in the parent's forward: no hook sees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        return F.linear(self.lin(self.emb(tokens)).mean(1), self.emb.weight)
+
+
+def test_a_parameter_used_outside_its_layer_is_caught_not_silently_wrong():
+    torch.manual_seed(0)
+    model = OutsideUse()
+    t, y = torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3,))
+    with pytest.raises(ValueError, match=r"\['emb.weight'\] do not add up"):
+        dplis.private_grad(model, F.cross_entropy, t, y, max_grad_norm=1.0,
+                           noise_multiplier=0.0, engine="ghost")
+    vm = dplis.private_grad(model, F.cross_entropy, t, y, max_grad_norm=0.5,
+                            noise_multiplier=0.0, engine="vmap")
+    assert_close(vm, naive_private_grad(model, F.cross_entropy, t, y, max_grad_norm=0.5))
