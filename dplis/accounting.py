@@ -23,9 +23,7 @@ Segment = tuple[float, float, int]
 
 
 def _accountant(name: str) -> str:
-    if name not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {name!r}")
-    return name
+    return checks.choice("accountant", name, ACCOUNTANTS)
 
 
 def _mechanisms(history: Sequence[Segment]) -> tuple[list, list[int]]:

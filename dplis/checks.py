@@ -48,6 +48,13 @@ def rate(name: str, value: object) -> float:
     return value
 
 
+def choice(name: str, value: object, allowed: tuple) -> object:
+    """One of ``allowed`` (a named option such as an engine or accountant)."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
 def delta(value: object) -> float:
     """δ of (ε, δ)-DP: in (0, 1)."""
     value = _real("delta", value)

@@ -220,7 +220,7 @@ def clipped_sum(
         outs = [c[3] for c in calls]
         for module, _, _, output, _ in calls:
             if not isinstance(output, torch.Tensor):
-                raise ValueError(f"the ghost engine needs layer {names.get(module, '?')} "
+                raise ValueError(f"the ghost engine needs layer {names.get(module, '<root>')} "
                                  f"({type(module).__name__}) to return one tensor, got "
                                  f"{type(output).__name__}. Use engine='vmap'")
         wrt = outs + (list(params.values()) if verify else [])
@@ -257,8 +257,9 @@ def clipped_sum(
         if g.factors or g.explicit is not None:
             sq = sq + g.finish()
     norms = sq.sqrt()
-    if not bool(torch.isfinite(norms).all()) or not bool(torch.isfinite(losses).all()):
-        raise NonFiniteError("a per-example loss or gradient is NaN or infinite")
+    if not bool(torch.isfinite(norms).all()):  # the losses are the caller's to check
+        bad = int((~torch.isfinite(norms)).sum())
+        raise NonFiniteError(f"{bad} per-example gradients are NaN or infinite")
     c = clip_factors(norms, max_grad_norm)
     if verify:
         _check_sums(grads, batch_grad, torch.ones_like(c))

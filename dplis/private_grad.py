@@ -31,12 +31,6 @@ ENGINES = ("auto", "vmap", "ghost")
 PRECISIONS = ("fp32", "bf16")
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision
-
-
 Context = Callable[[], contextlib.AbstractContextManager]
 
 
@@ -130,9 +124,7 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
 
 def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor]) -> str:
     """"ghost" or "vmap"; auto = ghost when every layer owning a trainable has a ghost rule."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "auto":
+    if checks.choice("engine", engine, ENGINES) == "auto":
         return "ghost" if ghost.supports(model, params) else "vmap"
     return engine
 
@@ -190,8 +182,9 @@ def private_step(
     validate(model)
     params = trainable(model)
     engine = resolve_engine(engine, model, params)
-    forward = forward_context(check_precision(precision), params[next(iter(params))].device)
-    kernels.resolve_backend(backend, params[next(iter(params))].device)  # reject bad names early
+    device = next(iter(params.values())).device
+    forward = forward_context(checks.choice("precision", precision, PRECISIONS), device)
+    kernels.resolve_backend(backend, device)  # reject a bad backend name early
     shapes = [p.shape for p in params.values()]
     sizes = [s.numel() for s in shapes]
     theta = torch.cat([p.detach().reshape(-1) for p in params.values()])

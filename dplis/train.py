@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import __version__, distributed, models
 from .data import load_dataset
+from .private_grad import PRECISIONS
 from .trainer import PrivateTrainer
 
 DEFAULT_RADIUS = 40.0  # tuned on MNIST-1D at ε = 3 (docs/compare_full.md)
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --checkpoint (same flags)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast forward/backward; norms, clipping, noise in fp32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

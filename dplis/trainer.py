@@ -17,7 +17,7 @@ from torch import nn
 
 from . import __version__, checks, distributed
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
-from .private_grad import check_precision, private_step, resolve_engine, trainable
+from .private_grad import PRECISIONS, private_step, resolve_engine, trainable
 from .sampling import poisson_batches
 from .validation import validate
 
@@ -96,21 +96,18 @@ class PrivateTrainer:
                 raise ValueError("give smoothing_std or smoothing_radius, not both")
             smoothing_radius = checks.non_negative("smoothing_radius", smoothing_radius)
         self.smoothing_radius = smoothing_radius
-        if smoothing_schedule not in SCHEDULES:
-            raise ValueError(f"smoothing_schedule must be one of {SCHEDULES}, "
-                             f"got {smoothing_schedule!r}")
-        self.smoothing_schedule = smoothing_schedule
+        self.smoothing_schedule = checks.choice("smoothing_schedule", smoothing_schedule,
+                                                SCHEDULES)
         self.sat_rho = checks.non_negative("sat_rho", sat_rho)
         self.prev_grad: torch.Tensor | None = None  # DP-SAT's g_prev, flat [D]
         self.initial_lr = float(optimizer.param_groups[0]["lr"])
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        checks.choice("accountant", accountant, ACCOUNTANTS)
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
         self.engine = resolve_engine(engine, model, self.params)
         self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
         self.backend = backend
-        self.precision = check_precision(precision)
+        self.precision = checks.choice("precision", precision, PRECISIONS)
         self.rank, self.world_size = distributed.world()
         self.dataset_size = None
         self.expected_batch_size = None
