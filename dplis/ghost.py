@@ -25,82 +25,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .ghost_rules import Factor, Unsupported, rule_for
+from .ghost_grad import ParamGrad
+from .ghost_rules import Unsupported, rule_for
 from .kernels import NonFiniteError
 from .kernels.reference import clip_factors
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along the position axis (dim 1); a single part is returned as is."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-class ParamGrad:
-    """Per-example gradient of one parameter [B, *shape], kept as factors and/or explicitly."""
-
-    def __init__(self, shape: torch.Size):
-        self.shape = shape
-        self.factors: list[Factor] = []
-        self.explicit: torch.Tensor | None = None
-
-    def add(self, part: Factor | torch.Tensor, scale: float) -> None:
-        if isinstance(part, Factor):
-            if part.index:
-                self.factors.append(Factor(part.u, part.v * scale, index=True))
-            else:
-                self.factors.append(Factor(part.u * scale, part.v))
-            return
-        part = part.reshape(part.shape[0], *self.shape).float() * scale
-        self.explicit = part if self.explicit is None else self.explicit + part
-
-    def _dense_u(self, f: Factor) -> torch.Tensor:
-        if not f.index:
-            return f.u
-        rows = self.shape[0]
-        return nn.functional.one_hot(f.u, rows).to(f.v.dtype)
-
-    def finish(self) -> torch.Tensor:
-        """Squared per-example norms [B] (fp32); picks ghost or explicit per parameter."""
-        if not self.factors:
-            return self.explicit.flatten(1).float().pow(2).sum(1)
-        m, n = self.shape[0], self.shape[1:].numel()
-        positions = sum(f.v.shape[1] for f in self.factors)
-        all_index = all(f.index for f in self.factors)
-        ghost = self.explicit is None and (all_index or positions * (m + n) < m * n)
-        if ghost and positions == 1:  # one position: ‖u vᵀ‖² = ‖u‖²‖v‖²
-            (f,) = self.factors
-            u_sq = torch.ones_like(f.v[:, 0, 0]) if f.index else f.u.float().pow(2).sum((1, 2))
-            return u_sq * f.v.float().pow(2).sum((1, 2))
-        if ghost:
-            v = _cat([f.v for f in self.factors]).float()
-            gram_v = v @ v.transpose(1, 2)
-            if all_index:
-                idx = _cat([f.u for f in self.factors])
-                gram_u = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
-            else:
-                u = _cat([self._dense_u(f) for f in self.factors]).float()
-                gram_u = u @ u.transpose(1, 2)
-            return (gram_u * gram_v).sum((1, 2))
-        # explicit: form each example's gradient once, it also serves the clipped sum
-        full = sum(torch.bmm(self._dense_u(f).float().transpose(1, 2), f.v.float())
-                   for f in self.factors).reshape(-1, *self.shape)
-        self.explicit = full if self.explicit is None else self.explicit + full
-        self.factors = []
-        return self.explicit.flatten(1).pow(2).sum(1)
-
-    def clipped_sum(self, c: torch.Tensor, out: torch.Tensor) -> None:
-        """Write Σ_b c_b · g_b (fp32) into ``out`` [m, n] or [m] (after ``finish``)."""
-        if not self.factors:
-            torch.mm(c.unsqueeze(0), self.explicit.flatten(1), out=out.view(1, -1))
-            return
-        out = out.view(self.shape[0], -1)
-        out.zero_()
-        for f in self.factors:
-            v = (f.v.float() * c[:, None, None]).flatten(0, 1)
-            if f.index:
-                out.index_add_(0, f.u.flatten(), v)
-            else:
-                out.addmm_(f.u.float().flatten(0, 1).T, v)
+from .losses import per_example as losses_of
 
 
 def _plan(model: nn.Module, trainable: dict[str, torch.Tensor]) -> dict[nn.Module, dict]:
@@ -137,6 +66,23 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
                          f"{name} ({type(module).__name__}): {e}. Use engine='vmap'") from e
 
 
+def _layer_grads(module: nn.Module, name: str, rule, owned: dict, params: dict, args: tuple,
+                 kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
+    """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call."""
+    shapes = [t.shape[0] for t in (*args, dout) if isinstance(t, torch.Tensor)]
+    if any(s != batch for s in shapes):
+        raise ValueError(f"layer {name} ({type(module).__name__}) got an input or output "
+                         f"without the batch dimension {batch} first: per-example "
+                         "gradients need every layer input to carry the batch")
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    try:
+        if rule is None:
+            raise Unsupported(type(module).__name__)
+        return rule(module, args, dout)
+    except Unsupported:
+        return _fallback(module, owned, params, args, kwargs, dout, name)
+
+
 def _versions(call: tuple) -> tuple[int, ...]:
     """Version counters of a recorded call's tensor inputs and output (in-place detection)."""
     _, args, _, out, *_ = call
@@ -157,16 +103,16 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
         return t.clone() if isolate and isinstance(t, torch.Tensor) else t
 
     def before(module, args, kwargs):
-        return (tuple(copy(a) for a in args), kwargs) if isolate else None
+        return tuple(copy(a) for a in args), kwargs
 
     def after(module, args, kwargs, out):
         call = (module, args, kwargs, out)
         calls.append((*call, _versions(call)))
         return copy(out) if isolate else None
 
-    hooks = [h for m in plan for h in (
-        m.register_forward_pre_hook(before, with_kwargs=True),
-        m.register_forward_hook(after, with_kwargs=True))]
+    hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
+    if isolate:
+        hooks += [m.register_forward_pre_hook(before, with_kwargs=True) for m in plan]
     try:
         yield calls
     finally:
@@ -196,13 +142,13 @@ def clipped_sum(
     """
     plan = _plan(model, trainable)
     names = {m: n for n, m in model.named_modules()}
+    rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
-    grads = {n: ParamGrad(p.shape) for n, p in trainable.items()}
+    grads = {n: ParamGrad(p.shape, 1.0 / k) for n, p in trainable.items()}
     batch_grad: dict[str, torch.Tensor] = {}
     losses = []
-    per_example_loss = vmap(lambda out, t: loss_fn(out.unsqueeze(0), t.unsqueeze(0)),
-                            randomness="different")
-    for params in thetas:
+    per_example_loss = losses_of(loss_fn)
+    for done, params in enumerate(thetas, 1):
         direct = params is None  # the model's own parameters: no functional_call needed
         params = trainable if direct else {n: t.detach().requires_grad_(True)
                                            for n, t in params.items()}
@@ -211,50 +157,42 @@ def clipped_sum(
             with forward(), _recording(plan, isolate) as calls:
                 out = (model(*inputs) if direct else
                        functional_call(model, {**frozen, **params}, inputs, tie_weights=True))
-                return calls, per_example_loss(out, targets).float()
+                return calls, per_example_loss(out, targets)
 
         calls, loss = run(isolate=False)
         if any(_versions(c) != c[4] for c in calls):  # a later in-place op changed a record
             calls, loss = run(isolate=True)
         losses.append(loss.detach())
-        outs = [c[3] for c in calls]
         for module, _, _, output, _ in calls:
             if not isinstance(output, torch.Tensor):
                 raise ValueError(f"the ghost engine needs layer {names.get(module, '<root>')} "
                                  f"({type(module).__name__}) to return one tensor, got "
                                  f"{type(output).__name__}. Use engine='vmap'")
-        wrt = outs + (list(params.values()) if verify else [])
+        wrt = [c[3] for c in calls] + (list(params.values()) if verify else [])
+        records = [c[:3] for c in calls]
+        del calls  # the layer outputs are freed as soon as the backward is done with them
         found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
-        douts = found[:len(outs)]
+        del wrt, loss
         if verify:  # autograd's batch gradient, to check the per-example ones add up to it
-            for n, g in zip(params, found[len(outs):]):
+            for n, g in zip(params, found[len(records):]):
                 if g is not None:
-                    batch_grad[n] = batch_grad.get(n, 0) + g.detach().float() / k
-        for (module, args, kwargs, *_), dout in zip(calls, douts):
-            if dout is None:
-                continue
-            name = names.get(module, type(module).__name__)
-            shapes = [t.shape[0] for t in (*args, dout) if isinstance(t, torch.Tensor)]
-            if any(s != batch for s in shapes):
-                raise ValueError(f"layer {name} ({type(module).__name__}) got an input or output "
-                                 f"without the batch dimension {batch} first: per-example "
-                                 "gradients need every layer input to carry the batch")
-            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-            owned = plan[module]
-            rule = rule_for(module)
-            try:
-                if rule is None:
-                    raise Unsupported(type(module).__name__)
-                parts = rule(module, args, dout.detach())
-            except Unsupported:
-                parts = _fallback(module, owned, params, args, kwargs, dout.detach(), name)
-            for attr, part in parts.items():
-                if attr in owned:
-                    grads[owned[attr]].add(part, 1.0 / k)
+                    batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
+        for (module, args, kwargs), dout in zip(records, found):
+            if dout is not None:
+                parts = _layer_grads(module, names.get(module, type(module).__name__),
+                                     rules[module], plan[module], params, args, kwargs, dout,
+                                     batch)
+                for attr, part in parts.items():
+                    if attr in plan[module]:
+                        grads[plan[module][attr]].add(part)
+        del records, found
+        if done < k:  # parameters formed explicitly are formed now: one pass held at a time
+            for g in grads.values():
+                g.settle(k / done)
     losses = torch.stack(losses)
     sq = torch.zeros(batch, device=losses.device)
     for g in grads.values():
-        if g.factors or g.explicit is not None:
+        if not g.empty:
             sq = sq + g.finish()
     norms = sq.sqrt()
     if not bool(torch.isfinite(norms).all()):  # the losses are the caller's to check
@@ -271,7 +209,7 @@ def _clipped_sums(grads: dict[str, ParamGrad], c: torch.Tensor) -> torch.Tensor:
     sizes = [g.shape.numel() for g in grads.values()]
     flat = torch.zeros(sum(sizes), device=c.device)
     for g, part in zip(grads.values(), torch.split(flat, sizes)):
-        if g.factors or g.explicit is not None:  # an unused parameter keeps its zeros
+        if not g.empty:  # an unused parameter keeps its zeros
             g.clipped_sum(c, part)
     return flat
 

@@ -4,7 +4,9 @@ A rule sees one call of a layer — its inputs and the gradient of Σ_b ℓ_b w.
 and returns, per direct parameter, the per-example gradient either
 
 - ``Factor(u, v)``: Σ_p u[b, p]ᵀ v[b, p] over positions p (a matrix parameter [m, n]; u is
-  [B, P, m] dense, or [B, P] int64 row indices for an embedding), never formed; or
+  [B, P, m] dense, or [B, P] int64 row indices for an embedding), never formed unless
+  ``Factor.full`` is asked for (``ConvFactor`` unfolds its input only for the ghost norm and
+  forms per-example gradients by a grouped convolution); or
 - an explicit tensor [B, *shape] (vectors: biases, norm weights).
 
 Registered like Opacus's grad samplers: ``RULES[type] = rule``. Linear, Embedding, Conv1d/2d,
@@ -14,6 +16,7 @@ use the vmap fallback.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +32,62 @@ class Factor:
     u: torch.Tensor
     v: torch.Tensor
     index: bool = False
+    prefer_explicit = False  # class attribute: form [B, m, n] whenever memory allows
+
+    @property
+    def positions(self) -> int:
+        return self.v.shape[1]
+
+    def full(self) -> torch.Tensor:
+        """The per-example gradients [B, m, n] in fp32 (dense u only)."""
+        return torch.bmm(self.u.float().transpose(1, 2), self.v.float())
+
+    def add_to(self, full: torch.Tensor) -> None:
+        """full [B, m, n] += the per-example gradients, without a temporary (dense u only)."""
+        full.baddbmm_(self.u.float().transpose(1, 2), self.v.float())
+
+
+class ConvFactor(Factor):
+    """A convolution's weight gradient: u = output gradients [B, L, C_out], v = unfolded input
+    patches [B, L, C_in·k·k] (built on first use: unfolding costs more than the convolution).
+
+    ``full`` forms the per-example gradients as ONE convolution backward with the batch folded
+    into the channels (groups = B). Measured on CPU (mkldnn) it costs about a third of unfold +
+    Gram products even where the flop count favours the ghost norm, so it is preferred
+    whenever the [B, m, n] gradients fit in memory.
+    """
+
+    prefer_explicit = True
+
+    def __init__(self, x: torch.Tensor, grad: torch.Tensor, geometry: dict):
+        self.x, self.grad, self.geometry, self.index = x, grad, geometry, False
+
+    @property
+    def positions(self) -> int:
+        return self.grad[0, 0].numel()
+
+    @property
+    def u(self) -> torch.Tensor:
+        return self.grad.flatten(2).transpose(1, 2)
+
+    @functools.cached_property
+    def v(self) -> torch.Tensor:
+        g = self.geometry
+        return F.unfold(self.x, g["kernel"], dilation=g["dilation"], padding=g["padding"],
+                        stride=g["stride"]).transpose(1, 2)
+
+    def full(self) -> torch.Tensor:
+        g, (batch, c_in, *spatial), c_out = self.geometry, self.x.shape, self.grad.shape[1]
+        x, grad = self.x.float(), self.grad.float()  # bf16 autocast records mixed dtypes
+        weight = x.new_empty(batch * c_out, c_in, *g["kernel"])  # only its shape is read
+        grad_w = torch.ops.aten.convolution_backward(
+            grad.reshape(1, batch * c_out, *grad.shape[2:]), x.reshape(1, batch * c_in, *spatial),
+            weight, None, list(g["stride"]), list(g["padding"]), list(g["dilation"]), False,
+            [0, 0], batch, [False, True, False])[1]
+        return grad_w.reshape(batch, c_out, -1)
+
+    def add_to(self, full: torch.Tensor) -> None:
+        full.add_(self.full())
 
 
 class Unsupported(Exception):
@@ -91,11 +150,11 @@ def conv(module: nn.Conv1d | nn.Conv2d, args: tuple, grad: torch.Tensor) -> Cont
     else:
         kernel, dilation = module.kernel_size, module.dilation
         padding, stride = module.padding, module.stride
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C·k, L]
-    g = grad.flatten(2)  # [B, C_out, L]
-    out: Contribution = {"weight": Factor(g.transpose(1, 2), cols.transpose(1, 2))}
+    geometry = {"kernel": tuple(kernel), "dilation": tuple(dilation), "padding": tuple(padding),
+                "stride": tuple(stride)}
+    out: Contribution = {"weight": ConvFactor(x, grad, geometry)}
     if module.bias is not None:
-        out["bias"] = g.sum(2)
+        out["bias"] = grad.flatten(2).sum(2)
     return out
 
 

@@ -112,4 +112,14 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return total / (targets != -100).sum().clamp(min=1)
 
 
+def _lm_loss_per_example(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``lm_loss`` of each sequence [B] in one call (see ``dplis.losses``)."""
+    tokens = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                             reduction="none").view(targets.shape)
+    return tokens.flatten(1).sum(1) / (targets != -100).flatten(1).sum(1).clamp(min=1)
+
+
+lm_loss.per_example = _lm_loss_per_example
+
+
 MODELS = {"mlp": mlp, "cnn": paper_cnn, "conv1d": conv1d_net}

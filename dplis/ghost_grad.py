@@ -1,0 +1,146 @@
+"""One parameter's per-example gradients, kept factored: squared norms and clipped sums.
+
+The per-example gradient of an [m, n] parameter is g_b = s · Σ_p u_bpᵀ v_bp over positions p
+(all uses of the parameter, all K perturbed passes; s = 1/K), with u either dense [B, P, m]
+or row indices [B, P] (an embedding: u = one_hot(index), never formed). Per parameter the
+cheaper of two ways gives ‖g_b‖² ("mixed" ghost clipping):
+
+- ghost:    s² Σ_{p,p'} (u_p·u_p')(v_p·v_p'), two [B, P, P] Gram matrices; for an index
+  position u_p·u_p' is a gather (dense partner) or an equality test (index partner);
+- explicit: form g_b [B, m, n] once (bmm for dense u, scatter-add for indices).
+
+The clipped sum Σ_b c_b g_b is then one matmul (or index_add) per factor: book-keeping, no
+second backward pass. Vectors (biases, norm weights) arrive as explicit [B, *shape] parts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ghost_rules import Factor
+
+EXPLICIT_MAX_BYTES = 2**28  # never form more than 256 MiB of per-example gradients at once
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """Concatenate along the position axis (dim 1); None for no parts, one part as is."""
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _gather_cols(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[B, P, m] dense u, [B, Q] row ids -> [B, P, Q]: u_p · one_hot(idx_q) = u[b, p, idx[b, q]]."""
+    return torch.gather(u, 2, idx.unsqueeze(1).expand(-1, u.shape[1], -1))
+
+
+class ParamGrad:
+    """Per-example gradient [B, *shape] of one parameter, scaled by ``scale`` (1/K)."""
+
+    def __init__(self, shape: torch.Size, scale: float = 1.0):
+        self.shape = shape
+        self.scale = scale
+        self.dense: list[Factor] = []
+        self.index: list[Factor] = []
+        self.explicit: torch.Tensor | None = None  # unscaled Σ of explicit parts, fp32
+
+    def add(self, part: Factor | torch.Tensor) -> None:
+        if isinstance(part, Factor):
+            (self.index if part.index else self.dense).append(part)
+            return
+        part = part.reshape(part.shape[0], *self.shape).float()
+        self.explicit = part if self.explicit is None else self.explicit + part
+
+    @property
+    def empty(self) -> bool:
+        return not (self.dense or self.index) and self.explicit is None
+
+    def settle(self, growth: float) -> None:
+        """Between perturbed passes: if this parameter will be formed explicitly once the
+        positions grew ``growth``-fold (the passes still to come), form it now, so that the
+        factors (activations, output gradients) of one pass at a time are held."""
+        if (self.dense or self.index) and not self._use_ghost(growth):
+            self._materialise()
+
+    def _use_ghost(self, growth: float = 1.0) -> bool:
+        """Ghost norm when its Gram products cost less than forming [B, m, n] (per example)."""
+        m, n = self.shape[0], self.shape[1:].numel()
+        batch = (self.dense or self.index)[0].u.shape[0]
+        if batch * m * n * 4 > EXPLICIT_MAX_BYTES:
+            return True
+        if any(f.prefer_explicit for f in self.dense):
+            return False
+        p_dense = growth * sum(f.positions for f in self.dense)
+        p_all = p_dense + growth * sum(f.positions for f in self.index)
+        ghost = p_all * p_all * n + p_dense * p_dense * m
+        explicit = p_dense * m * n + 8 * m * n  # the products, then [m, n] memory traffic
+        return ghost < explicit
+
+    def finish(self) -> torch.Tensor:
+        """Squared per-example norms [B] (fp32); picks ghost or explicit for this parameter."""
+        if not (self.dense or self.index):
+            return self._explicit_sq()
+        if self.explicit is not None or not self._use_ghost():  # explicit parts: form it all
+            self._materialise()
+            return self._explicit_sq()
+        if not self.index and len(self.dense) == 1 and self.dense[0].positions == 1:
+            u, v = self.dense[0].u, self.dense[0].v  # one position: ‖u vᵀ‖² = ‖u‖²‖v‖²
+            return _sq(u.flatten(1)) * _sq(v.flatten(1)) * self.scale ** 2
+        u = _cat([f.u for f in self.dense])
+        idx = _cat([f.u for f in self.index])
+        v = _cat([f.v for f in self.dense + self.index]).float()
+        gram_v = torch.bmm(v, v.transpose(1, 2))
+        blocks = []
+        if u is not None:
+            u = u.float()
+            row = [torch.bmm(u, u.transpose(1, 2))]
+            if idx is not None:
+                row.append(_gather_cols(u, idx))
+            blocks.append(torch.cat(row, 2) if len(row) > 1 else row[0])
+        if idx is not None:
+            same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
+            row = [_gather_cols(u, idx).transpose(1, 2), same] if u is not None else [same]
+            blocks.append(torch.cat(row, 2) if len(row) > 1 else row[0])
+        gram_u = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
+        return (gram_u * gram_v).sum((1, 2)) * self.scale ** 2
+
+    def _materialise(self) -> None:
+        """Form the per-example gradients [B, m, n] (unscaled) from the factors, once."""
+        full = self.dense[0].full() if self.dense else None
+        for f in self.dense[1:]:
+            f.add_to(full)
+        if self.index:
+            batch, n = self.index[0].v.shape[0], self.shape[1:].numel()
+            if full is None:
+                full = self.index[0].v.new_zeros(batch, self.shape[0], n, dtype=torch.float32)
+            for f in self.index:
+                full.scatter_add_(1, f.u.unsqueeze(2).expand(-1, -1, n), f.v.float())
+        full = full.reshape(-1, *self.shape)
+        self.explicit = full if self.explicit is None else full.add_(self.explicit)
+        self.dense, self.index = [], []
+
+    def _explicit_sq(self) -> torch.Tensor:
+        return _sq(self.explicit.flatten(1)) * self.scale ** 2
+
+    def clipped_sum(self, c: torch.Tensor, out: torch.Tensor) -> None:
+        """Write s · Σ_b c_b · g_b (fp32) into ``out`` (flat, |shape| values), after ``finish``."""
+        c = c * self.scale
+        if self.explicit is not None:
+            torch.mm(c.unsqueeze(0), self.explicit.flatten(1), out=out.view(1, -1))
+            return
+        out = out.view(self.shape[0], -1)
+        out.zero_()
+        for f in self.dense:
+            u, v = f.u.float(), f.v.float()
+            if u.shape[2] <= v.shape[2]:  # weight the narrower side by c_b
+                u = u * c[:, None, None]
+            else:
+                v = v * c[:, None, None]
+            out.addmm_(u.flatten(0, 1).T, v.flatten(0, 1))
+        for f in self.index:
+            out.index_add_(0, f.u.flatten(), (f.v.float() * c[:, None, None]).flatten(0, 1))
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise squared L2 norms of [B, N] in fp32 -> [B]."""
+    return torch.linalg.vector_norm(x.float(), dim=1).square()

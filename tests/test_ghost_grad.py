@@ -1,0 +1,96 @@
+"""ParamGrad: ghost and explicit norms and clipped sums against per-example gradients formed
+by hand, for dense, index (embedding), convolution and explicit parts, mixed and tied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dplis.ghost_grad import ParamGrad
+from dplis.ghost_rules import ConvFactor, Factor
+
+B, M, N = 5, 7, 3
+
+
+def dense(p: int, gen: torch.Generator) -> Factor:
+    return Factor(torch.randn(B, p, M, generator=gen), torch.randn(B, p, N, generator=gen))
+
+
+def index(p: int, gen: torch.Generator) -> Factor:
+    idx = torch.randint(0, M, (B, p), generator=gen)
+    idx[:, 0] = idx[:, -1]  # repeated rows within an example
+    return Factor(idx, torch.randn(B, p, N, generator=gen), index=True)
+
+
+def formed(part: Factor | torch.Tensor) -> torch.Tensor:
+    """[B, M, N] per-example gradient of one part, by the definition (one-hot for indices)."""
+    if not isinstance(part, Factor):
+        return part
+    u = F.one_hot(part.u, M).float() if part.index else part.u
+    return torch.einsum("bpm,bpn->bmn", u, part.v)
+
+
+CASES = {  # name -> parts, positions 1..11, mixed kinds, several uses (tied / K passes)
+    "one position": lambda g: [dense(1, g)],
+    "dense": lambda g: [dense(4, g), dense(3, g)],
+    "index": lambda g: [index(6, g), index(2, g)],
+    "tied dense + index": lambda g: [index(5, g), dense(4, g), index(2, g)],
+    "dense + explicit": lambda g: [dense(2, g), torch.randn(B, M, N, generator=g)],
+    "index + explicit": lambda g: [index(3, g), torch.randn(B, M, N, generator=g)],
+}
+
+
+@pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "explicit"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("scale", [1.0, 1 / 3])
+def test_norms_and_clipped_sums_match_formed_gradients(case, ghost, scale, monkeypatch):
+    gen = torch.Generator().manual_seed(len(case))
+    parts = CASES[case](gen)
+    want = scale * sum(formed(p) for p in parts)  # [B, M, N]
+    pg = ParamGrad(torch.Size([M, N]), scale)
+    for p in parts:
+        pg.add(p)
+    monkeypatch.setattr(ParamGrad, "_use_ghost", lambda self: ghost)
+    sq = pg.finish()
+    torch.testing.assert_close(sq, want.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
+    c = torch.rand(B, generator=gen)
+    out = torch.full((M * N,), float("nan"))  # every value must be written
+    pg.clipped_sum(c, out)
+    torch.testing.assert_close(out.view(M, N), torch.einsum("b,bmn->mn", c, want),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_cost_model_picks_ghost_for_long_sequences_and_explicit_for_short_ones():
+    long = ParamGrad(torch.Size([64, 64]))
+    long.add(Factor(torch.randn(2, 4, 64), torch.randn(2, 4, 64)))  # 4 positions: Gram cheap
+    short = ParamGrad(torch.Size([4, 4]))
+    short.add(Factor(torch.randn(2, 50, 4), torch.randn(2, 50, 4)))  # 50 positions, 16 weights
+    assert long._use_ghost() and not short._use_ghost()
+
+
+def test_a_huge_parameter_is_never_materialised(monkeypatch):
+    monkeypatch.setattr("dplis.ghost_grad.EXPLICIT_MAX_BYTES", 1000)
+    pg = ParamGrad(torch.Size([4, 4]))
+    pg.add(Factor(torch.randn(64, 50, 4), torch.randn(64, 50, 4)))  # explicit by cost alone
+    assert pg._use_ghost()
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel=(3, 3), dilation=(1, 1), padding=(1, 1), stride=(2, 2)),
+    dict(kernel=(1, 3), dilation=(1, 2), padding=(0, 2), stride=(1, 1)),  # a Conv1d, as 2-D
+    dict(kernel=(2, 2), dilation=(1, 1), padding=(0, 0), stride=(1, 1)),
+])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_factor_full_is_the_unfold_product(geometry, batch, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 2, 5 if geometry["kernel"][0] > 1 else 1, 9, generator=gen,
+                    dtype=dtype)
+    w = torch.randn(4, 2, *geometry["kernel"], generator=gen, dtype=dtype)
+    y = F.conv2d(x, w, stride=geometry["stride"], padding=geometry["padding"],
+                 dilation=geometry["dilation"])
+    f = ConvFactor(x, torch.randn(y.shape, generator=gen, dtype=dtype), geometry)
+    assert f.positions == y[0, 0].numel()
+    want = torch.bmm(f.u.transpose(1, 2), f.v).float()
+    torch.testing.assert_close(f.full(), want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,67 @@
+"""Batched per-example losses equal the loss called on each example alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dplis.losses import per_example
+from dplis.models import lm_loss
+
+
+def one_by_one(loss_fn, out, t):
+    return torch.stack([loss_fn(out[b:b + 1], t[b:b + 1]) for b in range(len(out))]).float()
+
+
+def classes(ignore_first=False):
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 5, (7,), generator=gen)
+    if ignore_first:
+        t[0] = -100
+    return torch.randn(7, 5, generator=gen), t
+
+
+def tokens():
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 11, (4, 6), generator=gen)
+    t[1, 3:] = -100  # padding
+    t[2] = -100  # a sequence without targets: loss 0
+    return torch.randn(4, 6, 11, generator=gen), t
+
+
+def regression(shape):
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+
+
+CASES = {
+    "cross_entropy": (F.cross_entropy, classes()),
+    "cross_entropy ignored target": (F.cross_entropy, classes(ignore_first=True)),
+    "CrossEntropyLoss smoothing": (nn.CrossEntropyLoss(label_smoothing=0.1), classes()),
+    "CrossEntropyLoss weighted": (nn.CrossEntropyLoss(weight=torch.rand(5) + 0.5), classes()),
+    "cross_entropy on sequences": (F.cross_entropy, (tokens()[0].transpose(1, 2),
+                                                     tokens()[1].clamp(min=0))),
+    "mse_loss [B]": (F.mse_loss, regression((6,))),
+    "MSELoss [B, 3, 2]": (nn.MSELoss(), regression((6, 3, 2))),
+    "lm_loss with padding": (lm_loss, tokens()),
+    "custom (vmap)": (lambda o, t: (o - t).abs().amax(), regression((6, 3))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_per_example_losses_equal_one_example_at_a_time(case):
+    loss_fn, (out, t) = CASES[case]
+    got = per_example(loss_fn)(out, t)
+    assert got.shape == (len(out),) and got.dtype == torch.float32
+    torch.testing.assert_close(got, one_by_one(loss_fn, out, t), equal_nan=True)
+
+
+def test_a_loss_can_bring_its_own_batched_twin():
+    def loss_fn(out, t):
+        return (out - t).pow(2).sum()
+
+    loss_fn.per_example = lambda out, t: (out - t).pow(2).sum(1) * 0 + 42.0
+    out, t = regression((3, 2))
+    torch.testing.assert_close(per_example(loss_fn)(out, t), torch.full((3,), 42.0))
