@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check of the Triton kernels on a CUDA machine (about 3-5 minutes, at most 8):
 #   1. tests/test_kernels.py with compiled Triton on CUDA tensors (TRITON_INTERPRET=0),
-#   2. python -m bench.kernel_bench: GB/s of fused_dp_step / perturb vs a plain copy.
+#   2. python -m bench.kernel_bench: GB/s of fused_dp_step / perturb vs a plain copy, and
+#      ghost_sq_norms (Triton vs torch Grams) on GPT-2-sized layers.
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else /tmp/dplis-gpu-check)
 # Writes OUT_DIR/{env.txt,pytest.log,kernel_tests.xml,bench.log,kernels.json}.
 set -uo pipefail

@@ -10,7 +10,11 @@ times, on one flat ``[K, B, D]`` gradient buffer (the layout ``dplis.private_gra
 * ``perturb`` (D parameters read, K·D written), both backends.
 * ``copy``: ``dst.copy_(src)`` of a K·B·D buffer, counted as 2·K·B·D·itemsize bytes.
 
-and reports GB/s and the fraction of the copy's GB/s. On CUDA times come from
+and reports GB/s and the fraction of the copy's GB/s. It also times ``ghost_sq_norms``
+(the ghost engine's per-example norms of one layer, u [B, P, M], v [B, P, N]) on
+transformer-shaped inputs, both backends; that op is compute-bound (two P x P Grams per
+example), so its row gives the time and the input bytes read, and no copy fraction.
+On CUDA times come from
 ``triton.testing.do_bench``; on CPU (``--device cpu``: tiny sizes, a smoke test) from
 wall-clock medians, with the Triton backend only under ``TRITON_INTERPRET=1``.
 Nothing touches CUDA at import time.
@@ -85,13 +89,34 @@ def bench_case(D: int, K: int, B: int, dtype: torch.dtype, device: str, backends
     return rows
 
 
+GPU_GHOST = ((32, 1024, 768, 768), (64, 128, 3072, 768))  # (B, P, M, N): GPT-2-sized layers
+CPU_GHOST = ((4, 40, 32, 24),)
+
+
+def bench_ghost(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, backends,
+                rep_ms: int) -> list[dict]:
+    """Rows of ``ghost_sq_norms`` for one (B, P, M, N) and dtype, one per backend."""
+    B, P, M, N = shape
+    u = torch.randn(B, P, M, device=device, dtype=dtype)
+    v = torch.randn(B, P, N, device=device, dtype=dtype)
+    nbytes = (u.numel() + v.numel()) * u.element_size()
+    rows = []
+    for backend in backends:
+        ms = time_ms(lambda b=backend: kernels.ghost_sq_norms(u, v, backend=b), device, rep_ms)
+        rows.append(dict(op="ghost_sq_norms", backend=backend, dtype=str(dtype).removeprefix(
+            "torch."), K=1, B=B, D=P * (M + N), P=P, M=M, N=N, device=device, ms=ms,
+            bytes=nbytes, GBps=nbytes / ms / 1e6, frac_of_copy=None))
+    return rows
+
+
 def print_table(rows) -> None:
     head = f"{'op':<14}{'backend':<8}{'dtype':<9}{'K':>3}{'B':>4}{'D':>12}"
     print(f"{head}{'ms':>10}{'GB/s':>10}{'of copy':>9}")
     for r in rows:
         print(
             f"{r['op']:<14}{r['backend']:<8}{r['dtype']:<9}{r['K']:>3}{r['B']:>4}{r['D']:>12,}"
-            f"{r['ms']:>10.3f}{r['GBps']:>10.1f}{r['frac_of_copy']:>9.1%}"
+            f"{r['ms']:>10.3f}{r['GBps']:>10.1f}"
+            + (f"{r['frac_of_copy']:>9.1%}" if r["frac_of_copy"] is not None else f"{'-':>9}")
         )
 
 
@@ -123,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_case(D, K, B, DTYPES[name], device, backends, rep_ms)
                 if device == "cuda":
                     torch.cuda.empty_cache()
+    for shape in GPU_GHOST if device == "cuda" else CPU_GHOST:
+        for name in args.dtypes:
+            rows += bench_ghost(shape, DTYPES[name], device, backends, rep_ms)
     print_table(rows)
 
     meta = dict(torch=torch.__version__, python=platform.python_version(), device=device,

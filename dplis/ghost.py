@@ -131,6 +131,7 @@ def clipped_sum(
     max_grad_norm: float,
     forward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     verify: bool = True,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Σ_b clip_C(mean_k g_kb), flat fp32 [D] in ``trainable`` order, norms [B], losses [K, B].
 
@@ -139,12 +140,13 @@ def clipped_sum(
     loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32. ``verify``: also
     take autograd's batch gradient (one more weight-gradient pass) and check the per-example
     gradients add up to it, so a parameter used outside its layer cannot go unnoticed.
+    ``backend``: of the ghost-norm kernel (``kernels.ghost_sq_norms``).
     """
     plan = _plan(model, trainable)
     names = {m: n for n, m in model.named_modules()}
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
-    grads = {n: ParamGrad(p.shape, 1.0 / k) for n, p in trainable.items()}
+    grads = {n: ParamGrad(p.shape, 1.0 / k, backend) for n, p in trainable.items()}
     batch_grad: dict[str, torch.Tensor] = {}
     losses = []
     per_example_loss = losses_of(loss_fn)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .ghost_rules import Factor
 
 EXPLICIT_MAX_BYTES = 2**28  # never form more than 256 MiB of per-example gradients at once
@@ -37,9 +38,10 @@ def _gather_cols(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class ParamGrad:
     """Per-example gradient [B, *shape] of one parameter, scaled by ``scale`` (1/K)."""
 
-    def __init__(self, shape: torch.Size, scale: float = 1.0):
+    def __init__(self, shape: torch.Size, scale: float = 1.0, backend: str | None = None):
         self.shape = shape
         self.scale = scale
+        self.backend = backend  # of kernels.ghost_sq_norms (Triton on CUDA by default)
         self.dense: list[Factor] = []
         self.index: list[Factor] = []
         self.explicit: torch.Tensor | None = None  # unscaled Σ of explicit parts, fp32
@@ -88,6 +90,9 @@ class ParamGrad:
             return _sq(u.flatten(1)) * _sq(v.flatten(1)) * self.scale ** 2
         u = _cat([f.u for f in self.dense])
         idx = _cat([f.u for f in self.index])
+        if idx is None:  # dense only: the fused kernel, no [B, P, P] Gram stored on a GPU
+            v = _cat([f.v for f in self.dense])
+            return kernels.ghost_sq_norms(u, v, backend=self.backend) * self.scale ** 2
         v = _cat([f.v for f in self.dense + self.index]).float()
         gram_v = torch.bmm(v, v.transpose(1, 2))
         blocks = []

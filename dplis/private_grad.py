@@ -223,7 +223,7 @@ def private_step(
         if engine == "ghost":
             points = [None] if plain else [unflatten(t) for t in thetas]
             return ghost.clipped_sum(model, loss_fn, params, frozen, points, x, y, max_grad_norm,
-                                     forward, verify)
+                                     forward, verify, backend)
         grads, losses = vmap_grads(x, y)
         (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
                                                 noise_std=0.0, divisor=1.0, batch_dims=2,

@@ -1,10 +1,18 @@
 """dplis.kernels: fused kernels of the private step, each with a plain-torch reference.
 
-Ops: ``per_sample_norms``, ``fused_dp_step``, ``perturb``, ``add_noise`` (see ``api.py``).
+Ops: ``per_sample_norms``, ``fused_dp_step``, ``perturb``, ``add_noise``, ``ghost_sq_norms``
+(see ``api.py``).
 ``backend=None`` picks Triton for CUDA tensors when it is installed, else torch.
 """
 
-from .api import add_noise, fused_dp_step, infer_batch_dims, per_sample_norms, perturb
+from .api import (
+    add_noise,
+    fused_dp_step,
+    ghost_sq_norms,
+    infer_batch_dims,
+    per_sample_norms,
+    perturb,
+)
 from .backend import resolve as resolve_backend
 from .errors import NonFiniteError
 
@@ -12,6 +20,7 @@ __all__ = [
     "NonFiniteError",
     "add_noise",
     "fused_dp_step",
+    "ghost_sq_norms",
     "infer_batch_dims",
     "per_sample_norms",
     "perturb",

@@ -1,7 +1,8 @@
 """Public entry points of dplis.kernels: validate, pick a backend, dispatch.
 
 Each op has a plain-torch reference (``reference.py``) and a Triton kernel
-(``norms.py``, ``dp_step.py``, ``perturbation.py``); both take the same arguments.
+(``norms.py``, ``dp_step.py``, ``perturbation.py``, ``ghost_norm.py``); both take the same
+arguments.
 """
 
 from __future__ import annotations
@@ -95,6 +96,24 @@ def per_sample_norms(
     batch_dims = infer_batch_dims(grads, batch_dims)
     be = resolve(backend, grads[0].device)
     return _sq_norms(grads, batch_dims, be).sqrt()
+
+
+def ghost_sq_norms(u: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Per-example ‖Σ_p u[b, p]ᵀ v[b, p]‖² without forming the [M, N] matrices -> fp32 ``[B]``.
+
+    u ``[B, P, M]``, v ``[B, P, N]``: the ghost norm of a layer's weight gradient (u: output
+    gradients, v: inputs, P positions) = Σ_{p,q} (u_p·u_q)(v_p·v_q). The torch path forms the
+    two [B, P, P] Gram matrices; the Triton kernel reduces them tile by tile.
+    """
+    u, v = _check_tensors([u, v], "u and v")
+    if u.dim() != 3 or v.dim() != 3 or u.shape[:2] != v.shape[:2]:
+        raise ValueError(f"u and v must be [B, P, M] and [B, P, N] with the same B and P, got "
+                         f"{tuple(u.shape)} and {tuple(v.shape)}")
+    if resolve(backend, u.device) == "triton":
+        from .ghost_norm import ghost_sq_norms_triton
+
+        return ghost_sq_norms_triton(u, v)
+    return reference.ghost_sq_norms_torch(u, v)
 
 
 def fused_dp_step(

@@ -174,3 +174,14 @@ def test_a_parameter_used_outside_its_layer_is_caught_not_silently_wrong():
     vm = dplis.private_grad(model, F.cross_entropy, t, y, max_grad_norm=0.5,
                             noise_multiplier=0.0, engine="vmap")
     assert_close(vm, naive_private_grad(model, F.cross_entropy, t, y, max_grad_norm=0.5))
+
+
+def test_ghost_norm_kernel_inside_the_engine_matches_the_naive_reference():
+    """backend="triton": the ghost norms of the sequence layers come from the Triton kernel
+    (interpreted on CPU); clipping then depends on them, so a wrong norm shows."""
+    model, loss_fn, inputs, targets = gpt_case(batch=3)
+    kw = dict(max_grad_norm=0.05, noise_multiplier=0.0)
+    got = dplis.private_grad(model, loss_fn, inputs, targets, engine="ghost", backend="triton",
+                             **kw)
+    want = naive_private_grad(model, loss_fn, inputs, targets, max_grad_norm=0.05)
+    assert_close(got, want)

@@ -33,6 +33,7 @@ from dplis.kernels import (  # noqa: E402
     NonFiniteError,
     add_noise,
     fused_dp_step,
+    ghost_sq_norms,
     per_sample_norms,
     perturb,
 )
@@ -501,7 +502,7 @@ try:
 except Exception as e:
     print("no nvidia backend:", e)
     sys.exit(77)
-from dplis.kernels import dp_step, norms, perturbation
+from dplis.kernels import dp_step, ghost_norm, norms, perturbation
 
 def build(kernel, types, consts, num_warps=4):
     names = kernel.arg_names
@@ -524,6 +525,14 @@ for dt, multi, extra in [("fp16", False, dict(D=1, row_stride=1)), ("bf16", True
 for dt, multi, noise in [("bf16", False, True), ("fp64", True, False)]:
     build(perturbation._perturb_kernel, dict(t, p_ptr="*" + dt, out_ptr="*" + dt),
           dict(MULTI=multi, HAS_NOISE=noise, BLOCK_D=perturbation.BLOCK_D))
+g = {n: "i32" for n in ("P", "M", "N", "su_b", "su_p", "sv_b", "sv_p", "n_tiles")}
+for du, dv, precision in [("fp32", "fp32", "ieee"), ("bf16", "bf16", "tf32"),
+                          ("bf16", "fp32", "ieee")]:
+    gram = build(ghost_norm._ghost_norm_partials_kernel,
+                 dict(g, u_ptr="*" + du, v_ptr="*" + dv, partial_ptr="*fp32"),
+                 dict(BLOCK_P=ghost_norm.BLOCK_P, BLOCK_K=ghost_norm.BLOCK_K, PRECISION=precision))
+    if precision == "tf32":
+        assert "mma" in gram.asm["ptx"], "16-bit ghost-norm Grams do not use tensor cores"
 print("ok")
 """
 
@@ -551,7 +560,7 @@ def test_kernel_bench_smoke(tmp_path):
     argv = ["--device", "cpu", "--sizes", "1000", "--dtypes", "fp32", "--backends", "torch"]
     assert kernel_bench.main([*argv, "--rep-ms", "5", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["op"] for r in rows} == {"copy", "fused_dp_step", "perturb"}
+    assert {r["op"] for r in rows} == {"copy", "fused_dp_step", "perturb", "ghost_sq_norms"}
     assert all(r["GBps"] > 0 for r in rows)
 
 
@@ -570,3 +579,49 @@ def test_add_noise_is_the_noise_half_of_the_fused_step(backend):
     for a, b in zip(noisy, fused, strict=True):
         torch.testing.assert_close(a, b)
     assert not torch.equal(noisy[1], plain[1])
+
+
+# ghost norms: (B, P, M, N) off the tile sizes (32), several tiles, one position, one example
+GHOST_CASES = [(1, 1, 1, 1), (3, 5, 7, 3), (2, 37, 19, 33), (4, 64, 16, 17), (1, 71, 5, 40)]
+
+
+def ghost_inputs(B, P, M, N, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, P, M, generator=gen).to(DEVICE, dtype)
+    v = (3 * torch.randn(B, P, N, generator=gen)).to(DEVICE, dtype)
+    return u, v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape", GHOST_CASES, ids=lambda s: "B{}P{}M{}N{}".format(*s))
+def test_ghost_sq_norms_accuracy(shape, dtype, backend):
+    u, v = ghost_inputs(*shape, dtype)
+    out = ghost_sq_norms(u, v, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == (shape[0],)
+    # gold: form each example's [M, N] gradient in float64 and take its squared norm
+    gold = torch.einsum("bpm,bpn->bmn", u.double(), v.double()).pow(2).sum((1, 2))
+    plain = (torch.bmm(u, u.transpose(1, 2)) * torch.bmm(v, v.transpose(1, 2))).sum((1, 2))
+    assert_three_way([out], [gold], [plain], f"ghost norms {shape} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ghost_sq_norms_edge_cases(backend):
+    u, v = ghost_inputs(0, 5, 3, 2, torch.float32)  # empty batch
+    assert ghost_sq_norms(u, v, backend=backend).shape == (0,)
+    u, v = ghost_inputs(3, 40, 6, 5, torch.float32)
+    mixed = ghost_sq_norms(u.bfloat16(), v, backend=backend)  # dtypes may differ
+    torch.testing.assert_close(mixed, ghost_sq_norms(u.bfloat16().float(), v, backend=backend))
+    strided = ghost_sq_norms(u.transpose(1, 2).contiguous().transpose(1, 2), v, backend=backend)
+    torch.testing.assert_close(strided, ghost_sq_norms(u, v, backend=backend))
+    with pytest.raises(ValueError, match="same B and P"):
+        ghost_sq_norms(u, v[:, :3], backend=backend)
+    with pytest.raises(ValueError, match="same B and P"):
+        ghost_sq_norms(u[0], v[0], backend=backend)
+
+
+@needs_triton
+def test_ghost_sq_norms_deterministic():
+    u, v = ghost_inputs(3, 70, 20, 9, torch.float32, seed=5)
+    first = ghost_sq_norms(u, v, backend="triton")
+    assert torch.equal(first, ghost_sq_norms(u, v, backend="triton"))
