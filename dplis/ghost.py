@@ -32,21 +32,24 @@ from .kernels.reference import clip_factors
 from .losses import per_example as losses_of
 
 
-def _plan(model: nn.Module, trainable: dict[str, torch.Tensor]) -> dict[nn.Module, dict]:
+def plan_layers(model: nn.Module, trainable: dict[str, torch.Tensor]
+                ) -> dict[nn.Module, dict]:
     """module -> {its attribute name: canonical trainable name} for modules owning trainables."""
     canon = {id(p): n for n, p in trainable.items()}
-    plan: dict[nn.Module, dict] = {}
+    owners: dict[nn.Module, dict] = {}
     for module in model.modules():
         owned = {a: canon[id(p)] for a, p in module.named_parameters(recurse=False)
                  if id(p) in canon}
         if owned:
-            plan[module] = owned
-    return plan
+            owners[module] = owned
+    return owners
 
 
-def supports(model: nn.Module, trainable: dict[str, torch.Tensor]) -> bool:
+def supports(model: nn.Module, trainable: dict[str, torch.Tensor], owners: dict | None = None
+             ) -> bool:
     """True when every layer owning a trainable parameter has a rule (no vmap fallback)."""
-    return all(rule_for(m) is not None for m in _plan(model, trainable))
+    owners = plan_layers(model, trainable) if owners is None else owners
+    return all(rule_for(m) is not None for m in owners)
 
 
 def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs: dict,
@@ -120,11 +123,63 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
             h.remove()
 
 
+@contextlib.contextmanager
+def _parameters_restored(trainable: dict[str, torch.Tensor], active: bool) -> Iterator[None]:
+    """Give the trainable parameters back their current values when the block ends."""
+    saved = [p.detach().clone() for p in trainable.values()] if active else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(trainable.values(), saved):
+                p.copy_(value)
+
+
+def _one_pass(model: nn.Module, trainable: dict, inputs: tuple, targets: torch.Tensor,
+              per_example_loss: Callable, forward: Callable, plan: dict, rules: dict,
+              names: dict, grads: dict[str, ParamGrad], batch_grad: dict, verify: bool,
+              k: int) -> torch.Tensor:
+    """Forward + backward at the model's current parameters; adds every layer's per-example
+    gradient parts to ``grads`` (and, with ``verify``, autograd's batch gradient / k to
+    ``batch_grad``). Returns the per-example losses [B]."""
+
+    def run(isolate: bool) -> tuple[list, torch.Tensor]:
+        with forward(), _recording(plan, isolate) as calls:
+            return calls, per_example_loss(model(*inputs), targets)
+
+    calls, loss = run(isolate=False)
+    if any(_versions(c) != c[4] for c in calls):  # a later in-place op changed a record
+        calls, loss = run(isolate=True)
+    for module, _, _, output, _ in calls:
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"the ghost engine needs layer {names.get(module, '<root>')} "
+                             f"({type(module).__name__}) to return one tensor, got "
+                             f"{type(output).__name__}. Use engine='vmap'")
+    wrt = [c[3] for c in calls] + (list(trainable.values()) if verify else [])
+    records = [c[:3] for c in calls]
+    del calls  # the layer outputs are freed as soon as the backward is done with them
+    found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+    del wrt
+    if verify:  # autograd's batch gradient, to check the per-example ones add up to it
+        for n, g in zip(trainable, found[len(records):]):
+            if g is not None:
+                batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
+    batch = len(targets)
+    for (module, args, kwargs), dout in zip(records, found):
+        if dout is not None:
+            parts = _layer_grads(module, names.get(module, type(module).__name__),
+                                 rules[module], plan[module], trainable, args, kwargs, dout,
+                                 batch)
+            for attr, part in parts.items():
+                if attr in plan[module]:
+                    grads[plan[module][attr]].add(part)
+    return loss.detach()
+
+
 def clipped_sum(
     model: nn.Module,
     loss_fn: Callable,
     trainable: dict[str, torch.Tensor],
-    frozen: dict[str, torch.Tensor],
     thetas: list[dict[str, torch.Tensor] | None],
     inputs: tuple,
     targets: torch.Tensor,
@@ -132,17 +187,22 @@ def clipped_sum(
     forward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     verify: bool = True,
     backend: str | None = None,
+    owners: dict[nn.Module, dict] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Σ_b clip_C(mean_k g_kb), flat fp32 [D] in ``trainable`` order, norms [B], losses [K, B].
 
     thetas: K dicts name -> parameter value (the perturbed points), or [None]: the model's own
-    parameters (one unperturbed pass). ``forward()``: the context of the model's forward and
+    parameters (one unperturbed pass). A point's values are copied into the model's
+    parameters for its pass (cheaper than ``functional_call``'s re-parametrisation, and tied
+    weights stay tied); the original values are restored afterwards, also on error.
+    ``forward()``: the context of the model's forward and
     loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32. ``verify``: also
     take autograd's batch gradient (one more weight-gradient pass) and check the per-example
     gradients add up to it, so a parameter used outside its layer cannot go unnoticed.
-    ``backend``: of the ghost-norm kernel (``kernels.ghost_sq_norms``).
+    ``backend``: of the ghost-norm kernel (``kernels.ghost_sq_norms``). ``owners``:
+    ``plan_layers(model, trainable)`` when the caller has it already.
     """
-    plan = _plan(model, trainable)
+    plan = plan_layers(model, trainable) if owners is None else owners
     names = {m: n for n, m in model.named_modules()}
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
@@ -150,47 +210,17 @@ def clipped_sum(
     batch_grad: dict[str, torch.Tensor] = {}
     losses = []
     per_example_loss = losses_of(loss_fn)
-    for done, params in enumerate(thetas, 1):
-        direct = params is None  # the model's own parameters: no functional_call needed
-        params = trainable if direct else {n: t.detach().requires_grad_(True)
-                                           for n, t in params.items()}
-
-        def run(isolate: bool, params=params, direct=direct) -> tuple[list, torch.Tensor]:
-            with forward(), _recording(plan, isolate) as calls:
-                out = (model(*inputs) if direct else
-                       functional_call(model, {**frozen, **params}, inputs, tie_weights=True))
-                return calls, per_example_loss(out, targets)
-
-        calls, loss = run(isolate=False)
-        if any(_versions(c) != c[4] for c in calls):  # a later in-place op changed a record
-            calls, loss = run(isolate=True)
-        losses.append(loss.detach())
-        for module, _, _, output, _ in calls:
-            if not isinstance(output, torch.Tensor):
-                raise ValueError(f"the ghost engine needs layer {names.get(module, '<root>')} "
-                                 f"({type(module).__name__}) to return one tensor, got "
-                                 f"{type(output).__name__}. Use engine='vmap'")
-        wrt = [c[3] for c in calls] + (list(params.values()) if verify else [])
-        records = [c[:3] for c in calls]
-        del calls  # the layer outputs are freed as soon as the backward is done with them
-        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
-        del wrt, loss
-        if verify:  # autograd's batch gradient, to check the per-example ones add up to it
-            for n, g in zip(params, found[len(records):]):
-                if g is not None:
-                    batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
-        for (module, args, kwargs), dout in zip(records, found):
-            if dout is not None:
-                parts = _layer_grads(module, names.get(module, type(module).__name__),
-                                     rules[module], plan[module], params, args, kwargs, dout,
-                                     batch)
-                for attr, part in parts.items():
-                    if attr in plan[module]:
-                        grads[plan[module][attr]].add(part)
-        del records, found
-        if done < k:  # parameters formed explicitly are formed now: one pass held at a time
-            for g in grads.values():
-                g.settle(k / done)
+    with _parameters_restored(trainable, thetas[0] is not None):
+        for done, point in enumerate(thetas, 1):
+            if point is not None:
+                with torch.no_grad():
+                    for p, value in zip(trainable.values(), point.values()):
+                        p.copy_(value)
+            losses.append(_one_pass(model, trainable, inputs, targets, per_example_loss,
+                                    forward, plan, rules, names, grads, batch_grad, verify, k))
+            if done < k:  # parameters formed explicitly are formed now: one pass held at a time
+                for g in grads.values():
+                    g.settle(k / done)
     losses = torch.stack(losses)
     sq = torch.zeros(batch, device=losses.device)
     for g in grads.values():

@@ -122,10 +122,13 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
     )
 
 
-def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor]) -> str:
-    """"ghost" or "vmap"; auto = ghost when every layer owning a trainable has a ghost rule."""
+def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor],
+                   plan: dict | None = None) -> str:
+    """"ghost" or "vmap"; auto = ghost when every layer owning a trainable has a ghost rule.
+
+    ``plan``: ``ghost.plan_layers(model, params)`` when the caller has it already."""
     if checks.choice("engine", engine, ENGINES) == "auto":
-        return "ghost" if ghost.supports(model, params) else "vmap"
+        return "ghost" if ghost.supports(model, params, plan) else "vmap"
     return engine
 
 
@@ -181,29 +184,35 @@ def private_step(
     divisor = checks.positive("expected_batch_size", expected_batch_size)
     validate(model)
     params = trainable(model)
-    engine = resolve_engine(engine, model, params)
-    device = next(iter(params.values())).device
+    plan = ghost.plan_layers(model, params)
+    engine = resolve_engine(engine, model, params, plan)
+    first = next(iter(params.values()))
+    device, dtype = first.device, first.dtype
     forward = forward_context(checks.choice("precision", precision, PRECISIONS), device)
     kernels.resolve_backend(backend, device)  # reject a bad backend name early
     shapes = [p.shape for p in params.values()]
     sizes = [s.numel() for s in shapes]
-    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
-    if offset is not None:
-        if offset.shape != theta.shape:
-            raise ValueError(f"offset must be flat [{theta.numel()}], got {tuple(offset.shape)}")
-        theta = theta + offset.to(theta)
+    if offset is not None and offset.shape != (sum(sizes),):
+        raise ValueError(f"offset must be flat [{sum(sizes)}], got {tuple(offset.shape)}")
     floats = [t for t in inputs if t.is_floating_point()]
     devices = {t.device for t in floats}
-    if devices - {theta.device}:
-        raise ValueError(f"inputs are on {devices} but the trainable parameters on {theta.device}")
-    dtypes = {t.dtype for t in floats} - {theta.dtype}
+    if devices - {device}:
+        raise ValueError(f"inputs are on {devices} but the trainable parameters on {device}")
+    dtypes = {t.dtype for t in floats} - {dtype}
     if dtypes:
         raise TypeError(f"floating inputs are {sorted(map(str, dtypes))} but the trainable "
-                        f"parameters are {theta.dtype}: cast the batch to {theta.dtype}")
-    frozen = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())
-              if n not in params}
+                        f"parameters are {dtype}: cast the batch to {dtype}")
 
     plain = k == 1 and std == 0 and offset is None  # gradients at θ itself
+    direct = plain and engine == "ghost"  # the model runs at its own parameters: no flat θ
+    theta, frozen = None, {}
+    if not direct:
+        theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+        if offset is not None:
+            theta = theta + offset.to(theta)
+    if engine == "vmap":
+        frozen = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())
+                  if n not in params}
 
     def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: v.view(s) for n, v, s in zip(params, torch.split(flat, sizes), shapes)}
@@ -221,9 +230,9 @@ def private_step(
     def clipped(x: tuple, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Σ_b clip_C(mean_k g_kb) flat fp32 [D], norms [b], losses [K, b] for one chunk."""
         if engine == "ghost":
-            points = [None] if plain else [unflatten(t) for t in thetas]
-            return ghost.clipped_sum(model, loss_fn, params, frozen, points, x, y, max_grad_norm,
-                                     forward, verify, backend)
+            points = [None] if direct else [unflatten(t) for t in thetas]
+            return ghost.clipped_sum(model, loss_fn, params, points, x, y, max_grad_norm,
+                                     forward, verify, backend, plan)
         grads, losses = vmap_grads(x, y)
         (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
                                                 noise_std=0.0, divisor=1.0, batch_dims=2,
@@ -233,11 +242,11 @@ def private_step(
     noise_std = 0.0 if secure_rng else sigma * max_grad_norm
     with restore_on_error(generator):
         noise_seed, perturb_seed, dropout_seed = draw_seeds(generator, 3)
-        thetas = theta.unsqueeze(0).expand(k, -1)
+        thetas = None if direct else theta.unsqueeze(0).expand(k, -1)
         if std > 0:
             thetas = kernels.perturb([theta], std=std, num_perturbations=k, seed=perturb_seed,
                                      backend=backend)[0]
-        fork_devices = [theta.device] if theta.device.type == "cuda" else []
+        fork_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices, enabled=generator is not None):
             if generator is not None:  # dropout masks from the generator's stream
                 torch.random.default_generator.manual_seed(dropout_seed)
@@ -252,7 +261,7 @@ def private_step(
                     seed=noise_seed, backend=backend, batch_dims=2)
             else:
                 total = None
-                norms, losses = [theta.new_zeros(0, dtype=torch.float32)], []
+                norms, losses = [torch.zeros(0, device=device)], []
                 for i in range(0, batch, physical):
                     part, n, lo = clipped(tuple(t[i:i + physical] for t in inputs),
                                           targets[i:i + physical])
@@ -260,12 +269,12 @@ def private_step(
                     total = part if total is None else total.add_(part)
                     norms, losses = norms + [n], losses + [lo]
                 if total is None:  # an empty batch: the noise alone
-                    total = theta.new_zeros(theta.numel(), dtype=torch.float32)
+                    total = torch.zeros(sum(sizes), device=device)
                 norms = torch.cat(norms)
                 losses = torch.cat(losses, 1) if losses else torch.full((1, 1), float("nan"))
                 (out,) = kernels.add_noise([total], noise_std=noise_std, divisor=divisor,
                                            seed=noise_seed, backend=backend)
-                out = out.to(theta.dtype)
+                out = out.to(dtype)
         if secure_rng and sigma > 0:
             noise = secure_gaussian(out.numel(), sigma * max_grad_norm / divisor, out.device)
             out = out + noise.to(out.dtype)

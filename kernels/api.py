@@ -175,10 +175,11 @@ def add_noise(
     noise_std = _positive("noise_std", noise_std, allow_zero=True)
     divisor = _positive("divisor", divisor)
     seed = _seed(seed, tensors[0].device)
-    be = resolve(backend, tensors[0].device)
+    if resolve(backend, tensors[0].device) == "torch":
+        return reference.add_noise_torch(tensors, noise_std=noise_std, divisor=divisor, seed=seed)
     ones = torch.ones(1, dtype=torch.float32, device=tensors[0].device)
-    return _summer(be)([t.unsqueeze(0) for t in tensors], ones, noise_std=noise_std,
-                       divisor=divisor, seed=seed, batch_dims=1)
+    return _summer("triton")([t.unsqueeze(0) for t in tensors], ones, noise_std=noise_std,
+                             divisor=divisor, seed=seed, batch_dims=1)
 
 
 def perturb(

@@ -69,6 +69,23 @@ def clipped_noisy_sum_torch(
     return out
 
 
+def add_noise_torch(tensors: list[torch.Tensor], *, noise_std: float, divisor: float,
+                    seed: int | None) -> list[torch.Tensor]:
+    """(t_j + N(0, noise_std²)) / divisor per tensor, in fp32, cast back to t_j's dtype.
+
+    The values of ``clipped_noisy_sum_torch`` for one example with factor 1 (noise of tensor j
+    from seed + j), without its [K, B, D] bookkeeping.
+    """
+    out = []
+    for j, t in enumerate(tensors):
+        if noise_std > 0:
+            noisy = gaussian_like(t, noise_std, None if seed is None else seed + j).add_(t)
+        else:
+            noisy = t.float().clone()
+        out.append(noisy.div_(divisor).to(t.dtype))
+    return out
+
+
 def perturb_torch(
     params: list[torch.Tensor], *, std: float, num_perturbations: int, seed: int
 ) -> list[torch.Tensor]:

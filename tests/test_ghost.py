@@ -185,3 +185,26 @@ def test_ghost_norm_kernel_inside_the_engine_matches_the_naive_reference():
                              **kw)
     want = naive_private_grad(model, loss_fn, inputs, targets, max_grad_norm=0.05)
     assert_close(got, want)
+
+
+def test_perturbed_passes_give_the_parameters_back_exactly_even_on_error():
+    """The ghost engine runs each perturbed pass with the point copied into the model's own
+    parameters: afterwards (and after an error in a later pass) they are bit-identical."""
+    model, loss_fn, inputs, targets = gpt_case(batch=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kw = dict(max_grad_norm=0.1, noise_multiplier=0.0, smoothing_std=0.05, num_perturbations=3,
+              engine="ghost")
+    dplis.private_grad(model, loss_fn, inputs, targets, **kw)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    calls = []
+
+    def fails_on_second_pass(out, t):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return loss_fn(out, t)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        dplis.private_grad(model, fails_on_second_pass, inputs, targets, **kw)
+    assert len(calls) == 2
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
