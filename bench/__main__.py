@@ -40,7 +40,8 @@ columns:
               optimizer step) over --steps timed steps after --warmup untimed ones; the
               modes of a model live side by side in their own processes (one runs at a time);
               their timed steps are interleaved in --rounds rounds, so a busy phase of
-              the machine hits all modes alike
+              the machine hits all modes alike; each round starts with untimed steps
+              (at least 3 and 20 ms) so a mode is timed warm after the others' turns
   x nonpriv   step time / non-private step time (1.0 = as fast as non-private; 3.0 = 3x slower)
   x opacus    step time / step time of the fastest working Opacus mode on that model
   peak MB     {textwrap.fill(MEMORY_METHOD.removeprefix("peak memory = "), 90,
@@ -165,7 +166,7 @@ def _row(model: str, mode: str, batch_size: int, m: Measurement) -> dict:
     if m.error is None and m.times:
         median = statistics.median(m.times)
         row["examples_per_s"] = round(batch_size / median, 2)
-        row["step_ms"] = round(median * 1e3, 3)
+        row["step_ms"] = round(median * 1e3, 4)  # 0.1 µs: examples_per_s stays consistent
         row["peak_mem_mb"] = round(m.peak_mem_mb, 2)
     return row
 

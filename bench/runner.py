@@ -3,7 +3,8 @@
 Timing: ``warmup`` untimed steps, then ``steps`` timed steps (``time.perf_counter`` around the
 step closure, which waits for CUDA); the CLI reports the median. The CLI keeps the processes of
 one model's modes alive together and interleaves their timed steps in rounds
-(``measure_interleaved``), so a slow phase of a shared machine hits every mode alike.
+(``measure_interleaved``), so a slow phase of a shared machine hits every mode alike; each
+round starts with untimed steps (``rewarm``), so a mode is timed warm after the others' turns.
 
 Peak memory (``MEMORY_METHOD``): the memory a training step adds on top of the already built
 model, batch and optimizer.
@@ -157,6 +158,7 @@ def _serve(conn, kwargs: dict) -> None:
             conn.send(("done", meter.peak_mb()))
             return
         try:
+            rewarm(step)
             times = []
             for _ in range(n):
                 t0 = time.perf_counter()
@@ -166,6 +168,23 @@ def _serve(conn, kwargs: dict) -> None:
             conn.send(("error", describe(e)))
             return
         conn.send(("times", times))
+
+
+REWARM_STEPS, REWARM_S = 3, 0.02
+
+
+def rewarm(step) -> None:
+    """Untimed steps (at least REWARM_STEPS and REWARM_S seconds) before a round's timed ones.
+
+    After the other cases' turns a process runs its first steps cold (caches, TLB, the
+    allocator's heap given back to the system): measured on a 2-core VM, the MLP steps of the
+    first few steps after a switch took up to 2x longer, which inflated the medians of modes
+    with bigger working sets most.
+    """
+    start, done = time.perf_counter(), 0
+    while done < REWARM_STEPS or (time.perf_counter() - start < REWARM_S and done < 50):
+        step()
+        done += 1
 
 
 _PRELOAD = ["torch", "dplis", "bench.cases", "bench.runner", "opacus"]
