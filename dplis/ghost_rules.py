@@ -79,7 +79,9 @@ class ConvFactor(Factor):
     def full(self) -> torch.Tensor:
         g, (batch, c_in, *spatial), c_out = self.geometry, self.x.shape, self.grad.shape[1]
         x, grad = self.x.float(), self.grad.float()  # bf16 autocast records mixed dtypes
-        weight = x.new_empty(batch * c_out, c_in, *g["kernel"])  # only its shape is read
+        # only the weight's shape is read: a zero-stride view, no [B·C_out, C_in, k, k] buffer
+        weight = x.new_empty((1,) * (2 + len(g["kernel"]))).expand(batch * c_out, c_in,
+                                                                   *g["kernel"])
         grad_w = torch.ops.aten.convolution_backward(
             grad.reshape(1, batch * c_out, *grad.shape[2:]), x.reshape(1, batch * c_in, *spatial),
             weight, None, list(g["stride"]), list(g["padding"]), list(g["dilation"]), False,
