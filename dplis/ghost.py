@@ -2,15 +2,16 @@
 
 Forward hooks record each layer call's inputs; one ``autograd.grad`` of Σ_b ℓ_b gives the
 gradients of the layer outputs. Layer rules (``ghost_rules``) turn them into per-example
-gradients in factored form Σ_p u_pᵀ v_p, and per parameter the engine picks the cheaper way
-to get each example's squared norm ("mixed" ghost clipping):
+gradients in factored form Σ_p u_pᵀ v_p, and ``ghost_grad.ParamGrad`` picks, per parameter,
+the cheaper way to each example's squared norm ("mixed" ghost clipping):
 
 - ghost norm: Σ_{p,p'} (u_p·u_p')(v_p·v_p'), cost ~ P²(m+n) per example;
 - explicit:   ‖Σ_p u_pᵀ v_p‖², cost ~ P·m·n, forming the [m, n] gradient.
 
 K perturbations: the gradient to clip is the mean over the K passes, so the K passes are
-stacked as extra positions with u scaled by 1/K: the norm of the K-averaged gradient comes
-out of the same Gram products. The clipped sum Σ_b c_b Σ_p u_bpᵀ v_bp is one matmul per
+stacked as extra positions scaled by 1/K: the norm of the K-averaged gradient comes out of the
+same products. Each pass runs the model itself with its point copied into the trainable
+parameters (restored afterwards). The clipped sum Σ_b c_b Σ_p u_bpᵀ v_bp is one matmul per
 parameter (book-keeping, no second backward). Shared (tied) parameters sum the factors of
 all their uses before the norm. Layers without a rule get per-example gradients of their own
 parameters by ``vmap(vjp)`` of that layer alone.
