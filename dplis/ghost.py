@@ -136,47 +136,6 @@ def _parameters_restored(trainable: dict[str, torch.Tensor], active: bool) -> It
                 p.copy_(value)
 
 
-def _one_pass(model: nn.Module, trainable: dict, inputs: tuple, targets: torch.Tensor,
-              per_example_loss: Callable, forward: Callable, plan: dict, rules: dict,
-              names: dict, grads: dict[str, ParamGrad], batch_grad: dict, verify: bool,
-              k: int) -> torch.Tensor:
-    """Forward + backward at the model's current parameters; adds every layer's per-example
-    gradient parts to ``grads`` (and, with ``verify``, autograd's batch gradient / k to
-    ``batch_grad``). Returns the per-example losses [B]."""
-
-    def run(isolate: bool) -> tuple[list, torch.Tensor]:
-        with forward(), _recording(plan, isolate) as calls:
-            return calls, per_example_loss(model(*inputs), targets)
-
-    calls, loss = run(isolate=False)
-    if any(_versions(c) != c[4] for c in calls):  # a later in-place op changed a record
-        calls, loss = run(isolate=True)
-    for module, _, _, output, _ in calls:
-        if not isinstance(output, torch.Tensor):
-            raise ValueError(f"the ghost engine needs layer {names.get(module, '<root>')} "
-                             f"({type(module).__name__}) to return one tensor, got "
-                             f"{type(output).__name__}. Use engine='vmap'")
-    wrt = [c[3] for c in calls] + (list(trainable.values()) if verify else [])
-    records = [c[:3] for c in calls]
-    del calls  # the layer outputs are freed as soon as the backward is done with them
-    found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
-    del wrt
-    if verify:  # autograd's batch gradient, to check the per-example ones add up to it
-        for n, g in zip(trainable, found[len(records):]):
-            if g is not None:
-                batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
-    batch = len(targets)
-    for (module, args, kwargs), dout in zip(records, found):
-        if dout is not None:
-            parts = _layer_grads(module, names.get(module, type(module).__name__),
-                                 rules[module], plan[module], trainable, args, kwargs, dout,
-                                 batch)
-            for attr, part in parts.items():
-                if attr in plan[module]:
-                    grads[plan[module][attr]].add(part)
-    return loss.detach()
-
-
 def clipped_sum(
     model: nn.Module,
     loss_fn: Callable,
@@ -211,14 +170,48 @@ def clipped_sum(
     batch_grad: dict[str, torch.Tensor] = {}
     losses = []
     per_example_loss = losses_of(loss_fn)
+
+    def run(isolate: bool) -> tuple[list, torch.Tensor]:
+        with forward(), _recording(plan, isolate) as calls:
+            return calls, per_example_loss(model(*inputs), targets)
+
+    def one_pass() -> torch.Tensor:
+        """Forward + backward at the model's current parameters: every layer's per-example
+        gradient parts go to ``grads`` (autograd's batch gradient / k to ``batch_grad``)."""
+        calls, loss = run(isolate=False)
+        if any(_versions(c) != c[4] for c in calls):  # a later in-place op changed a record
+            calls, loss = run(isolate=True)
+        for module, _, _, output, _ in calls:
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"the ghost engine needs layer {names.get(module, '<root>')} "
+                                 f"({type(module).__name__}) to return one tensor, got "
+                                 f"{type(output).__name__}. Use engine='vmap'")
+        wrt = [c[3] for c in calls] + (list(trainable.values()) if verify else [])
+        records = [c[:3] for c in calls]
+        del calls  # the layer outputs are freed as soon as the backward is done with them
+        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+        del wrt
+        if verify:  # autograd's batch gradient, to check the per-example ones add up to it
+            for n, g in zip(trainable, found[len(records):]):
+                if g is not None:
+                    batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
+        for (module, args, kwargs), dout in zip(records, found):
+            if dout is not None:
+                parts = _layer_grads(module, names.get(module, type(module).__name__),
+                                     rules[module], plan[module], trainable, args, kwargs, dout,
+                                     batch)
+                for attr, part in parts.items():
+                    if attr in plan[module]:
+                        grads[plan[module][attr]].add(part)
+        return loss.detach()
+
     with _parameters_restored(trainable, thetas[0] is not None):
         for done, point in enumerate(thetas, 1):
             if point is not None:
                 with torch.no_grad():
                     for p, value in zip(trainable.values(), point.values()):
                         p.copy_(value)
-            losses.append(_one_pass(model, trainable, inputs, targets, per_example_loss,
-                                    forward, plan, rules, names, grads, batch_grad, verify, k))
+            losses.append(one_pass())
             if done < k:  # parameters formed explicitly are formed now: one pass held at a time
                 for g in grads.values():
                     g.settle(k / done)
