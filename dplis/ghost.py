@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .ghost_grad import ParamGrad
+from .ghost_grad import Budget, ParamGrad
 from .ghost_rules import Unsupported, rule_for
 from .kernels import NonFiniteError
 from .kernels.reference import clip_factors
@@ -166,7 +166,8 @@ def clipped_sum(
     names = {m: n for n, m in model.named_modules()}
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
-    grads = {n: ParamGrad(p.shape, 1.0 / k, backend) for n, p in trainable.items()}
+    budget = Budget()
+    grads = {n: ParamGrad(p.shape, 1.0 / k, backend, budget) for n, p in trainable.items()}
     batch_grad: dict[str, torch.Tensor] = {}
     losses = []
     per_example_loss = losses_of(loss_fn)

@@ -7,7 +7,9 @@ cheaper of two ways gives ‖g_b‖² ("mixed" ghost clipping):
 
 - ghost:    s² Σ_{p,p'} (u_p·u_p')(v_p·v_p'), two [B, P, P] Gram matrices; for an index
   position u_p·u_p' is a gather (dense partner) or an equality test (index partner);
-- explicit: form g_b [B, m, n] once (bmm for dense u, scatter-add for indices).
+- explicit: form g_b [B, m, n] once (bmm for dense u, scatter-add for indices), within
+  ``EXPLICIT_MAX_BYTES`` for one parameter and a ``Budget`` for all parameters of the step
+  (a parameter beyond either takes the ghost norm, which holds activations only).
 
 The clipped sum Σ_b c_b g_b is then one matmul (or index_add) per factor: book-keeping, no
 second backward pass. Vectors (biases, norm weights) arrive as explicit [B, *shape] parts.
@@ -20,7 +22,16 @@ import torch
 from . import kernels
 from .ghost_rules import Factor
 
-EXPLICIT_MAX_BYTES = 2**28  # never form more than 256 MiB of per-example gradients at once
+EXPLICIT_MAX_BYTES = 2**28  # per parameter: never form more than 256 MiB of [B, m, n] at once
+EXPLICIT_BUDGET_BYTES = 2**30  # per step, all parameters together: 1 GiB
+
+
+class Budget:
+    """Bytes of explicit per-example gradients the parameters of one step may still form;
+    a parameter that no longer fits takes the ghost norm (activations only)."""
+
+    def __init__(self, total: int | None = None):
+        self.left = EXPLICIT_BUDGET_BYTES if total is None else total
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -38,10 +49,13 @@ def _gather_cols(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class ParamGrad:
     """Per-example gradient [B, *shape] of one parameter, scaled by ``scale`` (1/K)."""
 
-    def __init__(self, shape: torch.Size, scale: float = 1.0, backend: str | None = None):
+    def __init__(self, shape: torch.Size, scale: float = 1.0, backend: str | None = None,
+                 budget: Budget | None = None):
         self.shape = shape
         self.scale = scale
         self.backend = backend  # of kernels.ghost_sq_norms (Triton on CUDA by default)
+        self.budget = budget if budget is not None else Budget()
+        self.charged = False  # its [B, m, n] bytes are taken from the budget
         self.dense: list[Factor] = []
         self.index: list[Factor] = []
         self.explicit: torch.Tensor | None = None  # unscaled Σ of explicit parts, fp32
@@ -67,8 +81,8 @@ class ParamGrad:
     def _use_ghost(self, growth: float = 1.0) -> bool:
         """Ghost norm when its Gram products cost less than forming [B, m, n] (per example)."""
         m, n = self.shape[0], self.shape[1:].numel()
-        batch = (self.dense or self.index)[0].u.shape[0]
-        if batch * m * n * 4 > EXPLICIT_MAX_BYTES:
+        need = (self.dense or self.index)[0].u.shape[0] * m * n * 4
+        if need > EXPLICIT_MAX_BYTES or (not self.charged and need > self.budget.left):
             return True
         if any(f.prefer_explicit for f in self.dense):
             return False
@@ -121,6 +135,9 @@ class ParamGrad:
             for f in self.index:
                 full.scatter_add_(1, f.u.unsqueeze(2).expand(-1, -1, n), f.v.float())
         full = full.reshape(-1, *self.shape)
+        if not self.charged:
+            self.budget.left -= full.numel() * full.element_size()
+            self.charged = True
         self.explicit = full if self.explicit is None else full.add_(self.explicit)
         self.dense, self.index = [], []
 

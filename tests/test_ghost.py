@@ -208,3 +208,19 @@ def test_perturbed_passes_give_the_parameters_back_exactly_even_on_error():
         dplis.private_grad(model, fails_on_second_pass, inputs, targets, **kw)
     assert len(calls) == 2
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("budget", [0, 2**30])
+def test_without_explicit_budget_every_parameter_takes_the_ghost_norm(budget, monkeypatch):
+    """Budget 0: the convolutions (which prefer explicit per-example gradients) and every
+    other matrix take the ghost norm; the result is the naive reference either way."""
+    from helpers import cnn_case
+
+    monkeypatch.setattr("dplis.ghost_grad.EXPLICIT_BUDGET_BYTES", budget)
+    model, loss_fn, x, y = cnn_case(batch=4)
+    kw = dict(max_grad_norm=0.3, noise_multiplier=0.0, smoothing_std=0.02, num_perturbations=2)
+    got = dplis.private_grad(model, loss_fn, x, y, engine="ghost",
+                             generator=torch.Generator().manual_seed(1), **kw)
+    want = dplis.private_grad(model, loss_fn, x, y, engine="vmap",
+                              generator=torch.Generator().manual_seed(1), **kw)
+    assert_close(got, {n: t.double() for n, t in want.items()})

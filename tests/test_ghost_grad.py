@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dplis.ghost_grad import ParamGrad
+from dplis.ghost_grad import Budget, ParamGrad
 from dplis.ghost_rules import ConvFactor, Factor
 
 B, M, N = 5, 7, 3
@@ -94,3 +94,22 @@ def test_conv_factor_full_is_the_unfold_product(geometry, batch, dtype):
     assert f.positions == y[0, 0].numel()
     want = torch.bmm(f.u.transpose(1, 2), f.v).float()
     torch.testing.assert_close(f.full(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_step_budget_sends_parameters_beyond_it_to_the_ghost_norm():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    geometry = dict(kernel=(3, 3), dilation=(1, 1), padding=(0, 0), stride=(1, 1))
+    one = 2 * 4 * 27 * 4  # bytes of one conv's [B, C_out, C_in·k·k] per-example gradients
+    budget = Budget(one)
+    first, second = (ParamGrad(torch.Size([4, 27]), budget=budget) for _ in range(2))
+    for pg in (first, second):
+        pg.add(ConvFactor(x, torch.randn(2, 4, 4, 4, generator=gen), geometry))
+    first.settle(2.0)  # K = 2: formed after the first pass, charged once
+    first.add(ConvFactor(x, torch.randn(2, 4, 4, 4, generator=gen), geometry))
+    first.settle(1.0)
+    assert first.charged and first.explicit is not None and budget.left == 0
+    assert second._use_ghost()  # convolutions prefer explicit, but nothing is left
+    want = formed(Factor(second.dense[0].u, second.dense[0].v)).flatten(1).pow(2).sum(1)
+    torch.testing.assert_close(second.finish(), want, rtol=1e-5, atol=1e-5)
+    assert second.explicit is None and budget.left == 0
