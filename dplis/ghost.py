@@ -10,11 +10,11 @@ the cheaper way to each example's squared norm ("mixed" ghost clipping):
 
 K perturbations: the gradient to clip is the mean over the K passes, so the K passes are
 stacked as extra positions scaled by 1/K: the norm of the K-averaged gradient comes out of the
-same products. Each pass runs the model itself with its point copied into the trainable
-parameters (restored afterwards). The clipped sum Σ_b c_b Σ_p u_bpᵀ v_bp is one matmul per
-parameter (book-keeping, no second backward). Shared (tied) parameters sum the factors of
-all their uses before the norm. Layers without a rule get per-example gradients of their own
-parameters by ``vmap(vjp)`` of that layer alone.
+same products. Each pass runs the model itself, its trainable parameters pointed at the
+pass's point (their own storage given back afterwards). The clipped sum
+Σ_b c_b Σ_p u_bpᵀ v_bp is one matmul per parameter (book-keeping, no second backward). Shared
+(tied) parameters sum the factors of all their uses before the norm. Layers without a rule get
+per-example gradients of their own parameters by ``vmap(vjp)`` of that layer alone.
 """
 
 from __future__ import annotations
@@ -125,15 +125,16 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
 
 
 @contextlib.contextmanager
-def _parameters_restored(trainable: dict[str, torch.Tensor], active: bool) -> Iterator[None]:
-    """Give the trainable parameters back their current values when the block ends."""
-    saved = [p.detach().clone() for p in trainable.values()] if active else []
+def _parameters_restored(trainable: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Give the trainable parameters back their own storage when the block ends (also on
+    error); inside, a pass points them at other values with ``.data``: no copy, and no
+    version bump that would break an autograd graph the caller holds."""
+    own = [p.data for p in trainable.values()]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, value in zip(trainable.values(), saved):
-                p.copy_(value)
+        for p, data in zip(trainable.values(), own):
+            p.data = data
 
 
 def clipped_sum(
@@ -152,9 +153,9 @@ def clipped_sum(
     """Σ_b clip_C(mean_k g_kb), flat fp32 [D] in ``trainable`` order, norms [B], losses [K, B].
 
     thetas: K dicts name -> parameter value (the perturbed points), or [None]: the model's own
-    parameters (one unperturbed pass). A point's values are copied into the model's
-    parameters for its pass (cheaper than ``functional_call``'s re-parametrisation, and tied
-    weights stay tied); the original values are restored afterwards, also on error.
+    parameters (one unperturbed pass). For its pass the model's parameters point at a point's
+    values (``.data``: cheaper than ``functional_call``'s re-parametrisation, and tied weights
+    stay tied); they get their own storage back afterwards, also on error.
     ``forward()``: the context of the model's forward and
     loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32. ``verify``: also
     take autograd's batch gradient (one more weight-gradient pass) and check the per-example
@@ -206,12 +207,11 @@ def clipped_sum(
                         grads[plan[module][attr]].add(part)
         return loss.detach()
 
-    with _parameters_restored(trainable, thetas[0] is not None):
+    with _parameters_restored(trainable):
         for done, point in enumerate(thetas, 1):
             if point is not None:
-                with torch.no_grad():
-                    for p, value in zip(trainable.values(), point.values()):
-                        p.copy_(value)
+                for p, value in zip(trainable.values(), point.values()):
+                    p.data = value
             losses.append(one_pass())
             if done < k:  # parameters formed explicitly are formed now: one pass held at a time
                 for g in grads.values():
