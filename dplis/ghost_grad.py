@@ -107,20 +107,14 @@ class ParamGrad:
         if idx is None:  # dense only: the fused kernel, no [B, P, P] Gram stored on a GPU
             v = _cat([f.v for f in self.dense])
             return kernels.ghost_sq_norms(u, v, backend=self.backend) * self.scale ** 2
-        v = _cat([f.v for f in self.dense + self.index]).float()
+        v = _cat([f.v for f in self.dense + self.index]).float()  # dense positions first
         gram_v = torch.bmm(v, v.transpose(1, 2))
-        blocks = []
+        gram_u = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()  # index-index: same row
         if u is not None:
             u = u.float()
-            row = [torch.bmm(u, u.transpose(1, 2))]
-            if idx is not None:
-                row.append(_gather_cols(u, idx))
-            blocks.append(torch.cat(row, 2) if len(row) > 1 else row[0])
-        if idx is not None:
-            same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
-            row = [_gather_cols(u, idx).transpose(1, 2), same] if u is not None else [same]
-            blocks.append(torch.cat(row, 2) if len(row) > 1 else row[0])
-        gram_u = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
+            cross = _gather_cols(u, idx)  # dense-index [B, P_dense, P_index]
+            gram_u = torch.cat([torch.cat([torch.bmm(u, u.transpose(1, 2)), cross], 2),
+                                torch.cat([cross.transpose(1, 2), gram_u], 2)], 1)
         return (gram_u * gram_v).sum((1, 2)) * self.scale ** 2
 
     def _materialise(self) -> None:
