@@ -46,6 +46,13 @@ def gaussian_like(ref: torch.Tensor, std: float, seed: int | None) -> torch.Tens
     return torch.randn(ref.shape, generator=gen, device=ref.device, dtype=torch.float32).mul_(std)
 
 
+def _noised(x: torch.Tensor, noise_std: float, divisor: float, seed: int | None) -> torch.Tensor:
+    """(x + N(0, noise_std²)) / divisor, in place on the fp32 buffer x (noise from ``seed``)."""
+    if noise_std > 0:  # in place: x is the only D-sized buffer besides the noise
+        x.add_(gaussian_like(x, noise_std, seed))
+    return x.div_(divisor)
+
+
 def clipped_noisy_sum_torch(
     grads: list[torch.Tensor],
     factors: torch.Tensor,
@@ -63,9 +70,8 @@ def clipped_noisy_sum_torch(
     for j, g in enumerate(grads):
         kbd = as_kbd(g, batch_dims).float()
         summed = torch.einsum("b,kbd->d", factors, kbd).div_(kbd.shape[0])
-        if noise_std > 0:  # in place: the output is the only D-sized buffer besides the noise
-            summed.add_(gaussian_like(summed, noise_std, None if seed is None else seed + j))
-        out.append(summed.div_(divisor).reshape(g.shape[batch_dims:]).to(g.dtype))
+        noisy = _noised(summed, noise_std, divisor, None if seed is None else seed + j)
+        out.append(noisy.reshape(g.shape[batch_dims:]).to(g.dtype))
     return out
 
 
@@ -76,14 +82,9 @@ def add_noise_torch(tensors: list[torch.Tensor], *, noise_std: float, divisor: f
     The values of ``clipped_noisy_sum_torch`` for one example with factor 1 (noise of tensor j
     from seed + j), without its [K, B, D] bookkeeping.
     """
-    out = []
-    for j, t in enumerate(tensors):
-        if noise_std > 0:
-            noisy = gaussian_like(t, noise_std, None if seed is None else seed + j).add_(t)
-        else:
-            noisy = t.float().clone()
-        out.append(noisy.div_(divisor).to(t.dtype))
-    return out
+    return [_noised(t.to(torch.float32, copy=True), noise_std, divisor,
+                    None if seed is None else seed + j).to(t.dtype)
+            for j, t in enumerate(tensors)]
 
 
 def perturb_torch(
