@@ -59,13 +59,19 @@ class ParamGrad:
         self.dense: list[Factor] = []
         self.index: list[Factor] = []
         self.explicit: torch.Tensor | None = None  # unscaled Σ of explicit parts, fp32
+        self.owned = False  # ``explicit`` is this object's own buffer (may be added to in place)
 
     def add(self, part: Factor | torch.Tensor) -> None:
         if isinstance(part, Factor):
             (self.index if part.index else self.dense).append(part)
             return
         part = part.reshape(part.shape[0], *self.shape).float()
-        self.explicit = part if self.explicit is None else self.explicit + part
+        if self.explicit is None:  # the caller's tensor: not to be changed in place
+            self.explicit, self.owned = part, False
+        elif self.owned:
+            self.explicit.add_(part)
+        else:
+            self.explicit, self.owned = self.explicit + part, True
 
     @property
     def empty(self) -> bool:
@@ -74,8 +80,10 @@ class ParamGrad:
     def settle(self, growth: float) -> None:
         """Between perturbed passes: if this parameter will be formed explicitly once the
         positions grew ``growth``-fold (the passes still to come), form it now, so that the
-        factors (activations, output gradients) of one pass at a time are held."""
-        if (self.dense or self.index) and not self._use_ghost(growth):
+        factors (activations, output gradients) of one pass at a time are held. With explicit
+        parts (or formed already) it is formed in any case, as ``finish`` would."""
+        if (self.dense or self.index) and (self.explicit is not None
+                                           or not self._use_ghost(growth)):
             self._materialise()
 
     def _use_ghost(self, growth: float = 1.0) -> bool:
@@ -102,37 +110,42 @@ class ParamGrad:
         if not self.index and len(self.dense) == 1 and self.dense[0].positions == 1:
             u, v = self.dense[0].u, self.dense[0].v  # one position: ‖u vᵀ‖² = ‖u‖²‖v‖²
             return _sq(u.flatten(1)) * _sq(v.flatten(1)) * self.scale ** 2
-        u = _cat([f.u for f in self.dense])
-        idx = _cat([f.u for f in self.index])
-        if idx is None:  # dense only: the fused kernel, no [B, P, P] Gram stored on a GPU
-            v = _cat([f.v for f in self.dense])
-            return kernels.ghost_sq_norms(u, v, backend=self.backend) * self.scale ** 2
-        v = _cat([f.v for f in self.dense + self.index]).float()  # dense positions first
-        gram_v = torch.bmm(v, v.transpose(1, 2))
-        gram_u = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()  # index-index: same row
-        if u is not None:
-            u = u.float()
-            cross = _gather_cols(u, idx)  # dense-index [B, P_dense, P_index]
-            gram_u = torch.cat([torch.cat([torch.bmm(u, u.transpose(1, 2)), cross], 2),
-                                torch.cat([cross.transpose(1, 2), gram_u], 2)], 1)
-        return (gram_u * gram_v).sum((1, 2)) * self.scale ** 2
+        u, v = _cat([f.u for f in self.dense]), _cat([f.v for f in self.dense])
+        # the dense-dense block: the fused kernel (on a GPU no [B, P, P] Gram is stored)
+        sq = None if u is None else kernels.ghost_sq_norms(u, v, backend=self.backend)
+        if self.index:  # the index-index block (same row) and twice the dense-index one
+            idx, w = _cat([f.u for f in self.index]), _cat([f.v for f in self.index]).float()
+            same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
+            sq_index = same.mul_(torch.bmm(w, w.transpose(1, 2))).sum((1, 2))
+            if sq is not None:
+                cross = _gather_cols(u.float(), idx)  # [B, P_dense, P_index]
+                sq_index += 2 * cross.mul_(torch.bmm(v.float(), w.transpose(1, 2))).sum((1, 2))
+            sq = sq_index if sq is None else sq + sq_index
+        return sq * self.scale ** 2
 
     def _materialise(self) -> None:
-        """Form the per-example gradients [B, m, n] (unscaled) from the factors, once."""
-        full = self.dense[0].full() if self.dense else None
-        for f in self.dense[1:]:
+        """Add the factors' per-example gradients [B, m, n] (unscaled) to ``explicit``: in
+        place once it is this object's own buffer (a K-pass sum costs no extra [B, m, n])."""
+        batch = (self.dense or self.index)[0].u.shape[0]
+        m, n = self.shape[0], self.shape[1:].numel()
+        dense, device = self.dense, (self.dense or self.index)[0].u.device
+        if self.owned:  # a view: shapes [B, *shape] and [B, m, n] of one contiguous buffer
+            full = self.explicit.view(batch, m, n)
+        else:
+            if dense:
+                full, dense = dense[0].full().contiguous(), dense[1:]
+            else:
+                full = torch.zeros(batch, m, n, device=device)
+            if self.explicit is not None:
+                full.add_(self.explicit.reshape(batch, m, n))
+        for f in dense:
             f.add_to(full)
-        if self.index:
-            batch, n = self.index[0].v.shape[0], self.shape[1:].numel()
-            if full is None:
-                full = self.index[0].v.new_zeros(batch, self.shape[0], n, dtype=torch.float32)
-            for f in self.index:
-                full.scatter_add_(1, f.u.unsqueeze(2).expand(-1, -1, n), f.v.float())
-        full = full.reshape(-1, *self.shape)
+        for f in self.index:
+            full.scatter_add_(1, f.u.unsqueeze(2).expand(-1, -1, n), f.v.float())
         if not self.charged:
             self.budget.left -= full.numel() * full.element_size()
             self.charged = True
-        self.explicit = full if self.explicit is None else full.add_(self.explicit)
+        self.explicit, self.owned = full.view(batch, *self.shape), True
         self.dense, self.index = [], []
 
     def _explicit_sq(self) -> torch.Tensor:

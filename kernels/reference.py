@@ -104,4 +104,4 @@ def ghost_sq_norms_torch(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """‖Σ_p u[b, p]ᵀ v[b, p]‖² = Σ_{p,q} (u_p·u_q)(v_p·v_q) per example: u [B, P, M],
     v [B, P, N] -> float32 [B], through the two [B, P, P] Gram matrices in fp32."""
     u, v = u.float(), v.float()
-    return (torch.bmm(u, u.transpose(1, 2)) * torch.bmm(v, v.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(u, u.transpose(1, 2)).mul_(torch.bmm(v, v.transpose(1, 2))).sum((1, 2))

@@ -113,3 +113,27 @@ def test_the_step_budget_sends_parameters_beyond_it_to_the_ghost_norm():
     want = formed(Factor(second.dense[0].u, second.dense[0].v)).flatten(1).pow(2).sum(1)
     torch.testing.assert_close(second.finish(), want, rtol=1e-5, atol=1e-5)
     assert second.explicit is None and budget.left == 0
+
+
+@pytest.mark.parametrize("first", ["explicit", "dense", "index"])
+def test_passes_accumulate_in_place_without_touching_the_callers_tensors(first, monkeypatch):
+    """K passes formed one at a time (``settle``) sum into one buffer; explicit parts handed
+    in by a rule (e.g. the vmap fallback's output) are never changed in place."""
+    gen = torch.Generator().manual_seed(7)
+    make = {"explicit": lambda: torch.randn(B, M, N, generator=gen),
+            "dense": lambda: dense(3, gen), "index": lambda: index(4, gen)}
+    passes = [[make[first]()], [make["index"](), make["explicit"]()],
+              [make["dense"](), make["explicit"]()]]
+    handed = [p for ps in passes for p in ps if not isinstance(p, Factor)]
+    copies = [t.clone() for t in handed]
+    monkeypatch.setattr(ParamGrad, "_use_ghost", lambda self, growth=1.0: False)
+    pg = ParamGrad(torch.Size([M, N]), 1 / 3)
+    for done, parts in enumerate(passes, 1):
+        for p in parts:
+            pg.add(p)
+        if done < len(passes):
+            pg.settle(len(passes) / done)
+    want = sum(formed(p) for ps in passes for p in ps) / 3
+    torch.testing.assert_close(pg.finish(), want.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
+    for t, c in zip(handed, copies):
+        assert torch.equal(t, c)
