@@ -94,8 +94,8 @@ def perturb_torch(
     out = []
     for j, p in enumerate(params):
         base = p.detach().float().unsqueeze(0).expand(num_perturbations, *p.shape)
-        if std > 0:
-            base = base + gaussian_like(base, std, seed + j)
+        if std > 0:  # the noise buffer is the result: one [K, *P_j] allocation
+            base = gaussian_like(base, std, seed + j).add_(base)
         out.append(base.to(p.dtype).contiguous())
     return out
 
