@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"models to run, space- or comma-separated (default: all: "
                         f"{', '.join(MODEL_NAMES)})")
     p.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
-                   help="modes to run (default: all eight)")
+                   help=f"modes to run, space- or comma-separated (default: all: "
+                        f"{', '.join(MODES)})")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"examples per step, same for every model and mode "
                         f"(default {DEFAULTS['batch_size']}, --quick {QUICK['batch_size']})")
@@ -351,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (--quick)' if args.quick else ''}")
     if engines:
         print("dplis engine: " + ", ".join(f"{m} {e}" for m, e in engines.items()))
+    tuned = " ".join(f"{k}={v}" for k, v in env["allocator_env"].items())
+    print(f"allocator: {tuned or 'process defaults (no MALLOC_*, GLIBC_TUNABLES or LD_PRELOAD)'}")
     for note in notes:
         print(f"warning: {note}")
     print()

@@ -301,6 +301,17 @@ def _git_commit() -> str | None:
         return None
 
 
+ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
+
+
+def allocator_env() -> dict[str, str]:
+    """Environment variables that change the process's memory allocator (glibc ``MALLOC_*``
+    tunables, ``GLIBC_TUNABLES``, a preloaded jemalloc/tcmalloc, torch's huge-page switch):
+    on CPU they move step times by up to 2x (page faults), so a run records them."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("MALLOC_") or k in ALLOCATOR_ENV}
+
+
 def environment() -> dict:
     """Versions and machine facts recorded with every run."""
     import platform
@@ -321,6 +332,7 @@ def environment() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "allocator_env": allocator_env(),
     }
     try:
         with open("/proc/cpuinfo") as f:

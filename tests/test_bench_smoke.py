@@ -8,6 +8,7 @@ an error, and that the equivalence check ran. Needs the bench extra (opacus).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def test_cli_writes_every_mode_row(tmp_path: Path) -> None:
         m: True for m in MODES if m.startswith("opacus_")}
     for mode in MODES:
         assert mode in stdout
+    assert "allocator: " in stdout and isinstance(data["allocator_env"], dict)
 
 
 def test_failed_opacus_mode_carries_its_error(tmp_path: Path) -> None:
@@ -75,3 +77,18 @@ def test_failed_opacus_mode_carries_its_error(tmp_path: Path) -> None:
     ghost = rows["opacus_ghost"]
     assert ghost["error"] and "tying" in ghost["error"]
     assert ghost["examples_per_s"] is None and ghost["step_ms"] is None
+
+
+def test_allocator_settings_are_recorded(monkeypatch) -> None:
+    from bench.runner import environment
+
+    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert environment()["allocator_env"] == {}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "268435456")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert environment()["allocator_env"] == {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2",
+                                              "MALLOC_TRIM_THRESHOLD_": "268435456"}
