@@ -137,3 +137,23 @@ def test_passes_accumulate_in_place_without_touching_the_callers_tensors(first, 
     torch.testing.assert_close(pg.finish(), want.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
     for t, c in zip(handed, copies):
         assert torch.equal(t, c)
+
+
+def test_a_parameter_once_formed_stays_formed_between_passes(monkeypatch):
+    """Once [B, m, n] exists, later passes are added to it at once (no factors held over),
+    even where the cost model alone would now pick the ghost norm."""
+    gen = torch.Generator().manual_seed(11)
+    passes = [[dense(3, gen)], [dense(2, gen), index(2, gen)], [dense(4, gen)]]
+    pg = ParamGrad(torch.Size([M, N]), 1 / 3)
+    monkeypatch.setattr(ParamGrad, "_use_ghost", lambda self, growth=1.0: False)
+    pg.add(passes[0][0])
+    pg.settle(3.0)
+    monkeypatch.setattr(ParamGrad, "_use_ghost", lambda self, growth=1.0: True)
+    for done, parts in enumerate(passes[1:], 2):
+        for p in parts:
+            pg.add(p)
+        if done < 3:
+            pg.settle(3 / done)
+            assert not pg.dense and not pg.index and pg.owned
+    want = sum(formed(p) for ps in passes for p in ps) / 3
+    torch.testing.assert_close(pg.finish(), want.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
