@@ -126,9 +126,9 @@ class ParamGrad:
     def _materialise(self) -> None:
         """Add the factors' per-example gradients [B, m, n] (unscaled) to ``explicit``: in
         place once it is this object's own buffer (a K-pass sum costs no extra [B, m, n])."""
-        batch = (self.dense or self.index)[0].u.shape[0]
+        first = (self.dense or self.index)[0].u
+        batch, device, dense = first.shape[0], first.device, self.dense
         m, n = self.shape[0], self.shape[1:].numel()
-        dense, device = self.dense, (self.dense or self.index)[0].u.device
         if self.owned:  # a view: shapes [B, *shape] and [B, m, n] of one contiguous buffer
             full = self.explicit.view(batch, m, n)
         else:
