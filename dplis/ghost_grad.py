@@ -82,9 +82,12 @@ class ParamGrad:
         positions grew ``growth``-fold (the passes still to come), form it now, so that the
         factors (activations, output gradients) of one pass at a time are held. With explicit
         parts (or formed already) it is formed in any case, as ``finish`` would."""
-        if (self.dense or self.index) and (self.explicit is not None
-                                           or not self._use_ghost(growth)):
+        if (self.dense or self.index) and self._explicit_form(growth):
             self._materialise()
+
+    def _explicit_form(self, growth: float = 1.0) -> bool:
+        """Formed as [B, m, n]: always with explicit parts (or once formed), else by cost."""
+        return self.explicit is not None or not self._use_ghost(growth)
 
     def _use_ghost(self, growth: float = 1.0) -> bool:
         """Ghost norm when its Gram products cost less than forming [B, m, n] (per example)."""
@@ -104,7 +107,7 @@ class ParamGrad:
         """Squared per-example norms [B] (fp32); picks ghost or explicit for this parameter."""
         if not (self.dense or self.index):
             return self._explicit_sq()
-        if self.explicit is not None or not self._use_ghost():  # explicit parts: form it all
+        if self._explicit_form():
             self._materialise()
             return self._explicit_sq()
         if not self.index and len(self.dense) == 1 and self.dense[0].positions == 1:

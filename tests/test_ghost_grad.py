@@ -51,7 +51,7 @@ def test_norms_and_clipped_sums_match_formed_gradients(case, ghost, scale, monke
     pg = ParamGrad(torch.Size([M, N]), scale)
     for p in parts:
         pg.add(p)
-    monkeypatch.setattr(ParamGrad, "_use_ghost", lambda self: ghost)
+    monkeypatch.setattr(ParamGrad, "_use_ghost", lambda self, growth=1.0: ghost)
     sq = pg.finish()
     torch.testing.assert_close(sq, want.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
     c = torch.rand(B, generator=gen)
