@@ -40,3 +40,19 @@ def agree(error: BaseException | None, device: torch.device) -> None:
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def close(completed: bool) -> None:
+    """Leave the process group; after a run that ``completed`` on every rank, barrier first.
+
+    The barrier makes exit safe with gloo. Each gloo worker thread frees a finished
+    collective's tensors while holding the group's queue lock, and a tensor whose Python
+    object is gone needs the GIL to be freed. If the interpreter is already finalising by
+    then, the thread dies and the process aborts ("terminate called without an active
+    exception"); ``destroy_process_group`` alone does not prevent it. Queuing the barrier
+    takes that lock with the GIL released, so it returns only once every earlier collective
+    is freed. A run that failed skips the barrier (a rank may be stuck in another collective).
+    """
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()

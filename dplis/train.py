@@ -96,11 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    completed = False
     try:
-        return run(args)
+        result = run(args)
+        completed = True
+        return result
     finally:
         if launched:
-            dist.destroy_process_group()
+            distributed.close(completed)
 
 
 def run(args: argparse.Namespace) -> dict:

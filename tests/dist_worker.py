@@ -8,6 +8,7 @@ from helpers import mlp_case
 from torch import nn
 
 import dplis
+from dplis import distributed
 
 SMOOTH = dict(smoothing_std=0.05, num_perturbations=3)
 
@@ -55,7 +56,9 @@ def checks(rank: int, world: int) -> dict:
 def run(rank: int, world: int, port: int, folder: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    completed = False
     try:
         torch.save(checks(rank, world), os.path.join(folder, f"rank{rank}.pt"))
+        completed = True
     finally:
-        dist.destroy_process_group()
+        distributed.close(completed)

@@ -77,3 +77,13 @@ def test_bf16_agrees_with_fp32(case, engine):
     # bf16 keeps 8 mantissa bits: 2^-8 ≈ 0.4 % per value, a few % after the network
     rel = float((grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm())
     assert 0 < rel < 0.05, rel  # > 0: autocast really ran in bf16
+
+
+@pytest.mark.parametrize("completed", [True, False])
+def test_close_barriers_only_after_a_completed_run(monkeypatch, completed):
+    from dplis import distributed
+    calls = []
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.close(completed)
+    assert calls == (["barrier", "destroy"] if completed else ["destroy"])
