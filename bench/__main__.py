@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dplis-engine", choices=("auto", "vmap", "ghost"), default=None,
                    help="dplis per-example engine for the dplis_* modes and the equivalence "
                         "check (default: the library default, auto)")
+    p.add_argument("--dplis-compile", action="store_true",
+                   help="dplis_* modes with compile=True (torch.compile of the vmap engine's "
+                        "per-example gradients; use with --dplis-engine vmap)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default, one per core)")
     p.add_argument("--timeout", type=float, default=600.0,
@@ -256,7 +259,7 @@ def format_markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings(max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
-                        dplis_engine=args.dplis_engine)
+                        dplis_engine=args.dplis_engine, dplis_compile=args.dplis_compile)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()

@@ -52,7 +52,7 @@ class Settings:
 
     ``smoothing_std`` is the DPlis perturbation std s used by the K > 1 modes (K = 1 is plain
     DP-SGD, s = 0). ``dplis_engine`` ("auto" | "vmap" | "ghost") is passed to dplis as
-    ``engine=`` when set.
+    ``engine=`` when set, ``dplis_compile`` as ``compile=``.
     """
 
     max_grad_norm: float = 1.0
@@ -61,6 +61,7 @@ class Settings:
     smoothing_std: float = 1e-3
     seed: int = 0
     dplis_engine: str | None = None  # None: the library default ("auto")
+    dplis_compile: bool = False  # compile=True (torch.compile of the vmap engine)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -210,8 +211,9 @@ def make_opacus(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def dplis_options(settings: Settings) -> dict:
-    """Keyword arguments selecting the dplis engine (none: the library default)."""
-    return {} if settings.dplis_engine is None else {"engine": settings.dplis_engine}
+    """Keyword arguments selecting the dplis engine and compile (none: the library default)."""
+    options = {} if settings.dplis_engine is None else {"engine": settings.dplis_engine}
+    return options | ({"compile": True} if settings.dplis_compile else {})
 
 
 def dplis_engine_used(name: str, settings: Settings | None = None) -> str:

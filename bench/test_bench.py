@@ -38,7 +38,8 @@ def bench_config(request: pytest.FixtureRequest) -> dict:
             pytest.skip("--bench-device cuda: CUDA is not available")
     return {"device": device, "batch_size": opt("--bench-batch-size"),
             "rounds": opt("--bench-rounds"),
-            "settings": Settings(dplis_engine=opt("--bench-dplis-engine"))}
+            "settings": Settings(dplis_engine=opt("--bench-dplis-engine"),
+                                 dplis_compile=opt("--bench-dplis-compile"))}
 
 
 @pytest.fixture(scope="session")

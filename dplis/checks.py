@@ -55,6 +55,13 @@ def choice(name: str, value: object, allowed: tuple) -> object:
     return value
 
 
+def flag(name: str, value: object) -> bool:
+    """A bool (an on/off option; 0 and 1 refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def delta(value: object) -> float:
     """δ of (ε, δ)-DP: in (0, 1)."""
     value = _real("delta", value)

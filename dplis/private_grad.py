@@ -13,6 +13,7 @@ no [B, D] buffer; its noise goes through ``kernels.add_noise``. Sums are accumul
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from . import checks, ghost, kernels
+from . import checks, compiled, ghost, kernels
 from .kernels import NonFiniteError
 from .secure_noise import secure_gaussian
 from .validation import validate
@@ -104,8 +105,10 @@ def restore_on_error(generator: torch.Generator | None) -> Iterator[None]:
         raise
 
 
-def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, targets, forward):
-    """[k, B, D] flat gradients and [k, B] losses at the k parameter points ``thetas`` [k, D]."""
+def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, targets, forward,
+                       compile):
+    """[k, B, D] flat gradients and [k, B] losses at the k parameter points ``thetas`` [k, D]
+    (``compile``: through ``torch.compile``, see ``dplis.compiled``)."""
     sizes = [s.numel() for s in shapes]
 
     def loss_one(flat, xs, y):
@@ -117,9 +120,13 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
         return loss, loss.detach()
 
     per_example = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
-    return vmap(per_example, in_dims=(0, None, None), randomness="different")(
-        thetas, inputs, targets
-    )
+
+    def batched(ths: torch.Tensor, xs: tuple, y: torch.Tensor):
+        return vmap(per_example, in_dims=(0, None, None), randomness="different")(ths, xs, y)
+
+    if compile:
+        return compiled.run_padded(batched, thetas, inputs, targets)
+    return batched(thetas, inputs, targets)
 
 
 def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor],
@@ -130,6 +137,19 @@ def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor
     if checks.choice("engine", engine, ENGINES) == "auto":
         return "ghost" if ghost.supports(model, params, plan) else "vmap"
     return engine
+
+
+def compile_applies(compile: bool, requested: str, engine: str) -> bool:
+    """Whether ``compile`` takes effect: the vmap engine compiles; asking the ghost engine to
+    raises, and "auto" resolved to ghost warns that ``compile`` does nothing."""
+    if checks.flag("compile", compile) and engine == "ghost":
+        if requested == "ghost":
+            raise ValueError('compile=True applies to engine="vmap"; the ghost engine runs eager')
+        warnings.warn('compile=True has no effect: engine="auto" chose the ghost engine for '
+                      'this model; pass engine="vmap" to compile the per-example gradients',
+                      stacklevel=3)
+        return False
+    return compile
 
 
 def private_step(
@@ -152,6 +172,7 @@ def private_step(
     secure_rng: bool = False,
     precision: str = "fp32",
     verify: bool = True,
+    compile: bool = False,
 ) -> PrivateStep:
     """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``.
 
@@ -166,7 +187,9 @@ def private_step(
     runs the model's forward (and so its backward) under bf16 autocast; per-example norms,
     clipping, sums and noise stay in fp32. ``verify`` (ghost engine): also check that the
     per-example gradients add up to autograd's batch gradient (one more weight-gradient pass;
-    ``PrivateTrainer`` does it on its first step only).
+    ``PrivateTrainer`` does it on its first step only). ``compile`` (vmap engine): run the
+    per-example gradients through ``torch.compile`` (``dplis.compiled``: one compilation per
+    batch-size bucket, same results); the ghost engine ignores it.
     """
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
@@ -185,7 +208,8 @@ def private_step(
     validate(model)
     params = trainable(model)
     plan = ghost.plan_layers(model, params)
-    engine = resolve_engine(engine, model, params, plan)
+    requested, engine = engine, resolve_engine(engine, model, params, plan)
+    compile = compile_applies(compile, requested, engine)
     first = next(iter(params.values()))
     device, dtype = first.device, first.dtype
     forward = forward_context(checks.choice("precision", precision, PRECISIONS), device)
@@ -220,7 +244,7 @@ def private_step(
     def vmap_grads(x: tuple, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[1 or K, b, D] per-example gradients (K-averaged when chunked) and [K, b] losses."""
         parts = [_per_example_grads(model, loss_fn, list(params), shapes, thetas[i:i + chunk],
-                                    frozen, x, y, forward) for i in range(0, k, chunk)]
+                                    frozen, x, y, forward, compile) for i in range(0, k, chunk)]
         losses = torch.cat([p[1] for p in parts])
         if len(parts) == 1:
             return parts[0][0], losses

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import __version__, distributed, models
 from .data import load_dataset
-from .private_grad import PRECISIONS
+from .private_grad import ENGINES, PRECISIONS
 from .trainer import PrivateTrainer
 
 DEFAULT_RADIUS = 40.0  # tuned on MNIST-1D at ε = 3 (docs/compare_full.md)
@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast forward/backward; norms, clipping, noise in fp32")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="per-example engine (auto: ghost when every layer has a rule)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the vmap engine's per-example gradients (--engine vmap)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -132,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
         smoothing_radius=radius if dplis else None,
         num_perturbations=args.perturbations if dplis else 1,
         seed=None if args.secure_rng else args.seed, secure_rng=args.secure_rng,
-        precision=args.precision, dataset_size=len(train))
+        precision=args.precision, dataset_size=len(train), engine=args.engine,
+        compile=args.compile)
     if args.resume:
         if not args.checkpoint:
             raise SystemExit("--resume needs --checkpoint PATH")

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import __version__, checks, distributed
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
-from .private_grad import PRECISIONS, private_step, resolve_engine, trainable
+from .private_grad import PRECISIONS, compile_applies, private_step, resolve_engine, trainable
 from .sampling import poisson_batches
 from .validation import validate
 
@@ -42,7 +42,8 @@ class PrivateTrainer:
     learning rate: s·lr_t/lr_0) or "linear" (s decays linearly to 0 over ``steps``/``epochs``).
     ``engine``: "auto" (ghost when every layer has a rule, else vmap), "ghost" or "vmap";
     ``max_physical_batch_size`` bounds memory: the Poisson batch is processed in chunks and
-    the noise added once per logical step (Opacus's virtual steps).
+    the noise added once per logical step (Opacus's virtual steps). ``compile=True`` (vmap
+    engine) runs the per-example gradients through ``torch.compile`` (``dplis.compiled``).
     ``precision="bf16"``: forward and backward under bf16 autocast; per-example norms,
     clipping and noise stay in fp32. Under torch.distributed (``torchrun``) see
     ``dplis.distributed``: the privacy accounting is that of the single-process run.
@@ -81,6 +82,7 @@ class PrivateTrainer:
         backend: str | None = None,
         secure_rng: bool = False,
         precision: str = "fp32",
+        compile: bool = False,
     ):
         validate(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -104,6 +106,7 @@ class PrivateTrainer:
         checks.choice("accountant", accountant, ACCOUNTANTS)
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
         self.engine = resolve_engine(engine, model, self.params)
+        self.compile = compile_applies(compile, engine, self.engine)
         self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
         self.backend = backend
@@ -252,7 +255,7 @@ class PrivateTrainer:
             max_physical_batch_size=self.max_physical_batch_size,
             perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
             offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
-            verify=self.accountant.steps == 0)
+            verify=self.accountant.steps == 0, compile=self.compile)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: target_delta)."""

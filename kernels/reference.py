@@ -25,8 +25,9 @@ def per_sample_sq_norms_torch(grads: list[torch.Tensor], batch_dims: int) -> tor
     """Σ_j ‖mean_k g_j[k, b]‖² for every example b -> float32 ``[B]``."""
     total = None
     for g in grads:
-        mean = as_kbd(g, batch_dims).float().mean(dim=0)
-        sq = mean.pow(2).sum(dim=1)
+        kbd = as_kbd(g, batch_dims)
+        mean = kbd[0] if kbd.shape[0] == 1 else kbd.float().mean(dim=0)
+        sq = torch.linalg.vector_norm(mean, dim=1, dtype=torch.float32).square()
         total = sq if total is None else total + sq
     return total
 

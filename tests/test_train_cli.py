@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch._dynamo.utils import counters
 
 from dplis import train
 
@@ -39,3 +41,18 @@ def test_train_module_runs_as_a_command(tmp_path):
 def test_bad_flag_is_refused():
     with pytest.raises(SystemExit):
         train.main(["--method", "sgd"])
+
+
+def test_compile_flag_gives_the_eager_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
+    flags = ["--epochs", "1", "--num-samples", "300", "--batch-size", "40", "--quiet",
+             "--engine", "vmap"]
+    eager = train.main(flags)
+    torch._dynamo.reset()  # below dynamo's per-function limit, where it would run eager
+    counters.clear()
+    compiled = train.main(flags + ["--compile"])
+    assert counters["stats"]["unique_graphs"] >= 1  # one per batch-size bucket met
+    assert compiled["flags"]["compile"] and compiled["flags"]["engine"] == "vmap"
+    assert compiled["accuracy"] == eager["accuracy"] and compiled["steps"] == eager["steps"]
+    for a, b in zip(compiled["history"], eager["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
