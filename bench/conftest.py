@@ -19,8 +19,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="timed steps per case (default 5)")
     group.addoption("--bench-dplis-engine", default=None, choices=("auto", "vmap", "ghost"),
                     help="dplis engine for the dplis_* cases (default: the library default)")
-    group.addoption("--bench-dplis-compile", action="store_true",
-                    help="dplis_* cases with compile=True (use with --bench-dplis-engine vmap)")
     group.addoption("--bench-threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's default)")
 

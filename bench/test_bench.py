@@ -38,8 +38,7 @@ def bench_config(request: pytest.FixtureRequest) -> dict:
             pytest.skip("--bench-device cuda: CUDA is not available")
     return {"device": device, "batch_size": opt("--bench-batch-size"),
             "rounds": opt("--bench-rounds"),
-            "settings": Settings(dplis_engine=opt("--bench-dplis-engine"),
-                                 dplis_compile=opt("--bench-dplis-compile"))}
+            "settings": Settings(dplis_engine=opt("--bench-dplis-engine"))}
 
 
 @pytest.fixture(scope="session")

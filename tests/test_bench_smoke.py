@@ -19,8 +19,9 @@ pytest.importorskip(
     "opacus", reason="opacus is not installed (benchmark extra: pip install -e '.[bench]')")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ["nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "dplis_k1_secure", "opacus_hooks",
-         "opacus_functorch", "opacus_ew", "opacus_ghost"]
+MODES = ["nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "dplis_k1_secure",
+         "dplis_k1_compiled", "dplis_k4_compiled", "opacus_hooks", "opacus_functorch",
+         "opacus_ew", "opacus_ghost"]
 ROW_KEYS = {"model", "mode", "batch_size", "examples_per_s", "step_ms", "peak_mem_mb",
             "ratio_to_nonprivate", "error"}
 
@@ -53,7 +54,8 @@ def test_cli_writes_every_mode_row(tmp_path: Path) -> None:
             assert isinstance(r["error"], str) and r["error"]
             assert r["examples_per_s"] is None
     by_mode = {r["mode"]: r for r in rows}
-    for mode in ("nonprivate", "dplis_k1", "dplis_k4", "dplis_k8"):
+    for mode in ("nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "dplis_k1_compiled",
+                 "dplis_k4_compiled"):
         assert by_mode[mode]["error"] is None, by_mode[mode]
     assert by_mode["nonprivate"]["ratio_to_nonprivate"] == pytest.approx(1.0)
     # the equivalence check ran, and on the MLP every Opacus mode agrees with dplis K=1
