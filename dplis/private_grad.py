@@ -189,7 +189,8 @@ def private_step(
     per-example gradients add up to autograd's batch gradient (one more weight-gradient pass;
     ``PrivateTrainer`` does it on its first step only). ``compile`` (vmap engine): run the
     per-example gradients through ``torch.compile`` (``dplis.compiled``: one compilation per
-    batch-size bucket, same results); the ghost engine ignores it.
+    batch-size bucket, same results); refused with engine="ghost", ignored with a warning
+    when "auto" picks ghost (see ``compile_applies``).
     """
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
@@ -335,7 +336,8 @@ def private_grad(
     argument, NaN/inf loss or gradient) nothing changes, the generator included.
     ``options`` (see ``private_step``): ``engine`` ("auto" | "vmap" | "ghost"),
     ``max_physical_batch_size``, ``perturbation_chunk_size`` (vmap: how many of the K batched
-    perturbed passes are stored at once), ``backend``, ``offset``, ``secure_rng``.
+    perturbed passes are stored at once), ``backend``, ``offset``, ``secure_rng``,
+    ``precision``, ``compile`` (vmap engine: ``torch.compile``, see ``dplis.compiled``).
     """
     return private_step(
         model, loss_fn, inputs, targets, max_grad_norm=max_grad_norm,
