@@ -43,12 +43,12 @@ def dropout_case(batch: int):
     return model, F.cross_entropy, torch.randn(batch, 10), torch.randint(0, 3, (batch,))
 
 
-def grads(case, batch, k, compile):
+def grads(case, batch, k, compile, **options):
     model, loss_fn, x, y = case(batch)
     out = dplis.private_grad(
         model, loss_fn, x, y, max_grad_norm=0.5, noise_multiplier=1.0,
         smoothing_std=0.05 if k > 1 else 0.0, num_perturbations=k,
-        generator=torch.Generator().manual_seed(3), engine="vmap", compile=compile)
+        generator=torch.Generator().manual_seed(3), engine="vmap", compile=compile, **options)
     return torch.cat([g.flatten() for g in out.values()])
 
 
@@ -61,6 +61,15 @@ def grads(case, batch, k, compile):
 def test_compiled_equals_eager(case, batch, k):
     eager, compiled = grads(case, batch, k, False), grads(case, batch, k, True)
     assert eager.abs().max() > 0 and compiled_graphs() == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_physical_and_perturbation_chunks_equal_eager():
+    # chunks of 5, 5, 3 examples (buckets 8, 8) and of 2 + 1 perturbations
+    options = dict(max_physical_batch_size=5, perturbation_chunk_size=2)
+    eager = grads(mlp_case, 13, 3, False, **options)
+    compiled = grads(mlp_case, 13, 3, True, **options)
+    assert compiled_graphs() == 2  # 2 or 1 perturbations, each padded to 8 examples
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
