@@ -1,7 +1,8 @@
 """``compile=True`` for the vmap engine: ``torch.compile`` of the per-example gradient function.
 
-The compiled function is specialised to its shapes (``dynamic=False``: dynamic batch sizes
-fail inside vmap's convolution backward in torch 2.13). Poisson batches vary in size, so a
+The compiled function is specialised to its shapes (``dynamic=False``: with dynamic batch
+sizes torch 2.13 fails on vmap's batched tensors, e.g. in the convolution backward and in
+cross-entropy's gather). Poisson batches vary in size, so a
 batch of b examples is padded to ``bucket(b)`` with copies of its first example. Their
 gradients and losses are dropped, and the real examples' results are unchanged. Each bucket
 compiles once per process. A bucket is a multiple of a quarter of the power of two below b,
