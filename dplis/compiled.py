@@ -2,13 +2,12 @@
 
 The compiled function is specialised to its shapes (``dynamic=False``: with dynamic batch
 sizes torch 2.13 fails on vmap's batched tensors, e.g. in the convolution backward and in
-cross-entropy's gather). Poisson batches vary in size, so a
-batch of b examples is padded to ``bucket(b)`` with copies of its first example. Their
-gradients and losses are dropped, and the real examples' results are unchanged. Each bucket
-compiles once per process. A bucket is a multiple of a quarter of the power of two below b,
-and at least 8: at most 4 buckets per doubling of b, and fewer than max(8, b/4) padded
-examples.
-``fallback_random`` makes Inductor draw random numbers (dropout) as eager torch does.
+cross-entropy's gather). Poisson batches vary in size, so a batch of b examples is padded to
+``bucket(b)`` with copies of its first example. Their gradients and losses are dropped, and
+the real examples' results are unchanged. Each bucket compiles once per process. A bucket is
+a multiple of a quarter of the power of two below b, and at least 8: at most 4 buckets per
+doubling of b, and fewer than max(8, b/4) padded examples. ``fallback_random`` makes
+Inductor draw random numbers (dropout) as eager torch does.
 """
 
 from __future__ import annotations
