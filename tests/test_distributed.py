@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 from dist_worker import SMOOTH, run, trainer_for
 from helpers import cnn_case, mlp_case
 
+from dplis import distributed
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -81,7 +83,6 @@ def test_bf16_agrees_with_fp32(case, engine):
 
 @pytest.mark.parametrize("completed", [True, False])
 def test_close_barriers_only_after_a_completed_run(monkeypatch, completed):
-    from dplis import distributed
     calls = []
     monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
