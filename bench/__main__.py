@@ -22,6 +22,7 @@ import torch
 from .cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings, dplis_engine_used, dplis_options
 from .equivalence import EQUIVALENCE_MAX_BATCH, check_model, describe
 from .runner import (
+    MALLOC_CHOICES,
     MEMORY_METHOD,
     Measurement,
     context,
@@ -108,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "check (default: the library default, auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default, one per core)")
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="default",
+                   help="retain: every case's process (every mode alike) first calls "
+                        "dplis.retain_freed_memory(), so glibc keeps freed memory and steps "
+                        "pay no page faults; default: the process's allocator as it is "
+                        "(default %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds before one case is abandoned and reported failed "
                         "(default %(default)s)")
@@ -256,6 +262,15 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def allocator_line(variables: dict[str, str], malloc: str) -> str:
+    """How the cases' allocator was set up: environment variables and ``--malloc``."""
+    parts = [f"{k}={v}" for k, v in variables.items()]
+    if malloc == "retain":
+        parts.append("--malloc retain (dplis.retain_freed_memory() in every case's process: "
+                     "M_TRIM_THRESHOLD 256 MiB, M_MMAP_THRESHOLD 32 MiB)")
+    return " ".join(parts) or "process defaults (no MALLOC_*, GLIBC_TUNABLES or LD_PRELOAD)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings(max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
@@ -294,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 todo.append(dict(model=model, mode=mode, batch_size=args.batch_size,
                                  device=args.device, steps=args.steps, warmup=args.warmup,
-                                 settings=settings, threads=args.threads))
+                                 settings=settings, threads=args.threads,
+                                 malloc=args.malloc))
         if ctx is None:
             for kwargs in todo:
                 progress.show(f"{model} {kwargs['mode']} (batch {args.batch_size})")
@@ -334,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "quick": args.quick, "batch_size": args.batch_size, "steps": args.steps,
             "warmup": args.warmup, "rounds": rounds, "threads": args.threads,
+            "malloc": args.malloc,
             "models": args.models, "modes": args.modes,
             "isolated": ctx is not None, **settings.as_dict(), "dplis_engine_used": engines,
             "ratio_definition": "step_ms / step_ms of the reference mode (higher = slower)",
@@ -355,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (--quick)' if args.quick else ''}")
     if engines:
         print("dplis engine: " + ", ".join(f"{m} {e}" for m, e in engines.items()))
-    tuned = " ".join(f"{k}={v}" for k, v in env["allocator_env"].items())
-    print(f"allocator: {tuned or 'process defaults (no MALLOC_*, GLIBC_TUNABLES or LD_PRELOAD)'}")
+    print(f"allocator: {allocator_line(env['allocator_env'], args.malloc)}")
     for note in notes:
         print(f"warning: {note}")
     print()

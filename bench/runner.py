@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dplis import retain_freed_memory
+
 from .cases import Settings, make_step
 from .equivalence import describe
 
@@ -104,10 +106,12 @@ class Measurement:
 
 def measure(model: str, mode: str, batch_size: int, *, device: str = "cpu", steps: int = 10,
             warmup: int = 2, settings: Settings | None = None,
-            threads: int | None = None) -> Measurement:
-    """Build the case, run ``warmup`` + ``steps`` steps; never raises for a failing mode."""
-    if threads:
-        torch.set_num_threads(threads)
+            threads: int | None = None, malloc: str = "default") -> Measurement:
+    """Build the case, run ``warmup`` + ``steps`` steps; never raises for a failing mode.
+
+    ``malloc="retain"``: ``dplis.allocator.retain_freed_memory()`` first (every mode alike).
+    """
+    prepare(threads, malloc)
     dev = torch.device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' notices would garble the progress line
@@ -130,6 +134,21 @@ def measure(model: str, mode: str, batch_size: int, *, device: str = "cpu", step
         return Measurement(times=times, peak_mem_mb=meter.peak_mb())
 
 
+MALLOC_CHOICES = ("default", "retain")
+
+
+def prepare(threads: int | None, malloc: str) -> None:
+    """Process setup before a case is built: torch threads, and with ``malloc="retain"`` glibc
+    keeps freed memory (``dplis.allocator.retain_freed_memory``: no page faults from step to
+    step); applied alike to every mode, non-private and Opacus included."""
+    if threads:
+        torch.set_num_threads(threads)
+    if malloc not in MALLOC_CHOICES:
+        raise ValueError(f"malloc must be one of {MALLOC_CHOICES}, got {malloc!r}")
+    if malloc == "retain" and not retain_freed_memory():
+        raise RuntimeError("malloc='retain' needs glibc (mallopt); this C library is not glibc")
+
+
 def _serve(conn, kwargs: dict) -> None:
     """Child process: build one case, warm it up, then time steps on request.
 
@@ -139,8 +158,7 @@ def _serve(conn, kwargs: dict) -> None:
     """
     try:
         warnings.simplefilter("ignore")  # Opacus' notices would garble the progress line
-        if kwargs.get("threads"):
-            torch.set_num_threads(kwargs["threads"])
+        prepare(kwargs.get("threads"), kwargs.get("malloc", "default"))
         dev = torch.device(kwargs["device"])
         step = make_step(kwargs["model"], kwargs["mode"], kwargs["batch_size"], device=dev,
                          settings=kwargs.get("settings"))

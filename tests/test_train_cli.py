@@ -56,3 +56,21 @@ def test_compile_flag_gives_the_eager_run(tmp_path, monkeypatch):
     assert compiled["accuracy"] == eager["accuracy"] and compiled["steps"] == eager["steps"]
     for a, b in zip(compiled["history"], eager["history"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("flag, device, applied", [
+    ([], "cpu", True), (["--malloc", "default"], "cpu", False), ([], "meta", False)])
+def test_malloc_flag_decides_whether_freed_memory_is_retained(monkeypatch, flag, device,
+                                                              applied):
+    class Reached(Exception):
+        """run() got past the allocator setup to the data: stop there."""
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    calls = []
+    monkeypatch.setattr(train, "retain_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(train, "load_dataset", stop)
+    with pytest.raises(Reached):
+        train.run(train.build_parser().parse_args(["--device", device, *flag]))
+    assert calls == ([1] if applied else [])
