@@ -10,6 +10,8 @@ every rank, so perturbations are identical and the models stay in lock-step.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
@@ -27,10 +29,38 @@ def shard(dataset: Dataset, rank: int, size: int) -> Dataset:
     return dataset if size == 1 else Subset(dataset, range(rank, len(dataset), size))
 
 
+# Tensors handed to a collective, held from Python until the collective's C++ work has let
+# go of them (see ``close``); pruned at every collective, so at most a few are held.
+_held: list[torch.Tensor] = []
+RELEASE_TIMEOUT_S = 10.0
+
+
+def _release(timeout: float = 0.0) -> bool:
+    """Drop the held tensors no collective work references any more (use count 1: this list
+    alone); with ``timeout``, wait up to that long for the others. True when none is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _held[:] = [t for t in _held if t._use_count() > 1]
+        if not _held or time.monotonic() >= deadline:
+            return not _held
+        time.sleep(1e-3)
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """``dist.all_reduce`` in place on ``tensor`` (returned), through an alias kept in
+    ``_held``: a tensor object of its own, so views the caller takes of ``tensor`` do not
+    count in its use count."""
+    alias = tensor.view(tensor.shape)
+    dist.all_reduce(alias, op=op)
+    _held.append(alias)
+    _release()
+    return tensor
+
+
 def agree(error: BaseException | None, device: torch.device) -> None:
     """Collective: raise on every rank if any rank failed (the failing rank re-raises its own)."""
-    flag = torch.tensor([0 if error is None else 1], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = _all_reduce(torch.tensor([0 if error is None else 1], device=device),
+                       dist.ReduceOp.MAX)
     if error is not None:
         raise error
     if int(flag) != 0:
@@ -38,21 +68,25 @@ def agree(error: BaseException | None, device: torch.device) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    """Σ over ranks, in place on ``tensor`` (returned)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def close(completed: bool) -> None:
-    """Leave the process group; after a run that ``completed`` on every rank, barrier first.
+    """Leave the process group; after a run that ``completed`` on every rank, barrier first
+    and wait until gloo has freed every collective's work.
 
-    The barrier makes exit safe with gloo. Each gloo worker thread frees a finished
-    collective's tensors while holding the group's queue lock, and a tensor whose Python
-    object is gone needs the GIL to be freed. If the interpreter is already finalising by
+    A gloo worker thread frees a finished collective's work, and with it the work's tensors,
+    sometimes after the caller's ``all_reduce`` has returned; a barrier's work also keeps
+    the collectives queued before it until it is freed itself. A tensor whose Python object
+    is already gone then needs the GIL to be freed; if the interpreter is finalising by
     then, the thread dies and the process aborts ("terminate called without an active
-    exception"); ``destroy_process_group`` alone does not prevent it. Queuing the barrier
-    takes that lock with the GIL released, so it returns only once every earlier collective
-    is freed. A run that failed skips the barrier (a rank may be stuck in another collective).
+    exception"). So every tensor handed to a collective here stays referenced from Python
+    (``_held``) until its use count shows no work holds it: the thread then never frees a
+    Python object. After the barrier, ``close`` waits (up to ``RELEASE_TIMEOUT_S``) for the
+    last ones. A run that failed skips both (a rank may be stuck in another collective).
     """
     if completed:
         dist.barrier()
+        _release(RELEASE_TIMEOUT_S)
     dist.destroy_process_group()

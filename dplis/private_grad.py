@@ -173,6 +173,7 @@ def private_step(
     precision: str = "fp32",
     verify: bool = True,
     compile: bool = False,
+    dropout_stream: int = 0,
 ) -> PrivateStep:
     """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``.
 
@@ -190,12 +191,16 @@ def private_step(
     ``PrivateTrainer`` does it on its first step only). ``compile`` (vmap engine): run the
     per-example gradients through ``torch.compile`` (``dplis.compiled``: one compilation per
     batch-size bucket, same results); refused with engine="ghost", ignored with a warning
-    when "auto" picks ghost (see ``compile_applies``).
+    when "auto" picks ghost (see ``compile_applies``). ``dropout_stream``: which of the
+    generator's dropout-mask streams this call draws from (seed + stream·2³¹; noise and
+    perturbations do not depend on it): ``PrivateTrainer`` passes its rank, so ranks that
+    share a generator (for the perturbations) still draw independent dropout masks.
     """
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
     std = checks.non_negative("smoothing_std", smoothing_std)
     k = checks.integer("num_perturbations", num_perturbations, 1)
+    stream = checks.integer("dropout_stream", dropout_stream, 0)
     chunk = k if perturbation_chunk_size is None else checks.integer(
         "perturbation_chunk_size", perturbation_chunk_size, 1)
     inputs, batch = as_batch(inputs, targets)
@@ -274,6 +279,7 @@ def private_step(
         fork_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices, enabled=generator is not None):
             if generator is not None:  # dropout masks from the generator's stream
+                dropout_seed += stream << 31  # seeds < 2**31: one stream per (seed, stream)
                 torch.random.default_generator.manual_seed(dropout_seed)
                 if fork_devices:
                     torch.cuda.manual_seed(dropout_seed)
@@ -337,7 +343,8 @@ def private_grad(
     ``options`` (see ``private_step``): ``engine`` ("auto" | "vmap" | "ghost"),
     ``max_physical_batch_size``, ``perturbation_chunk_size`` (vmap: how many of the K batched
     perturbed passes are stored at once), ``backend``, ``offset``, ``secure_rng``,
-    ``precision``, ``compile`` (vmap engine: ``torch.compile``, see ``dplis.compiled``).
+    ``precision``, ``compile`` (vmap engine: ``torch.compile``, see ``dplis.compiled``),
+    ``dropout_stream``.
     """
     return private_step(
         model, loss_fn, inputs, targets, max_grad_norm=max_grad_norm,

@@ -255,7 +255,8 @@ class PrivateTrainer:
             max_physical_batch_size=self.max_physical_batch_size,
             perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
             offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
-            verify=self.accountant.steps == 0, compile=self.compile)
+            verify=self.accountant.steps == 0, compile=self.compile,
+            dropout_stream=self.rank)  # the ranks share perturbations, not dropout masks
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: target_delta)."""

@@ -36,7 +36,12 @@ def checks(rank: int, world: int) -> dict:
                        max_grad_norm=2.0)
     zero.step(torch.randn(4, 200), torch.zeros(4, 100))
     out["noise"] = torch.cat([p.grad.flatten() for p in wide.parameters()])
-    # 3. a rank that fails makes every rank fail, and none applies anything
+    # 3. dropout: both ranks share the generator (perturbations) but not the dropout masks;
+    # the same batch on both ranks gives other per-example norms on each
+    torch.manual_seed(0)
+    drop = nn.Sequential(nn.Linear(10, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+    out["dropout_norms"] = trainer_for(drop, loss_fn)._private_step(x, y).norms
+    # 4. a rank that fails makes every rank fail, and none applies anything
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = trainer.generator.get_state()
     bad = x[rank::world].clone()

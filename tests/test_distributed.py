@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -48,6 +49,18 @@ def test_noise_is_added_once(ranks):
     assert abs(float(noise.std()) - target) < 6 * target / math.sqrt(2 * n)
 
 
+def test_ranks_draw_their_own_dropout_masks(ranks):
+    first, second = ranks[0]["dropout_norms"], ranks[1]["dropout_norms"]
+    assert first.shape == second.shape == (8,)
+    assert not torch.allclose(first, second)  # same batch, same generator, other masks
+    _, loss_fn, x, y = mlp_case(batch=8)
+    torch.manual_seed(0)
+    drop = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Dropout(0.5),
+                               torch.nn.Linear(32, 3))
+    alone = trainer_for(drop, loss_fn)._private_step(x, y).norms
+    assert torch.equal(first, alone)  # rank 0 draws the masks of a single process
+
+
 def test_a_failing_rank_fails_the_step_everywhere(ranks):
     assert ranks[1]["failure"] == "NonFiniteError"
     assert ranks[0]["failure"] == "RuntimeError"
@@ -82,9 +95,33 @@ def test_bf16_agrees_with_fp32(case, engine):
 
 
 @pytest.mark.parametrize("completed", [True, False])
-def test_close_barriers_only_after_a_completed_run(monkeypatch, completed):
+def test_close_barriers_and_waits_only_after_a_completed_run(monkeypatch, completed):
     calls = []
     monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed, "_release", lambda timeout: calls.append(("wait", timeout)))
     distributed.close(completed)
-    assert calls == (["barrier", "destroy"] if completed else ["destroy"])
+    wait = ("wait", distributed.RELEASE_TIMEOUT_S)
+    assert calls == (["barrier", wait, "destroy"] if completed else ["destroy"])
+
+
+def test_collective_tensors_are_held_until_nothing_else_references_them(monkeypatch):
+    monkeypatch.setattr(distributed, "_held", [])
+    seen = []
+
+    def all_reduce(alias, op):  # a work that keeps its tensor, as gloo's may for a while
+        alias.mul_(2)
+        # a C++ reference to the alias (an autograd graph saving it), like the work's
+        seen.append((torch.ones(3, requires_grad=True) * alias).sum())
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    flat = torch.ones(3)
+    views = flat[1:]  # the caller's views do not count
+    assert distributed.all_reduce_sum(flat) is flat and torch.equal(flat, torch.full((3,), 2.0))
+    assert len(distributed._held) == 1 and distributed._held[0] is not flat
+    start = time.monotonic()
+    assert not distributed._release(timeout=0.05)  # the "work" still holds it: kept
+    assert time.monotonic() - start >= 0.05 and len(distributed._held) == 1
+    seen.clear()  # the work is freed
+    assert distributed._release() and distributed._held == []
+    assert torch.equal(views, torch.full((2,), 2.0))

@@ -172,6 +172,30 @@ def test_dropout_masks_differ_per_example():
     assert torch.allclose(step.norms, step.norms[0].expand(6))
 
 
+@pytest.mark.parametrize("engine", ["vmap", "ghost"])
+def test_dropout_streams_change_the_masks_and_nothing_else(engine):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Dropout(0.5), nn.Linear(64, 2))
+    x, y = torch.randn(6, 8), torch.zeros(6, dtype=torch.long)
+
+    def norms(stream=None, **kw):
+        extra = {} if stream is None else {"dropout_stream": stream}
+        return dplis.private_step(model, nn.functional.cross_entropy, x, y, max_grad_norm=1e6,
+                                  noise_multiplier=0.0, engine=engine, **extra,
+                                  generator=torch.Generator().manual_seed(3), **kw).norms
+
+    assert torch.equal(norms(), norms(0))  # stream 0: the masks of a call without it
+    assert torch.equal(norms(1), norms(1))
+    assert not torch.allclose(norms(0), norms(1))  # another stream, other masks
+    model.eval()  # no dropout: noise and perturbations do not depend on the stream
+    smooth = dict(smoothing_std=0.1, num_perturbations=2)
+    grads = [dplis.private_grad(model, nn.functional.cross_entropy, x, y, max_grad_norm=1.0,
+                                noise_multiplier=1.0, engine=engine, dropout_stream=s,
+                                generator=torch.Generator().manual_seed(3), **smooth)
+             for s in (0, 5)]
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
 def test_buffers_are_read_not_updated():
     model, loss_fn, x, y = mlp_case()
     model.register_buffer("offset", torch.ones(3))
@@ -196,6 +220,8 @@ BAD = [
     (dict(max_grad_norm=-2.0), ValueError, "max_grad_norm"),
     (dict(num_perturbations=0), ValueError, "num_perturbations"),
     (dict(num_perturbations=1.5), TypeError, "num_perturbations"),
+    (dict(dropout_stream=-1), ValueError, "dropout_stream"),
+    (dict(dropout_stream=1.0), TypeError, "dropout_stream"),
     (dict(smoothing_std=-0.1), ValueError, "smoothing_std"),
     (dict(expected_batch_size=0), ValueError, "expected_batch_size"),
     (dict(perturbation_chunk_size=0), ValueError, "perturbation_chunk_size"),
