@@ -20,6 +20,12 @@ def trainer_for(model, loss_fn, **kw):
     return dplis.PrivateTrainer(model, torch.optim.SGD(params, lr=0.1), loss_fn, **args)
 
 
+def dropout_model() -> nn.Module:
+    """An MLP for ``mlp_case``'s inputs with a dropout layer, from a fixed seed."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+
+
 def checks(rank: int, world: int) -> dict:
     out = {}
     # 1. noise 0: each rank half of the batch -> the single-process update
@@ -38,9 +44,7 @@ def checks(rank: int, world: int) -> dict:
     out["noise"] = torch.cat([p.grad.flatten() for p in wide.parameters()])
     # 3. dropout: both ranks share the generator (perturbations) but not the dropout masks;
     # the same batch on both ranks gives other per-example norms on each
-    torch.manual_seed(0)
-    drop = nn.Sequential(nn.Linear(10, 32), nn.Dropout(0.5), nn.Linear(32, 3))
-    out["dropout_norms"] = trainer_for(drop, loss_fn)._private_step(x, y).norms
+    out["dropout_norms"] = trainer_for(dropout_model(), loss_fn)._private_step(x, y).norms
     # 4. a rank that fails makes every rank fail, and none applies anything
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = trainer.generator.get_state()

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_worker import SMOOTH, run, trainer_for
+from dist_worker import SMOOTH, dropout_model, run, trainer_for
 from helpers import cnn_case, mlp_case
 
 from dplis import distributed
@@ -54,10 +54,7 @@ def test_ranks_draw_their_own_dropout_masks(ranks):
     assert first.shape == second.shape == (8,)
     assert not torch.allclose(first, second)  # same batch, same generator, other masks
     _, loss_fn, x, y = mlp_case(batch=8)
-    torch.manual_seed(0)
-    drop = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Dropout(0.5),
-                               torch.nn.Linear(32, 3))
-    alone = trainer_for(drop, loss_fn)._private_step(x, y).norms
+    alone = trainer_for(dropout_model(), loss_fn)._private_step(x, y).norms
     assert torch.equal(first, alone)  # rank 0 draws the masks of a single process
 
 
