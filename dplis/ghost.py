@@ -39,8 +39,8 @@ def plan_layers(model: nn.Module, trainable: dict[str, torch.Tensor]
     canon = {id(p): n for n, p in trainable.items()}
     owners: dict[nn.Module, dict] = {}
     for module in model.modules():
-        owned = {a: canon[id(p)] for a, p in module.named_parameters(recurse=False)
-                 if id(p) in canon}
+        # every attribute holding a trainable (one parameter under two names: both uses count)
+        owned = {a: canon[id(p)] for a, p in module._parameters.items() if id(p) in canon}
         if owned:
             owners[module] = owned
     return owners
@@ -54,28 +54,35 @@ def supports(model: nn.Module, trainable: dict[str, torch.Tensor], owners: dict 
 
 
 def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs: dict,
-              grad: torch.Tensor, name: str) -> dict:
+              grad: torch.Tensor, label: Callable[[], str]) -> dict:
     """Per-example gradients of ``module``'s own parameters by vmap(vjp) over the batch."""
     own = {a: params[c].detach() for a, c in owned.items()}
 
     def one(x, g):
         def f(p):
-            return functional_call(module, p, tuple(t.unsqueeze(0) for t in x), kwargs)
+            return functional_call(module, p, tuple(t.unsqueeze(0) for t in x), kwargs,
+                                   tie_weights=False)  # each attribute its own tensor
         return vjp(f, own)[1](g.unsqueeze(0))[0]
 
     try:
         return vmap(one, randomness="different")(args, grad)
     except Exception as e:  # any layer vmap/vjp cannot handle: say which one
         raise ValueError(f"the ghost engine cannot compute per-example gradients of layer "
-                         f"{name} ({type(module).__name__}): {e}. Use engine='vmap'") from e
+                         f"{label()}: {e}. Use engine='vmap'") from e
 
 
-def _layer_grads(module: nn.Module, name: str, rule, owned: dict, params: dict, args: tuple,
-                 kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
+def _label(model: nn.Module, module: nn.Module) -> str:
+    """``module``'s name in ``model`` and its type, for error messages."""
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    return f"{name or '<root>'} ({type(module).__name__})"
+
+
+def _layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: dict,
+                 args: tuple, kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
     """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call."""
     shapes = [t.shape[0] for t in (*args, dout) if isinstance(t, torch.Tensor)]
     if any(s != batch for s in shapes):
-        raise ValueError(f"layer {name} ({type(module).__name__}) got an input or output "
+        raise ValueError(f"layer {_label(model, module)} got an input or output "
                          f"without the batch dimension {batch} first: per-example "
                          "gradients need every layer input to carry the batch")
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -84,7 +91,7 @@ def _layer_grads(module: nn.Module, name: str, rule, owned: dict, params: dict, 
             raise Unsupported(type(module).__name__)
         return rule(module, args, dout)
     except Unsupported:
-        return _fallback(module, owned, params, args, kwargs, dout, name)
+        return _fallback(module, owned, params, args, kwargs, dout, lambda: _label(model, module))
 
 
 def _versions(call: tuple) -> tuple[int, ...]:
@@ -164,7 +171,6 @@ def clipped_sum(
     ``plan_layers(model, trainable)`` when the caller has it already.
     """
     plan = plan_layers(model, trainable) if owners is None else owners
-    names = {m: n for n, m in model.named_modules()}
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
     budget = Budget()
@@ -185,8 +191,8 @@ def clipped_sum(
             calls, loss = run(isolate=True)
         for module, _, _, output, _ in calls:
             if not isinstance(output, torch.Tensor):
-                raise ValueError(f"the ghost engine needs layer {names.get(module, '<root>')} "
-                                 f"({type(module).__name__}) to return one tensor, got "
+                raise ValueError(f"the ghost engine needs layer {_label(model, module)} "
+                                 "to return one tensor, got "
                                  f"{type(output).__name__}. Use engine='vmap'")
         wrt = [c[3] for c in calls] + (list(trainable.values()) if verify else [])
         records = [c[:3] for c in calls]
@@ -199,9 +205,8 @@ def clipped_sum(
                     batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
         for (module, args, kwargs), dout in zip(records, found):
             if dout is not None:
-                parts = _layer_grads(module, names.get(module, type(module).__name__),
-                                     rules[module], plan[module], trainable, args, kwargs, dout,
-                                     batch)
+                parts = _layer_grads(model, module, rules[module], plan[module], trainable,
+                                     args, kwargs, dout, batch)
                 for attr, part in parts.items():
                     if attr in plan[module]:
                         grads[plan[module][attr]].add(part)
@@ -217,11 +222,8 @@ def clipped_sum(
                 for g in grads.values():
                     g.settle(k / done)
     losses = torch.stack(losses)
-    sq = torch.zeros(batch, device=losses.device)
-    for g in grads.values():
-        if not g.empty:
-            sq = sq + g.finish()
-    norms = sq.sqrt()
+    sq = [g.finish() for g in grads.values() if not g.empty]
+    norms = (torch.stack(sq).sum(0) if sq else losses.new_zeros(batch)).sqrt()
     if not bool(torch.isfinite(norms).all()):  # the losses are the caller's to check
         bad = int((~torch.isfinite(norms)).sum())
         raise NonFiniteError(f"{bad} per-example gradients are NaN or infinite")
@@ -234,9 +236,11 @@ def clipped_sum(
 def _clipped_sums(grads: dict[str, ParamGrad], c: torch.Tensor) -> torch.Tensor:
     """Σ_b c_b g_b of every parameter, flat fp32 [D] in ``grads`` order."""
     sizes = [g.shape.numel() for g in grads.values()]
-    flat = torch.zeros(sum(sizes), device=c.device)
+    flat = torch.empty(sum(sizes), device=c.device)
     for g, part in zip(grads.values(), torch.split(flat, sizes)):
-        if not g.empty:  # an unused parameter keeps its zeros
+        if g.empty:  # an unused parameter: zeros
+            part.zero_()
+        else:
             g.clipped_sum(c, part)
     return flat
 

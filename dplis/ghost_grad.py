@@ -105,14 +105,17 @@ class ParamGrad:
 
     def finish(self) -> torch.Tensor:
         """Squared per-example norms [B] (fp32); picks ghost or explicit for this parameter."""
+        return self._unscaled_sq() if self.scale == 1 else self._unscaled_sq() * self.scale ** 2
+
+    def _unscaled_sq(self) -> torch.Tensor:
         if not (self.dense or self.index):
-            return self._explicit_sq()
+            return _sq(self.explicit.flatten(1))
         if self._explicit_form():
             self._materialise()
-            return self._explicit_sq()
+            return _sq(self.explicit.flatten(1))
         if not self.index and len(self.dense) == 1 and self.dense[0].positions == 1:
             u, v = self.dense[0].u, self.dense[0].v  # one position: ‖u vᵀ‖² = ‖u‖²‖v‖²
-            return _sq(u.flatten(1)) * _sq(v.flatten(1)) * self.scale ** 2
+            return _sq(u.flatten(1)).mul_(_sq(v.flatten(1)))
         u, v = _cat([f.u for f in self.dense]), _cat([f.v for f in self.dense])
         # the dense-dense block: the fused kernel (on a GPU no [B, P, P] Gram is stored)
         sq = None if u is None else kernels.ghost_sq_norms(u, v, backend=self.backend)
@@ -124,7 +127,7 @@ class ParamGrad:
                 cross = _gather_cols(u.float(), idx)  # [B, P_dense, P_index]
                 sq_index += 2 * cross.mul_(torch.bmm(v.float(), w.transpose(1, 2))).sum((1, 2))
             sq = sq_index if sq is None else sq + sq_index
-        return sq * self.scale ** 2
+        return sq
 
     def _materialise(self) -> None:
         """Add the factors' per-example gradients [B, m, n] (unscaled) to ``explicit``: in
@@ -151,24 +154,26 @@ class ParamGrad:
         self.explicit, self.owned = full.view(batch, *self.shape), True
         self.dense, self.index = [], []
 
-    def _explicit_sq(self) -> torch.Tensor:
-        return _sq(self.explicit.flatten(1)) * self.scale ** 2
-
     def clipped_sum(self, c: torch.Tensor, out: torch.Tensor) -> None:
         """Write s · Σ_b c_b · g_b (fp32) into ``out`` (flat, |shape| values), after ``finish``."""
-        c = c * self.scale
+        if self.scale != 1:
+            c = c * self.scale
         if self.explicit is not None:
             torch.mm(c.unsqueeze(0), self.explicit.flatten(1), out=out.view(1, -1))
             return
         out = out.view(self.shape[0], -1)
-        out.zero_()
-        for f in self.dense:
+        if not self.dense:
+            out.zero_()
+        for i, f in enumerate(self.dense):  # the first overwrites ``out``, the others add
             u, v = f.u.float(), f.v.float()
             if u.shape[2] <= v.shape[2]:  # weight the narrower side by c_b
                 u = u * c[:, None, None]
             else:
                 v = v * c[:, None, None]
-            out.addmm_(u.flatten(0, 1).T, v.flatten(0, 1))
+            if i == 0:
+                torch.mm(u.flatten(0, 1).T, v.flatten(0, 1), out=out)
+            else:
+                out.addmm_(u.flatten(0, 1).T, v.flatten(0, 1))
         for f in self.index:
             out.index_add_(0, f.u.flatten(), (f.v.float() * c[:, None, None]).flatten(0, 1))
 

@@ -79,6 +79,8 @@ class ConvFactor(Factor):
     def full(self) -> torch.Tensor:
         g, (batch, c_in, *spatial), c_out = self.geometry, self.x.shape, self.grad.shape[1]
         x, grad = self.x.float(), self.grad.float()  # bf16 autocast records mixed dtypes
+        if c_in == 1:
+            return self._full_one_channel(x, grad)
         # only the weight's shape is read: a zero-stride view, no [B·C_out, C_in, k, k] buffer
         weight = x.new_empty((1,) * (2 + len(g["kernel"]))).expand(batch * c_out, c_in,
                                                                    *g["kernel"])
@@ -87,6 +89,23 @@ class ConvFactor(Factor):
             weight, None, list(g["stride"]), list(g["padding"]), list(g["dilation"]), False,
             [0, 0], batch, [False, True, False])[1]
         return grad_w.reshape(batch, c_out, -1)
+
+    def _full_one_channel(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """C_in = 1: the per-example gradients [B, C_out, k·k] as ONE forward convolution of
+        the padded input [1, B, H, W] (the batch as channels) by the output gradients as B
+        groups of C_out kernels [Ho, Wo]; stride and dilation swap roles:
+        G[b, o, i, j] = Σ_{y,x} grad[b, o, y, x] · x_pad[b, 0, d·i + s·y, d·j + s·x].
+        On CPU (mkldnn) it took 0.45–0.75× the time of the grouped backward for every
+        one-channel layer measured, and more than the backward from C_in = 8 on."""
+        g, batch, c_out, out_size = self.geometry, x.shape[0], grad.shape[1], grad.shape[2:]
+        # the rows and columns the kernels reach (no output beyond the kernel's size)
+        reach = [d * (k - 1) + s * (o - 1) + 1 for d, k, s, o in
+                 zip(g["dilation"], g["kernel"], g["stride"], out_size)]
+        padded = F.pad(x, [p for p in reversed(g["padding"]) for _ in range(2)])
+        padded = padded[:, :, :reach[0], :reach[1]].transpose(0, 1)
+        kernels = grad.reshape(batch * c_out, 1, *out_size)
+        out = F.conv2d(padded, kernels, stride=g["dilation"], dilation=g["stride"], groups=batch)
+        return out.reshape(batch, c_out, -1)
 
     def add_to(self, full: torch.Tensor) -> None:
         full.add_(self.full())

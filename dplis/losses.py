@@ -24,14 +24,17 @@ PerExample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def per_example(loss_fn: Callable) -> PerExample:
     """output [B, ...], target [B, ...] -> fp32 losses [B], each ``loss_fn`` on one example."""
     batched = getattr(loss_fn, "per_example", None) or _builtin(loss_fn)
-    general = vmap(lambda out, t: loss_fn(out.unsqueeze(0), t.unsqueeze(0)),
-                   randomness="different")
+
+    def general(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return vmap(lambda o, y: loss_fn(o.unsqueeze(0), y.unsqueeze(0)),
+                    randomness="different")(out, t).float()
+
     if batched is None:
-        return lambda out, t: general(out, t).float()
+        return general
 
     def losses(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         value = batched(out, t)
-        return general(out, t).float() if value is None else value.float()
+        return general(out, t) if value is None else value.float()
     return losses
 
 

@@ -18,11 +18,11 @@ def mlp_case(batch: int = 6, seed: int = 0):
 
 def cnn_case(batch: int = 5, seed: int = 0):
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(2, 8, 3, stride=2), nn.GroupNorm(4, 8), nn.ReLU(),
+    model = nn.Sequential(  # one input channel, then eight: both per-example conv paths
+        nn.Conv2d(1, 8, 3, stride=2), nn.GroupNorm(4, 8), nn.ReLU(),
         nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 2 * 2, 4),
     )
-    return model, F.cross_entropy, torch.randn(batch, 2, 9, 9), torch.randint(0, 4, (batch,))
+    return model, F.cross_entropy, torch.randn(batch, 1, 9, 9), torch.randint(0, 4, (batch,))
 
 
 class EmbedNet(nn.Module):

@@ -121,6 +121,25 @@ def test_frozen_layers_get_no_hook_and_no_gradient():
     assert_close(g, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0))
 
 
+def test_a_parameter_under_two_names_of_one_layer_gets_both_uses():
+    class Twice(nn.Module):  # no rule: the vmap fallback, w.r.t. both attributes
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(4))
+            self.again = self.scale  # the same parameter, registered a second time
+
+        def forward(self, x):
+            return x * self.scale + x.square() * self.again
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Twice(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    g = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5, noise_multiplier=0.0,
+                           engine="ghost")  # verify=True: a missed use would raise
+    assert set(g) == {"0.scale", "1.weight", "1.bias"}
+    assert_close(g, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5))
+
+
 def test_layer_returning_a_tuple_is_refused_by_name():
     class Attend(nn.Module):
         def __init__(self):

@@ -80,14 +80,18 @@ def test_a_huge_parameter_is_never_materialised(monkeypatch):
     dict(kernel=(3, 3), dilation=(1, 1), padding=(1, 1), stride=(2, 2)),
     dict(kernel=(1, 3), dilation=(1, 2), padding=(0, 2), stride=(1, 1)),  # a Conv1d, as 2-D
     dict(kernel=(2, 2), dilation=(1, 1), padding=(0, 0), stride=(1, 1)),
+    # rows and columns past the kernels' reach (8 + 2 padded rows, 9 reached; 10 columns, 8)
+    dict(kernel=(3, 2), dilation=(2, 1), padding=(1, 0), stride=(2, 3)),
 ])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_conv_factor_full_is_the_unfold_product(geometry, batch, dtype):
+@pytest.mark.parametrize("channels", [1, 2])  # 1: the forward-convolution path
+def test_conv_factor_full_is_the_unfold_product(geometry, batch, dtype, channels):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 2, 5 if geometry["kernel"][0] > 1 else 1, 9, generator=gen,
-                    dtype=dtype)
-    w = torch.randn(4, 2, *geometry["kernel"], generator=gen, dtype=dtype)
+    height = 1 if geometry["kernel"][0] == 1 else 8 if geometry["stride"] == (2, 3) else 5
+    x = torch.randn(batch, channels, height, 10 if geometry["stride"] == (2, 3) else 9,
+                    generator=gen, dtype=dtype)
+    w = torch.randn(4, channels, *geometry["kernel"], generator=gen, dtype=dtype)
     y = F.conv2d(x, w, stride=geometry["stride"], padding=geometry["padding"],
                  dilation=geometry["dilation"])
     f = ConvFactor(x, torch.randn(y.shape, generator=gen, dtype=dtype), geometry)
