@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from .ghost_grad import Budget, ParamGrad
-from .ghost_rules import Unsupported, rule_for
+from .ghost_rules import Factor, Unsupported, rule_for
 from .kernels import NonFiniteError
 from .kernels.reference import clip_factors
 from .losses import per_example as losses_of
@@ -92,6 +92,12 @@ def _layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params:
         return rule(module, args, dout)
     except Unsupported:
         return _fallback(module, owned, params, args, kwargs, dout, lambda: _label(model, module))
+
+
+def _reads(args: tuple, storages: set[int]) -> bool:
+    """Whether a layer call's first argument is (a view of) one of the model's inputs."""
+    return bool(args) and isinstance(args[0], torch.Tensor) \
+        and args[0].untyped_storage().data_ptr() in storages
 
 
 def _versions(call: tuple) -> tuple[int, ...]:
@@ -178,6 +184,7 @@ def clipped_sum(
     batch_grad: dict[str, torch.Tensor] = {}
     losses = []
     per_example_loss = losses_of(loss_fn)
+    model_inputs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
 
     def run(isolate: bool) -> tuple[list, torch.Tensor]:
         with forward(), _recording(plan, isolate) as calls:
@@ -207,6 +214,10 @@ def clipped_sum(
             if dout is not None:
                 parts = _layer_grads(model, module, rules[module], plan[module], trainable,
                                      args, kwargs, dout, batch)
+                if _reads(args, model_inputs):  # the same input in every perturbed pass
+                    for part in parts.values():
+                        if isinstance(part, Factor):
+                            part.invariant = True
                 for attr, part in parts.items():
                     if attr in plan[module]:
                         grads[plan[module][attr]].add(part)

@@ -63,7 +63,9 @@ class ParamGrad:
 
     def add(self, part: Factor | torch.Tensor) -> None:
         if isinstance(part, Factor):
-            (self.index if part.index else self.dense).append(part)
+            group = self.index if part.index else self.dense
+            if not any(f.absorb(part) for f in group):
+                group.append(part)
             return
         part = part.reshape(part.shape[0], *self.shape).float()
         if self.explicit is None:  # the caller's tensor: not to be changed in place
@@ -81,8 +83,11 @@ class ParamGrad:
         """Between perturbed passes: if this parameter will be formed explicitly once the
         positions grew ``growth``-fold (the passes still to come), form it now, so that the
         factors (activations, output gradients) of one pass at a time are held. With explicit
-        parts (or formed already) it is formed in any case, as ``finish`` would."""
-        if (self.dense or self.index) and self._explicit_form(growth):
+        parts (or formed already) it is formed in any case, as ``finish`` would. Factors of a
+        layer fed the model's inputs wait: the next passes' factors fold into them (``absorb``),
+        so they neither grow nor are formed more than once."""
+        factors = self.dense + self.index
+        if factors and not all(f.invariant for f in factors) and self._explicit_form(growth):
             self._materialise()
 
     def _explicit_form(self, growth: float = 1.0) -> bool:

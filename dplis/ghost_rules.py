@@ -33,10 +33,25 @@ class Factor:
     v: torch.Tensor
     index: bool = False
     prefer_explicit = False  # class attribute: form [B, m, n] whenever memory allows
+    invariant = False  # set on a layer call fed a model input: every pass reads the same input
 
     @property
     def positions(self) -> int:
         return self.v.shape[1]
+
+    def absorb(self, other: Factor) -> bool:
+        """Take in ``other``'s per-example gradients if one side is the same tensor (a layer
+        fed the model's inputs, in every perturbed pass): Σ uᵀv + Σ uᵀv' = Σ uᵀ(v + v'), one
+        factor formed once. The summed side becomes fp32. False (unchanged) otherwise."""
+        if type(other) is not type(self) or other.index != self.index:
+            return False
+        if same_tensor(self.u, other.u):
+            self.v = self.v.float() + other.v.float()
+        elif not self.index and same_tensor(self.v, other.v):
+            self.u = self.u.float() + other.u.float()
+        else:
+            return False
+        return True
 
     def full(self) -> torch.Tensor:
         """The per-example gradients [B, m, n] in fp32 (dense u only)."""
@@ -90,6 +105,14 @@ class ConvFactor(Factor):
             [0, 0], batch, [False, True, False])[1]
         return grad_w.reshape(batch, c_out, -1)
 
+    def absorb(self, other: Factor) -> bool:
+        """As ``Factor.absorb``, for the same input x: the output gradients are summed."""
+        if type(other) is not ConvFactor or other.geometry != self.geometry \
+                or not same_tensor(self.x, other.x):
+            return False
+        self.grad = self.grad.float() + other.grad.float()
+        return True
+
     def _full_one_channel(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """C_in = 1: the per-example gradients [B, C_out, k·k] as ONE forward convolution of
         the padded input [1, B, H, W] (the batch as channels) by the output gradients as B
@@ -109,6 +132,12 @@ class ConvFactor(Factor):
 
     def add_to(self, full: torch.Tensor) -> None:
         full.add_(self.full())
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same values by construction: the same view of one storage (equal copies are not)."""
+    return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
+            and a.shape == b.shape and a.stride() == b.stride())
 
 
 class Unsupported(Exception):

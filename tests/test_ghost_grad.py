@@ -31,6 +31,14 @@ def formed(part: Factor | torch.Tensor) -> torch.Tensor:
     return torch.einsum("bpm,bpn->bmn", u, part.v)
 
 
+def passes(k: int, make, gen: torch.Generator, shared: str) -> list[Factor]:
+    """k factors of ``make`` reading one ``shared`` side ("u" or "v"): a layer fed the model's
+    inputs in k perturbed passes."""
+    first = make(gen)
+    return [first] + [Factor(**{**vars(make(gen)), shared: getattr(first, shared)})
+                      for _ in range(k - 1)]
+
+
 CASES = {  # name -> parts, positions 1..11, mixed kinds, several uses (tied / K passes)
     "one position": lambda g: [dense(1, g)],
     "dense": lambda g: [dense(4, g), dense(3, g)],
@@ -38,6 +46,9 @@ CASES = {  # name -> parts, positions 1..11, mixed kinds, several uses (tied / K
     "tied dense + index": lambda g: [index(5, g), dense(4, g), index(2, g)],
     "dense + explicit": lambda g: [dense(2, g), torch.randn(B, M, N, generator=g)],
     "index + explicit": lambda g: [index(3, g), torch.randn(B, M, N, generator=g)],
+    "passes sharing v": lambda g: passes(3, lambda g: dense(2, g), g, "v"),
+    "passes sharing u": lambda g: passes(2, lambda g: dense(3, g), g, "u"),
+    "passes sharing indices": lambda g: passes(3, lambda g: index(4, g), g, "u"),
 }
 
 
@@ -59,6 +70,37 @@ def test_norms_and_clipped_sums_match_formed_gradients(case, ghost, scale, monke
     pg.clipped_sum(c, out)
     torch.testing.assert_close(out.view(M, N), torch.einsum("b,bmn->mn", c, want),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_factors_reading_one_input_fold_into_one_and_equal_copies_do_not():
+    gen = torch.Generator().manual_seed(5)
+    pg = ParamGrad(torch.Size([M, N]))
+    for f in [*passes(3, lambda g: dense(2, g), gen, "v"),
+              *passes(2, lambda g: index(3, g), gen, "u")]:
+        pg.add(f)
+    assert len(pg.dense) == 1 and len(pg.index) == 1
+    first = dense(2, gen)
+    copy = Factor(torch.randn(B, 2, M, generator=gen), first.v.clone())  # equal, not the same
+    pg = ParamGrad(torch.Size([M, N]))
+    pg.add(first)
+    pg.add(copy)
+    assert len(pg.dense) == 2
+    pg.add(Factor(torch.randn(B, 1, M, generator=gen), first.v[:, :1]))  # another view
+    assert len(pg.dense) == 3
+
+
+def test_conv_factors_of_one_input_fold_and_form_the_summed_gradient():
+    gen = torch.Generator().manual_seed(6)
+    geometry = dict(kernel=(3, 3), dilation=(1, 1), padding=(1, 1), stride=(2, 2))
+    x = torch.randn(B, 1, 6, 6, generator=gen)
+    grads = [torch.randn(B, 4, 3, 3, generator=gen) for _ in range(3)]
+    factors = [ConvFactor(x, g, geometry) for g in grads]
+    want = sum(f.full() for f in factors)
+    pg = ParamGrad(torch.Size([4, 1, 3, 3]))
+    for f in factors:
+        pg.add(f)
+    assert len(pg.dense) == 1
+    torch.testing.assert_close(pg.finish(), want.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
 
 
 def test_the_cost_model_picks_ghost_for_long_sequences_and_explicit_for_short_ones():

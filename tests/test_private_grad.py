@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 import dplis
 from dplis import kernels
+from dplis.ghost_grad import ParamGrad
 from dplis.private_grad import draw_seeds
 from dplis.reference import naive_private_grad
 
@@ -41,12 +42,16 @@ def test_matches_naive_reference(case, clip, engine):
 def test_smoothed_matches_naive_with_same_perturbations(case, engine):
     model, loss_fn, x, y = CASES[case]()
     k, std = 3, 0.05
-    gen = torch.Generator().manual_seed(7)
     fast = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=0.5, noise_multiplier=0.0,
-                              smoothing_std=std, num_perturbations=k, generator=gen,
-                              engine=engine)
-    # redraw the same perturbations the way private_grad does: seeds, then kernels.perturb
-    _, perturb_seed, _ = draw_seeds(torch.Generator().manual_seed(7), 3)
+                              smoothing_std=std, num_perturbations=k,
+                              generator=torch.Generator().manual_seed(7), engine=engine)
+    assert_close(fast, naive_private_grad(model, loss_fn, x, y, max_grad_norm=0.5,
+                                          perturbations=drawn_perturbations(model, k, std, 7)))
+
+
+def drawn_perturbations(model: nn.Module, k: int, std: float, seed: int) -> list[dict]:
+    """The K perturbations private_grad draws from Generator(seed): seeds, then kernels.perturb."""
+    _, perturb_seed, _ = draw_seeds(torch.Generator().manual_seed(seed), 3)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
     thetas = kernels.perturb([theta], std=std, num_perturbations=k, seed=perturb_seed)[0]
@@ -54,8 +59,28 @@ def test_smoothed_matches_naive_with_same_perturbations(case, engine):
     for row in thetas - theta:
         parts = torch.split(row, [p.numel() for p in params.values()])
         us.append({n: u.view(p.shape) for (n, p), u in zip(params.items(), parts)})
-    assert_close(fast, naive_private_grad(model, loss_fn, x, y, max_grad_norm=0.5,
-                                          perturbations=us))
+    return us
+
+
+def test_the_input_layer_is_formed_once_for_all_perturbed_passes(monkeypatch):
+    """Its K passes read the same input: their factors fold into one (``Factor.absorb``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    held = {}
+    finish = ParamGrad.finish
+
+    def spy(self):
+        held[tuple(self.shape)] = len(self.dense)
+        return finish(self)
+
+    monkeypatch.setattr(ParamGrad, "finish", spy)
+    fast = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5,
+                              noise_multiplier=0.0, smoothing_std=0.05, num_perturbations=3,
+                              generator=torch.Generator().manual_seed(7), engine="ghost")
+    assert held[(5, 6)] == 1 and held[(3, 5)] in (0, 3)  # the second: 3 passes, or formed
+    assert_close(fast, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5,
+                                          perturbations=drawn_perturbations(model, 3, 0.05, 7)))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
