@@ -10,7 +10,9 @@ every rank, so perturbations are identical and the models stay in lock-step.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -90,3 +92,17 @@ def close(completed: bool) -> None:
         dist.barrier()
         _release(RELEASE_TIMEOUT_S)
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def closing(enabled: bool = True) -> Iterator[None]:
+    """Leave the process group when the block ends: ``close(True)`` if it ran to its end,
+    ``close(False)`` if it raised (the error then propagates). ``enabled=False``: nothing
+    (a process that did not join a group itself)."""
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        if enabled:
+            close(completed)

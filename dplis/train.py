@@ -105,14 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    completed = False
-    try:
-        result = run(args)
-        completed = True
-        return result
-    finally:
-        if launched:
-            distributed.close(completed)
+    with distributed.closing(launched):
+        return run(args)
 
 
 def run(args: argparse.Namespace) -> dict:

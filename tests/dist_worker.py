@@ -65,9 +65,5 @@ def checks(rank: int, world: int) -> dict:
 def run(rank: int, world: int, port: int, folder: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    completed = False
-    try:
+    with distributed.closing():
         torch.save(checks(rank, world), os.path.join(folder, f"rank{rank}.pt"))
-        completed = True
-    finally:
-        distributed.close(completed)

@@ -102,6 +102,17 @@ def test_close_barriers_and_waits_only_after_a_completed_run(monkeypatch, comple
     assert calls == (["barrier", wait, "destroy"] if completed else ["destroy"])
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_closing_closes_as_completed_only_when_the_block_ran_to_its_end(monkeypatch, enabled):
+    calls = []
+    monkeypatch.setattr(distributed, "close", calls.append)
+    with distributed.closing(enabled):
+        pass
+    with pytest.raises(KeyError), distributed.closing(enabled):
+        raise KeyError("a failed run")
+    assert calls == ([True, False] if enabled else [])
+
+
 def test_collective_tensors_are_held_until_nothing_else_references_them(monkeypatch):
     monkeypatch.setattr(distributed, "_held", [])
     seen = []
