@@ -60,12 +60,16 @@ class ParamGrad:
         self.index: list[Factor] = []
         self.explicit: torch.Tensor | None = None  # unscaled Σ of explicit parts, fp32
         self.owned = False  # ``explicit`` is this object's own buffer (may be added to in place)
+        self.shared: dict[tuple, Factor] = {}  # side identity -> held factor fed a model input
 
     def add(self, part: Factor | torch.Tensor) -> None:
         if isinstance(part, Factor):
-            group = self.index if part.index else self.dense
-            if not any(f.absorb(part) for f in group):
-                group.append(part)
+            if part.invariant:  # a layer fed the model's inputs: fold into a held factor
+                sides = part.sides()
+                if any(s in self.shared and self.shared[s].absorb(part) for s in sides):
+                    return
+                self.shared.update(dict.fromkeys(sides, part))
+            (self.index if part.index else self.dense).append(part)
             return
         part = part.reshape(part.shape[0], *self.shape).float()
         if self.explicit is None:  # the caller's tensor: not to be changed in place
@@ -157,7 +161,7 @@ class ParamGrad:
             self.budget.left -= full.numel() * full.element_size()
             self.charged = True
         self.explicit, self.owned = full.view(batch, *self.shape), True
-        self.dense, self.index = [], []
+        self.dense, self.index, self.shared = [], [], {}
 
     def clipped_sum(self, c: torch.Tensor, out: torch.Tensor) -> None:
         """Write s · Σ_b c_b · g_b (fp32) into ``out`` (flat, |shape| values), after ``finish``."""

@@ -39,15 +39,19 @@ class Factor:
     def positions(self) -> int:
         return self.v.shape[1]
 
+    def sides(self) -> tuple[tuple, ...]:
+        """``identity`` of each side that another factor may share (the layer's input)."""
+        return (identity(self.u),) if self.index else (identity(self.u), identity(self.v))
+
     def absorb(self, other: Factor) -> bool:
         """Take in ``other``'s per-example gradients if one side is the same tensor (a layer
         fed the model's inputs, in every perturbed pass): Σ uᵀv + Σ uᵀv' = Σ uᵀ(v + v'), one
         factor formed once. The summed side becomes fp32. False (unchanged) otherwise."""
         if type(other) is not type(self) or other.index != self.index:
             return False
-        if same_tensor(self.u, other.u):
+        if identity(self.u) == identity(other.u):
             self.v = self.v.float() + other.v.float()
-        elif not self.index and same_tensor(self.v, other.v):
+        elif not self.index and identity(self.v) == identity(other.v):
             self.u = self.u.float() + other.u.float()
         else:
             return False
@@ -105,10 +109,13 @@ class ConvFactor(Factor):
             [0, 0], batch, [False, True, False])[1]
         return grad_w.reshape(batch, c_out, -1)
 
+    def sides(self) -> tuple[tuple, ...]:
+        return (identity(self.x),)
+
     def absorb(self, other: Factor) -> bool:
         """As ``Factor.absorb``, for the same input x: the output gradients are summed."""
         if type(other) is not ConvFactor or other.geometry != self.geometry \
-                or not same_tensor(self.x, other.x):
+                or identity(self.x) != identity(other.x):
             return False
         self.grad = self.grad.float() + other.grad.float()
         return True
@@ -134,10 +141,10 @@ class ConvFactor(Factor):
         full.add_(self.full())
 
 
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same values by construction: the same view of one storage (equal copies are not)."""
-    return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
-            and a.shape == b.shape and a.stride() == b.stride())
+def identity(t: torch.Tensor) -> tuple:
+    """Equal for two tensors holding the same values by construction: the same view of one
+    storage (address, device, dtype, shape, strides); equal copies differ."""
+    return t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride()
 
 
 class Unsupported(Exception):

@@ -31,12 +31,19 @@ def formed(part: Factor | torch.Tensor) -> torch.Tensor:
     return torch.einsum("bpm,bpn->bmn", u, part.v)
 
 
+def fed_input(f: Factor) -> Factor:
+    """``f`` marked as the engine marks a layer call fed a model input."""
+    f.invariant = True
+    return f
+
+
 def passes(k: int, make, gen: torch.Generator, shared: str) -> list[Factor]:
     """k factors of ``make`` reading one ``shared`` side ("u" or "v"): a layer fed the model's
     inputs in k perturbed passes."""
     first = make(gen)
-    return [first] + [Factor(**{**vars(make(gen)), shared: getattr(first, shared)})
-                      for _ in range(k - 1)]
+    return [fed_input(first)] + [
+        fed_input(Factor(**{**vars(make(gen)), shared: getattr(first, shared)}))
+        for _ in range(k - 1)]
 
 
 CASES = {  # name -> parts, positions 1..11, mixed kinds, several uses (tied / K passes)
@@ -79,14 +86,15 @@ def test_factors_reading_one_input_fold_into_one_and_equal_copies_do_not():
               *passes(2, lambda g: index(3, g), gen, "u")]:
         pg.add(f)
     assert len(pg.dense) == 1 and len(pg.index) == 1
-    first = dense(2, gen)
-    copy = Factor(torch.randn(B, 2, M, generator=gen), first.v.clone())  # equal, not the same
+    first = fed_input(dense(2, gen))
+    copy = fed_input(Factor(torch.randn(B, 2, M, generator=gen), first.v.clone()))  # equal
     pg = ParamGrad(torch.Size([M, N]))
     pg.add(first)
     pg.add(copy)
     assert len(pg.dense) == 2
-    pg.add(Factor(torch.randn(B, 1, M, generator=gen), first.v[:, :1]))  # another view
-    assert len(pg.dense) == 3
+    pg.add(fed_input(Factor(torch.randn(B, 1, M, generator=gen), first.v[:, :1])))  # a view
+    pg.add(Factor(torch.randn(B, 2, M, generator=gen), first.v))  # not marked: kept apart
+    assert len(pg.dense) == 4
 
 
 def test_conv_factors_of_one_input_fold_and_form_the_summed_gradient():
@@ -94,7 +102,7 @@ def test_conv_factors_of_one_input_fold_and_form_the_summed_gradient():
     geometry = dict(kernel=(3, 3), dilation=(1, 1), padding=(1, 1), stride=(2, 2))
     x = torch.randn(B, 1, 6, 6, generator=gen)
     grads = [torch.randn(B, 4, 3, 3, generator=gen) for _ in range(3)]
-    factors = [ConvFactor(x, g, geometry) for g in grads]
+    factors = [fed_input(ConvFactor(x, g, geometry)) for g in grads]
     want = sum(f.full() for f in factors)
     pg = ParamGrad(torch.Size([4, 1, 3, 3]))
     for f in factors:
