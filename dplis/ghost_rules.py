@@ -125,8 +125,8 @@ class ConvFactor(Factor):
         the padded input [1, B, H, W] (the batch as channels) by the output gradients as B
         groups of C_out kernels [Ho, Wo]; stride and dilation swap roles:
         G[b, o, i, j] = Σ_{y,x} grad[b, o, y, x] · x_pad[b, 0, d·i + s·y, d·j + s·x].
-        On CPU (mkldnn) it took 0.45–0.75× the time of the grouped backward for every
-        one-channel layer measured, and more than the backward from C_in = 8 on."""
+        On CPU (mkldnn) it took 0.45–0.76× the time of the grouped backward on the four
+        one-channel geometries measured; for C_in = 2–4 it was mixed, from 8 on slower."""
         g, batch, c_out, out_size = self.geometry, x.shape[0], grad.shape[1], grad.shape[2:]
         # the rows and columns the kernels reach (no output beyond the kernel's size)
         reach = [d * (k - 1) + s * (o - 1) + 1 for d, k, s, o in
