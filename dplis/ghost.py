@@ -223,6 +223,8 @@ def clipped_sum(
                         grads[plan[module][attr]].add(part)
         return loss.detach()
 
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    versions = [t._version for t in tensors]
     with _parameters_restored(trainable):
         for done, point in enumerate(thetas, 1):
             if point is not None:
@@ -232,6 +234,11 @@ def clipped_sum(
             if done < k:  # parameters formed explicitly are formed now: one pass held at a time
                 for g in grads.values():
                     g.settle(k / done)
+    if k > 1 and [t._version for t in tensors] != versions:
+        raise ValueError("the model changed its input in place during a forward (e.g. "
+                         "x.mul_(2)): the K perturbed passes would not see the same input and "
+                         "the recorded activations would be overwritten. Compute on a copy "
+                         "in the model (x = x * 2 instead of x.mul_(2))")
     losses = torch.stack(losses)
     sq = [g.finish() for g in grads.values() if not g.empty]
     norms = (torch.stack(sq).sum(0) if sq else losses.new_zeros(batch)).sqrt()

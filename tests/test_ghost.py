@@ -140,6 +140,24 @@ def test_a_parameter_under_two_names_of_one_layer_gets_both_uses():
     assert_close(g, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5))
 
 
+def test_a_model_changing_its_input_in_place_is_refused_with_perturbed_passes():
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x.mul_(2))  # every pass would see another input
+
+    model = Doubling()
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="changed its input in place"):
+        dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0, noise_multiplier=0.0,
+                           smoothing_std=0.01, num_perturbations=2, engine="ghost")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_layer_returning_a_tuple_is_refused_by_name():
     class Attend(nn.Module):
         def __init__(self):
