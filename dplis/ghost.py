@@ -184,7 +184,8 @@ def clipped_sum(
     batch_grad: dict[str, torch.Tensor] = {}
     losses = []
     per_example_loss = losses_of(loss_fn)
-    model_inputs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    model_inputs = {t.untyped_storage().data_ptr() for t in tensors}
 
     def run(isolate: bool) -> tuple[list, torch.Tensor]:
         with forward(), _recording(plan, isolate) as calls:
@@ -223,7 +224,6 @@ def clipped_sum(
                         grads[plan[module][attr]].add(part)
         return loss.detach()
 
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     versions = [t._version for t in tensors]
     with _parameters_restored(trainable):
         for done, point in enumerate(thetas, 1):
