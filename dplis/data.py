@@ -223,11 +223,13 @@ def _find_mnist_files(data_dir: Path, fashion: bool) -> dict[str, Path]:
     for directory in searched:
         found = {}
         for key, name in _MNIST_FILES.items():
-            candidates = [directory / name, directory / f"{name}.gz"]
+            # the original hyphenated names, or with a dot ("train-images.idx3-ubyte", Kaggle's)
+            spellings = (name, name.replace("-idx", ".idx"))
+            candidates = [directory / f"{n}{gz}" for n in spellings for gz in ("", ".gz")]
             found[key] = next((c for c in candidates if c.is_file()), None)
         if all(found.values()):
             return found
-    names = ", ".join(f"{n}[.gz]" for n in _MNIST_FILES.values())
+    names = ", ".join(f"{n}[.gz]" for n in _MNIST_FILES.values()) + " (or .idx for -idx)"
     source = (
         "https://github.com/zalandoresearch/fashion-mnist" if fashion
         else "https://ossci-datasets.s3.amazonaws.com/mnist/ (mirror of yann.lecun.com/exdb/mnist)"

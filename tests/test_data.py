@@ -156,7 +156,7 @@ def test_idx_truncated_gzip_payload(tmp_path):
 # ------------------------------------------------------------------------------------------- MNIST
 
 def write_fake_mnist(directory: Path, n_train: int = 20, n_test: int = 10, gz: bool = False,
-                     seed: int = 0) -> tuple[np.ndarray, ...]:
+                     seed: int = 0, dotted: bool = False) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     arrays = (rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
@@ -166,13 +166,16 @@ def write_fake_mnist(directory: Path, n_train: int = 20, n_test: int = 10, gz: b
     names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
     for name, array in zip(names, arrays, strict=True):
+        name = name.replace("-idx", ".idx") if dotted else name
         write_idx(directory / (name + (".gz" if gz else "")), array)
     return arrays
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_mnist_loader(tmp_path, gz):
-    train_images, train_labels, test_images, test_labels = write_fake_mnist(tmp_path, gz=gz)
+@pytest.mark.parametrize("dotted", [False, True])  # "train-images.idx3-ubyte" (Kaggle's names)
+def test_mnist_loader(tmp_path, gz, dotted):
+    train_images, train_labels, test_images, test_labels = write_fake_mnist(tmp_path, gz=gz,
+                                                                            dotted=dotted)
     train, test = load_mnist(tmp_path)
     x, y = train.tensors
     assert x.shape == (20, 1, 28, 28) and x.dtype == torch.float32
