@@ -19,10 +19,11 @@ import time
 
 import torch
 
+from dplis.allocator import MALLOC_MODES
+
 from .cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings, dplis_engine_used, dplis_options
 from .equivalence import EQUIVALENCE_MAX_BATCH, check_model, describe
 from .runner import (
-    MALLOC_CHOICES,
     MEMORY_METHOD,
     Measurement,
     context,
@@ -109,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "check (default: the library default, auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default, one per core)")
-    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="default",
+    p.add_argument("--malloc", choices=MALLOC_MODES, default="default",
                    help="retain: every case's process (every mode alike) first calls "
                         "dplis.retain_freed_memory(), so glibc keeps freed memory and steps "
                         "pay no page faults; default: the process's allocator as it is "

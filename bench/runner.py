@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dplis import retain_freed_memory
+from dplis.allocator import MALLOC_MODES, retain_freed_memory
 
 from .cases import Settings, make_step
 from .equivalence import describe
@@ -134,17 +134,14 @@ def measure(model: str, mode: str, batch_size: int, *, device: str = "cpu", step
         return Measurement(times=times, peak_mem_mb=meter.peak_mb())
 
 
-MALLOC_CHOICES = ("default", "retain")
-
-
 def prepare(threads: int | None, malloc: str) -> None:
     """Process setup before a case is built: torch threads, and with ``malloc="retain"`` glibc
     keeps freed memory (``dplis.allocator.retain_freed_memory``: no page faults from step to
     step); applied alike to every mode, non-private and Opacus included."""
     if threads:
         torch.set_num_threads(threads)
-    if malloc not in MALLOC_CHOICES:
-        raise ValueError(f"malloc must be one of {MALLOC_CHOICES}, got {malloc!r}")
+    if malloc not in MALLOC_MODES:
+        raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {malloc!r}")
     if malloc == "retain" and not retain_freed_memory():
         raise RuntimeError("malloc='retain' needs glibc (mallopt); this C library is not glibc")
 

@@ -24,6 +24,7 @@ M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
 INT_MAX = 2**31 - 1
+MALLOC_MODES = ("default", "retain")  # the --malloc choices of dplis.train and bench
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -229,7 +229,8 @@ def _find_mnist_files(data_dir: Path, fashion: bool) -> dict[str, Path]:
             found[key] = next((c for c in candidates if c.is_file()), None)
         if all(found.values()):
             return found
-    names = ", ".join(f"{n}[.gz]" for n in _MNIST_FILES.values()) + " (or .idx for -idx)"
+    names = ", ".join(f"{n}[.gz]" for n in _MNIST_FILES.values()) + \
+        " (or spelled train-images.idx3-ubyte etc.)"
     source = (
         "https://github.com/zalandoresearch/fashion-mnist" if fashion
         else "https://ossci-datasets.s3.amazonaws.com/mnist/ (mirror of yann.lecun.com/exdb/mnist)"

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import __version__, distributed, models
-from .allocator import retain_freed_memory
+from .allocator import MALLOC_MODES, retain_freed_memory
 from .data import load_dataset
 from .private_grad import ENGINES, PRECISIONS
 from .trainer import PrivateTrainer
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-example engine (auto: ghost when every layer has a rule)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the vmap engine's per-example gradients (--engine vmap)")
-    p.add_argument("--malloc", choices=("retain", "default"), default="retain",
+    p.add_argument("--malloc", choices=MALLOC_MODES, default="retain",
                    help="retain: on CPU, glibc keeps freed memory (dplis.retain_freed_memory: "
                         "no page faults from step to step, up to 256 MiB kept); default: "
                         "leave the allocator as it is")
