@@ -1,37 +1,47 @@
 """``dplis.retain_freed_memory``: glibc keeps freed memory, so a re-allocation does not fault."""
 
+import json
 import resource
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 import dplis
 from dplis import allocator
 
 glibc = pytest.mark.skipif(allocator._glibc() is None, reason="needs glibc (mallopt)")
+mallinfo2 = pytest.mark.skipif(not hasattr(allocator._glibc(), "mallinfo2"),
+                               reason="needs glibc 2.33 or newer (mallinfo2)")
+
+PROBE = Path(__file__).with_name("malloc_probe.py")
 
 
-def _faults_of(fn) -> int:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+def _probe(trim_threshold: int) -> list[dict]:
+    """Rounds of ``malloc_probe`` (8 freed blocks of 24 MiB each) in a fresh process."""
+    proc = subprocess.run([sys.executable, str(PROBE), str(trim_threshold)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 @glibc
-def test_freed_memory_is_touched_again_without_page_faults():
-    assert dplis.retain_freed_memory() is True
-    pages = (24 << 20) // resource.getpagesize()  # 24 MiB: above glibc's default thresholds
-
-    def touch():
-        buf = torch.empty(24 << 20, dtype=torch.uint8)
-        buf.fill_(1)
-        del buf
-
-    touch()  # the first time may fault the pages in
-    faults = min(_faults_of(touch) for _ in range(3))
-    # given back and mapped again, each touch would fault every page in (6144 of 4 KiB)
-    assert faults < pages // 20, f"{faults} page faults re-touching {pages} retained pages"
+@mallinfo2
+def test_freed_memory_is_kept_and_touched_again_without_page_faults():
+    """The default thresholds keep a step's 192 MiB in the heap: once the heap has settled
+    (fragments from the first rounds), re-allocating it faults no page in. The control, the
+    same call with a 1 MiB trim threshold, hands the freed heap top back and faults it in
+    again every round or two: the measurement sees a trim when there is one."""
+    block_pages = (24 << 20) // resource.getpagesize()
+    kept, trimmed = _probe(256 << 20), _probe(1 << 20)
+    assert all(r["heap_after_free"] == r["heap_held"] for r in kept), kept
+    assert any(r["heap_after_free"] < r["heap_held"] for r in trimmed), trimmed
+    settled = sum(r["faults"] for r in kept[-4:])
+    assert settled < block_pages // 4, f"{settled} page faults in the last 4 rounds: {kept}"
+    refaulted = sum(r["faults"] for r in trimmed[-4:])
+    assert refaulted >= block_pages, f"control: {refaulted} faults in 4 rounds: {trimmed}"
 
 
 @glibc
