@@ -46,8 +46,9 @@ def retain_freed_memory(trim_threshold: int = 256 << 20,
     ``trim_threshold``: free heap memory kept before any is returned (default 256 MiB);
     ``mmap_threshold``: blocks at least this large get their own mapping (default and most:
     32 MiB). Process-wide and permanent; the cost is resident memory kept after a step: up
-    to ``trim_threshold`` free at the heap's top, plus the holes that fragments leave. Same effect as ``MALLOC_TRIM_THRESHOLD_=268435456
-    MALLOC_MMAP_THRESHOLD_=33554432`` in the environment before Python starts.
+    to ``trim_threshold`` free at the heap's top, plus the holes that fragments leave.
+    Same effect as ``MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_MMAP_THRESHOLD_=33554432`` in
+    the environment before Python starts.
     """
     trim_threshold = checks.integer("trim_threshold", trim_threshold, 1)
     mmap_threshold = checks.integer("mmap_threshold", mmap_threshold, 1)
