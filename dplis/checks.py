@@ -31,12 +31,14 @@ def non_negative(name: str, value: object) -> float:
     return value
 
 
-def integer(name: str, value: object, minimum: int) -> int:
-    """An int >= minimum (bools refused)."""
+def integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """An int in [minimum, maximum] (no upper bound for None; bools refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an int <= {maximum}, got {value}")
     return int(value)
 
 

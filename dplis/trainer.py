@@ -17,7 +17,14 @@ from torch import nn
 
 from . import __version__, checks, distributed
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
-from .private_grad import PRECISIONS, compile_applies, private_step, resolve_engine, trainable
+from .private_grad import (
+    PRECISIONS,
+    compile_applies,
+    private_step,
+    resolve_engine,
+    step_noise_seed,
+    trainable,
+)
 from .sampling import poisson_batches
 from .validation import validate
 
@@ -47,7 +54,9 @@ class PrivateTrainer:
     ``precision="bf16"``: forward and backward under bf16 autocast; per-example norms,
     clipping and noise stay in fp32. Under torch.distributed (``torchrun``) see
     ``dplis.distributed``: the privacy accounting is that of the single-process run.
-    ``secure_rng=True`` draws the noise from os.urandom (see ``secure_noise``; no seed allowed).
+    ``secure_rng=True`` draws the noise from os.urandom (see ``secure_noise``; no seed allowed);
+    otherwise step t's noise comes from seed ``step_noise_seed(seed, t)``: consecutive seeds,
+    so no two steps of a run share noise (on CPU too, where mt19937 reads 32 bits of a seed).
     ``sat_rho`` ρ > 0 adds DP-SAT (Park et al. 2023): gradients are taken at
     θ + ρ·g_prev/‖g_prev‖, g_prev the previous (already private) gradient; no privacy cost.
     The expected batch size E|B| = q·N comes from ``dataset_size`` (or ``expected_batch_size``),
@@ -256,7 +265,8 @@ class PrivateTrainer:
             perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
             offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
             verify=self.accountant.steps == 0, compile=self.compile,
-            dropout_stream=self.rank)  # the ranks share perturbations, not dropout masks
+            dropout_stream=self.rank,  # the ranks share perturbations, not dropout masks
+            noise_seed=step_noise_seed(self.seed, self.accountant.steps))
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: target_delta)."""

@@ -6,6 +6,7 @@ Ops: ``per_sample_norms``, ``fused_dp_step``, ``perturb``, ``add_noise``, ``ghos
 """
 
 from .api import (
+    SEED_MAX,
     add_noise,
     fused_dp_step,
     ghost_sq_norms,
@@ -17,6 +18,7 @@ from .backend import resolve as resolve_backend
 from .errors import NonFiniteError
 
 __all__ = [
+    "SEED_MAX",
     "NonFiniteError",
     "add_noise",
     "fused_dp_step",

@@ -69,11 +69,14 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> float:
     return value
 
 
+SEED_MAX = 2**63  # seeds are ints in [0, SEED_MAX)
+
+
 def _seed(seed: int | None, device: torch.device) -> int:
     if seed is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        return int(torch.randint(0, SEED_MAX - 1, (1,)).item())
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_MAX:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     return seed
 
 
@@ -131,6 +134,11 @@ def fused_dp_step(
     Returns ``[(Σ_b min(1, C/(n_b+1e-6)) · mean_k g_j[k,b] + N(0, noise_std²)) / divisor]``
     (one tensor ``[*P_j]`` per input, in its dtype) and the fp32 norms ``n`` ``[B]``.
     Raises NonFiniteError, before any output is formed, if a gradient is NaN/inf.
+
+    ``seed`` (int in [0, 2**63); None: a random one) selects one noise stream, of which the
+    tensors take consecutive parts. Triton keys Philox with all 64 bits; the torch path on
+    CPU uses mt19937, which reads the low 32 bits only, so two calls draw independent noise
+    when their seeds differ modulo 2**32 (``PrivateTrainer`` uses consecutive seeds).
     """
     grads = _check_tensors(grads, "grads")
     batch_dims = infer_batch_dims(grads, batch_dims)
@@ -169,7 +177,8 @@ def add_noise(
     """(t_j + N(0, noise_std²)) / divisor for already-clipped sums ``t_j`` ``[*P_j]``.
 
     The noise half of ``fused_dp_step`` (same kernel, one example with factor 1, so the same
-    RNG), for engines that form the clipped sum themselves (dplis.ghost).
+    RNG and the same ``seed`` rules), for engines that form the clipped sum themselves
+    (dplis.ghost).
     """
     tensors = _check_tensors(tensors, "tensors")
     noise_std = _positive("noise_std", noise_std, allow_zero=True)

@@ -37,20 +37,30 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + EPS)).clamp(max=1.0)
 
 
-def gaussian_like(ref: torch.Tensor, std: float, seed: int | None) -> torch.Tensor:
-    """float32 N(0, std²) shaped like ``ref``, from ``torch.Generator(seed)``."""
-    gen = torch.Generator(device=ref.device)
+def generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A torch generator on ``device`` seeded with ``seed`` (None: a fresh random seed).
+
+    On CPU the generator is mt19937, which reads only the seed's low 32 bits; on CUDA it is
+    Philox, keyed by all 64.
+    """
+    gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
     else:
         gen.manual_seed(seed)
+    return gen
+
+
+def gaussian_like(ref: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """float32 N(0, std²) shaped like ``ref``: the next values of ``gen``'s stream."""
     return torch.randn(ref.shape, generator=gen, device=ref.device, dtype=torch.float32).mul_(std)
 
 
-def _noised(x: torch.Tensor, noise_std: float, divisor: float, seed: int | None) -> torch.Tensor:
-    """(x + N(0, noise_std²)) / divisor, in place on the fp32 buffer x (noise from ``seed``)."""
+def _noised(x: torch.Tensor, noise_std: float, divisor: float,
+            gen: torch.Generator) -> torch.Tensor:
+    """(x + N(0, noise_std²)) / divisor, in place on the fp32 buffer x (noise from ``gen``)."""
     if noise_std > 0:  # in place: x is the only D-sized buffer besides the noise
-        x.add_(gaussian_like(x, noise_std, seed))
+        x.add_(gaussian_like(x, noise_std, gen))
     return x.div_(divisor)
 
 
@@ -65,13 +75,16 @@ def clipped_noisy_sum_torch(
 ) -> list[torch.Tensor]:
     """(Σ_b c_b · mean_k g[k, b] + N(0, noise_std²)) / divisor, one tensor per parameter.
 
-    The noise of tensor j comes from seed + j, so tensors draw independent noise.
+    One noise stream per call, from ``seed``: the tensors draw consecutive parts of it, so
+    they share no noise, and neither do two calls whose seeds differ (on CPU: differ in the
+    low 32 bits, see ``generator``).
     """
+    gen = generator(factors.device, seed)
     out = []
-    for j, g in enumerate(grads):
+    for g in grads:
         kbd = as_kbd(g, batch_dims).float()
         summed = torch.einsum("b,kbd->d", factors, kbd).div_(kbd.shape[0])
-        noisy = _noised(summed, noise_std, divisor, None if seed is None else seed + j)
+        noisy = _noised(summed, noise_std, divisor, gen)
         out.append(noisy.reshape(g.shape[batch_dims:]).to(g.dtype))
     return out
 
@@ -80,12 +93,12 @@ def add_noise_torch(tensors: list[torch.Tensor], *, noise_std: float, divisor: f
                     seed: int | None) -> list[torch.Tensor]:
     """(t_j + N(0, noise_std²)) / divisor per tensor, in fp32, cast back to t_j's dtype.
 
-    The values of ``clipped_noisy_sum_torch`` for one example with factor 1 (noise of tensor j
-    from seed + j), without its [K, B, D] bookkeeping.
+    The values of ``clipped_noisy_sum_torch`` for one example with factor 1 (the same noise
+    stream), without its [K, B, D] bookkeeping.
     """
-    return [_noised(t.to(torch.float32, copy=True), noise_std, divisor,
-                    None if seed is None else seed + j).to(t.dtype)
-            for j, t in enumerate(tensors)]
+    gen = generator(tensors[0].device, seed)
+    return [_noised(t.to(torch.float32, copy=True), noise_std, divisor, gen).to(t.dtype)
+            for t in tensors]
 
 
 def perturb_torch(
@@ -96,7 +109,7 @@ def perturb_torch(
     for j, p in enumerate(params):
         base = p.detach().float().unsqueeze(0).expand(num_perturbations, *p.shape)
         if std > 0:  # the noise buffer is the result: one [K, *P_j] allocation
-            base = gaussian_like(base, std, seed + j).add_(base)
+            base = gaussian_like(base, std, generator(p.device, seed + j)).add_(base)
         out.append(base.to(p.dtype).contiguous())
     return out
 

@@ -350,9 +350,29 @@ def test_noise_statistics_and_seeds(backend):
     x, y = torch.cat([a1, b1]).double().cpu(), torch.cat([a3, b3]).double().cpu()
     rho = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
     assert abs(rho) < 6 / math.sqrt(x.numel()), f"seeds 123/124 correlated: {rho}"
-    # two tensors of one call draw independent noise
-    rho = torch.corrcoef(torch.stack([a1[:20000], b1]).double().cpu())[0, 1].item()
-    assert abs(rho) < 6 / math.sqrt(20000), f"tensors share noise: {rho}"
+    # two tensors of one call draw independent noise, and so do the tensors of calls with
+    # consecutive seeds (the torch path once seeded tensor j with seed + j: b1 was a3's start)
+    for p, q, what in ((a1[:20000], b1, "tensors of a call"), (a3[:20000], b1, "seed+1, seed")):
+        rho = torch.corrcoef(torch.stack([p, q]).double().cpu())[0, 1].item()
+        assert abs(rho) < 6 / math.sqrt(20000), f"{what} share noise: {rho}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeds_up_to_2_pow_63(backend):
+    """Any seed in [0, 2**63). Triton's Philox reads all 64 bits; CPU's mt19937 (the torch
+    path here) only the low 32, which is why the trainer's noise seeds are consecutive."""
+    zeros = [torch.zeros(1, 1, 4096, device=DEVICE)]
+    kw = dict(max_grad_norm=1.0, noise_std=1.0, divisor=1.0, backend=backend)
+    low, high = 12345, 12345 + 2**32 * 977
+    (a,), _ = fused_dp_step(zeros, seed=low, **kw)
+    (b,), _ = fused_dp_step(zeros, seed=high, **kw)
+    (c,), _ = fused_dp_step(zeros, seed=2**63 - 1, **kw)
+    check_normal(c, what="noise at seed 2**63 - 1")
+    if backend == "torch" and DEVICE == "cpu":
+        assert torch.equal(a, b)  # the documented limit of mt19937 seeding
+    else:
+        rho = torch.corrcoef(torch.stack([a, b]).double().cpu())[0, 1].item()
+        assert abs(rho) < 6 / math.sqrt(a.numel()), f"the high 32 bits are ignored: {rho}"
 
 
 # --------------------------------------------------------------------------- perturb
@@ -458,6 +478,7 @@ def test_bad_arguments(backend):
         (dict(divisor=0.0), ValueError),
         (dict(divisor=-2.0), ValueError),
         (dict(seed=-1), ValueError),
+        (dict(seed=2**63), ValueError),
         (dict(batch_dims=3), ValueError),
     ]:
         with pytest.raises(err):

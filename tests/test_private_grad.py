@@ -11,7 +11,7 @@ from torch.nn import functional as F
 import dplis
 from dplis import kernels
 from dplis.ghost_grad import ParamGrad
-from dplis.private_grad import draw_seeds
+from dplis.private_grad import draw_seeds, step_noise_seed
 from dplis.reference import naive_private_grad
 
 
@@ -211,7 +211,10 @@ def test_dropout_streams_change_the_masks_and_nothing_else(engine):
 
     assert torch.equal(norms(), norms(0))  # stream 0: the masks of a call without it
     assert torch.equal(norms(1), norms(1))
-    assert not torch.allclose(norms(0), norms(1))  # another stream, other masks
+    # every stream its own masks (streams 0 and 2 once shared them on CPU: their seeds
+    # differed by 2**32, above the 32 bits mt19937 reads)
+    streams = [norms(s) for s in range(4)]
+    assert all(not torch.allclose(a, b) for i, a in enumerate(streams) for b in streams[i + 1:])
     model.eval()  # no dropout: noise and perturbations do not depend on the stream
     smooth = dict(smoothing_std=0.1, num_perturbations=2)
     grads = [dplis.private_grad(model, nn.functional.cross_entropy, x, y, max_grad_norm=1.0,
@@ -286,3 +289,47 @@ def test_non_finite_loss_raises_and_restores_generator():
         dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0,
                            generator=gen)
     assert torch.equal(gen.get_state(), state)
+
+
+def test_noise_seed_selects_the_noise_and_nothing_else():
+    model, loss_fn, x, y = mlp_case()
+
+    def grads(**kw):
+        g = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0,
+                               generator=torch.Generator().manual_seed(3), **kw)
+        return torch.cat([t.reshape(-1) for t in g.values()])
+
+    quiet = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=0.0)
+    quiet = torch.cat([t.reshape(-1) for t in quiet.values()])
+    big = kernels.SEED_MAX - 1
+    assert torch.equal(grads(noise_seed=big), grads(noise_seed=big))
+    # another seed, other noise, around the same clipped sum
+    a, b = grads(noise_seed=7) - quiet, grads(noise_seed=8) - quiet
+    assert not torch.allclose(a, b)
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 6 / a.numel() ** 0.5
+
+
+@pytest.mark.parametrize("seed, error, match", [
+    (-1, ValueError, "noise_seed must be an int >= 0"),
+    (2**63, ValueError, "noise_seed must be an int <= 9223372036854775807"),
+    (True, TypeError, "noise_seed must be an int"),
+    (1.0, TypeError, "noise_seed must be an int"),
+])
+def test_bad_noise_seed_is_refused_and_changes_nothing(seed, error, match):
+    model, loss_fn, x, y = mlp_case()
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(error, match=match):
+        dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0,
+                           generator=gen, noise_seed=seed)
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_step_noise_seeds_never_repeat_in_their_low_32_bits():
+    """Consecutive per run (so on CPU, where mt19937 reads 32 bits, no two steps of a run
+    share noise within 2**32 steps), different across runs, reproducible."""
+    seeds = [step_noise_seed(5, t) for t in range(10_000)]
+    assert len({s % 2**32 for s in seeds}) == len(seeds)
+    assert all(0 <= s < kernels.SEED_MAX for s in seeds)
+    assert seeds == [step_noise_seed(5, t) for t in range(10_000)]
+    assert step_noise_seed(6, 0) not in seeds

@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 
 import dplis
 from dplis import accounting
+from dplis.private_grad import step_noise_seed
 
 
 def make(**kw):
@@ -191,7 +192,7 @@ def test_dpsat_takes_the_gradient_at_the_ascent_point():
     model = trainer.model
     kw = dict(max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=8.0)
     # first step: plain DP-SGD at θ
-    first = dplis.private_grad(model, trainer.loss_fn, x, y,
+    first = dplis.private_grad(model, trainer.loss_fn, x, y, noise_seed=step_noise_seed(0, 0),
                                generator=_clone_gen(trainer.generator), **kw)
     trainer.step(x, y)
     g_prev = torch.cat([first[n].reshape(-1) for n in first])
@@ -203,6 +204,7 @@ def test_dpsat_takes_the_gradient_at_the_ascent_point():
             if p.requires_grad:
                 p.add_(rho * first[name] / g_prev.norm())
     expected = dplis.private_grad(shifted, trainer.loss_fn, x, y,
+                                  noise_seed=step_noise_seed(0, 1),
                                   generator=_clone_gen(trainer.generator), **kw)
     trainer.step(x, y)
     for name, p in model.named_parameters():
