@@ -55,8 +55,9 @@ class PrivateTrainer:
     clipping and noise stay in fp32. Under torch.distributed (``torchrun``) see
     ``dplis.distributed``: the privacy accounting is that of the single-process run.
     ``secure_rng=True`` draws the noise from os.urandom (see ``secure_noise``; no seed allowed);
-    otherwise step t's noise comes from seed ``step_noise_seed(seed, t)``: consecutive seeds,
-    so no two steps of a run share noise (on CPU too, where mt19937 reads 32 bits of a seed).
+    otherwise ``seed`` (an int in [0, 2**63); None: a random one) seeds everything, and step
+    t's noise comes from seed ``step_noise_seed(seed, t)``: consecutive seeds, so no two
+    steps of a run share noise (on CPU too, where mt19937 reads 32 bits of a seed).
     ``sat_rho`` ρ > 0 adds DP-SAT (Park et al. 2023): gradients are taken at
     θ + ρ·g_prev/‖g_prev‖, g_prev the previous (already private) gradient; no privacy cost.
     The expected batch size E|B| = q·N comes from ``dataset_size`` (or ``expected_batch_size``),
@@ -141,7 +142,7 @@ class PrivateTrainer:
             raise ValueError("secure_rng=True takes no seed: its noise must not be replayable")
         self.secure_rng = bool(secure_rng)
         self.seed = (int.from_bytes(os.urandom(7), "little") if seed is None
-                     else checks.integer("seed", seed, 0))
+                     else checks.integer("seed", seed, 0, 2**63 - 1))
         device = next(iter(self.params.values())).device
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.sampler_generator = torch.Generator().manual_seed(self.seed + 1 + self.rank)

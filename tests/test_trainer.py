@@ -165,6 +165,8 @@ def test_load_refuses_other_privacy_config_and_damaged_files(tmp_path):
     (dict(noise_multiplier=None, target_epsilon=1.0, target_delta=1e-5, epochs=1, steps=3),
      ValueError, "not both"),
     (dict(accountant="moments"), ValueError, "accountant"),
+    (dict(seed=-1), ValueError, "seed must be an int >= 0"),
+    (dict(seed=2**63), ValueError, "seed must be an int <= 9223372036854775807"),
 ])
 def test_bad_arguments(kw, error, word):
     with pytest.raises(error, match=word):
