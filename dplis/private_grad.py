@@ -203,7 +203,8 @@ def private_step(
     per-example gradients through ``torch.compile`` (``dplis.compiled``: one compilation per
     batch-size bucket, same results); refused with engine="ghost", ignored with a warning
     when "auto" picks ghost (see ``compile_applies``). ``dropout_stream``: which of the
-    generator's dropout-mask streams this call draws from (seed + stream·2³¹; noise and
+    generator's dropout-mask streams this call draws from (0 ≤ stream < 2³¹; the step's
+    dropout seed + stream, so streams differ in the low 32 bits CPU's mt19937 reads; noise and
     perturbations do not depend on it): ``PrivateTrainer`` passes its rank, so ranks that
     share a generator (for the perturbations) still draw independent dropout masks.
     ``noise_seed`` (int in [0, 2**63)): the seed of this call's noise; by default one drawn

@@ -250,6 +250,7 @@ BAD = [
     (dict(num_perturbations=1.5), TypeError, "num_perturbations"),
     (dict(dropout_stream=-1), ValueError, "dropout_stream"),
     (dict(dropout_stream=1.0), TypeError, "dropout_stream"),
+    (dict(dropout_stream=2**31), ValueError, "dropout_stream must be an int <= 2147483647"),
     (dict(smoothing_std=-0.1), ValueError, "smoothing_std"),
     (dict(expected_batch_size=0), ValueError, "expected_batch_size"),
     (dict(perturbation_chunk_size=0), ValueError, "perturbation_chunk_size"),
