@@ -368,6 +368,9 @@ def test_seeds_up_to_2_pow_63(backend):
     (b,), _ = fused_dp_step(zeros, seed=high, **kw)
     (c,), _ = fused_dp_step(zeros, seed=2**63 - 1, **kw)
     check_normal(c, what="noise at seed 2**63 - 1")
+    u = perturb([torch.zeros(4096, device=DEVICE)], std=1.0, num_perturbations=2,
+                seed=2**63 - 1, backend=backend)[0]
+    check_normal(u, what="perturbations at seed 2**63 - 1")
     if backend == "torch" and DEVICE == "cpu":
         assert torch.equal(a, b)  # the documented limit of mt19937 seeding
     else:
