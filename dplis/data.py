@@ -217,9 +217,14 @@ _MNIST_FILES = {
 }
 
 
+# the training images' mean pixel (/255) of each: the file names are the same, the content not
+_MNIST_MEAN = {"MNIST": 0.1307, "Fashion-MNIST": 0.2860}
+
+
 def _find_mnist_files(data_dir: Path, fashion: bool) -> dict[str, Path]:
     subdir = "FashionMNIST" if fashion else "MNIST"
-    searched = [data_dir, data_dir / subdir / "raw"]
+    # torchvision's folder names the dataset; the shared file names in data_dir do not
+    searched = [data_dir / subdir / "raw", data_dir]
     for directory in searched:
         found = {}
         for key, name in _MNIST_FILES.items():
@@ -261,7 +266,9 @@ def load_mnist(data_dir: PathLike, fashion: bool = False) -> Split:
 
     Looks for ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
     ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` (each raw or ``.gz``) in
-    ``data_dir``, then in torchvision's ``data_dir/MNIST/raw`` (``FashionMNIST/raw``).
+    torchvision's ``data_dir/MNIST/raw`` (``FashionMNIST/raw``), then in ``data_dir``. The two
+    datasets share these names; training images whose mean pixel is the other dataset's are
+    refused (ValueError).
     Pixels are scaled to [0, 1], then standardised with the training set's mean and std.
     """
     data_dir = Path(data_dir)
@@ -269,12 +276,26 @@ def load_mnist(data_dir: PathLike, fashion: bool = False) -> Split:
     x_train, y_train = _load_mnist_split(files["train_images"], files["train_labels"])
     x_test, y_test = _load_mnist_split(files["test_images"], files["test_labels"])
     mean, std = _uint8_mean_std(x_train, channel_axis=None)
+    _check_not_the_other(float(mean[0]), "Fashion-MNIST" if fashion else "MNIST",
+                         files["train_images"])
     return (
         TensorDataset(_normalize(x_train, mean, std),
                       _check_labels(y_train, str(files["train_labels"]))),
         TensorDataset(_normalize(x_test, mean, std),
                       _check_labels(y_test, str(files["test_labels"]))),
     )
+
+
+def _check_not_the_other(mean: float, wanted: str, where: Path) -> None:
+    """Refuse MNIST's files loaded as Fashion-MNIST and the reverse (they share file names):
+    the training images' mean pixel within 0.01 of the other dataset's, and not of ``wanted``'s."""
+    other = next(name for name in _MNIST_MEAN if name != wanted)
+    if abs(mean - _MNIST_MEAN[other]) < 0.01 and abs(mean - _MNIST_MEAN[wanted]) >= 0.01:
+        raise ValueError(
+            f"{where}: these look like {other}'s images, not {wanted}'s (mean pixel {mean:.4f}; "
+            f"{other} {_MNIST_MEAN[other]}, {wanted} {_MNIST_MEAN[wanted]}). Both datasets use "
+            "the same file names: keep each in its own folder, torchvision's data_dir/MNIST/raw "
+            "and data_dir/FashionMNIST/raw")
 
 
 # ---------------------------------------------------------------------------------------- CIFAR-10

@@ -196,6 +196,31 @@ def test_fashion_mnist_torchvision_layout(tmp_path):
         load_mnist(tmp_path)
 
 
+def write_like(directory: Path, mean: float) -> None:
+    """Fake IDX files whose training pixels are 0 or 255 with probability ``mean``."""
+    write_fake_mnist(directory)
+    rng = np.random.default_rng(1)
+    images = (rng.random((20, 28, 28)) < mean).astype(np.uint8) * 255
+    write_idx(directory / "train-images-idx3-ubyte", images)
+
+
+@pytest.mark.parametrize("asked, looks_like, mean", [
+    ("fashion-mnist", "MNIST", 0.1307), ("mnist", "Fashion-MNIST", 0.2860)])
+def test_mnist_and_fashion_files_are_not_mixed_up(tmp_path, asked, looks_like, mean):
+    write_like(tmp_path, mean)  # in data_dir: the names do not tell which dataset it is
+    with pytest.raises(ValueError, match=f"look like {looks_like}'s images"):
+        load_dataset(asked, tmp_path)
+
+
+def test_torchvision_folder_is_searched_before_data_dir(tmp_path):
+    write_like(tmp_path, 0.1307)  # MNIST's files in data_dir
+    write_like(tmp_path / "FashionMNIST" / "raw", 0.2860)
+    train, _ = load_dataset("fashion-mnist", tmp_path)  # the named folder wins
+    assert len(train) == 20
+    train, _ = load_mnist(tmp_path)  # MNIST: no MNIST/raw, so data_dir's files
+    assert len(train) == 20
+
+
 def test_mnist_missing_files(tmp_path):
     write_fake_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
