@@ -1,11 +1,11 @@
 """Run as a fresh process by ``test_allocator``: how glibc treats a step's worth of freed memory.
 
 ``python tests/malloc_probe.py TRIM`` calls ``dplis.retain_freed_memory(trim_threshold=TRIM)``
-(bytes), then allocates BLOCKS blocks of 24 MiB (each under
-the 32 MiB mmap threshold, 192 MiB together), writes them, frees them, ROUNDS times, and prints
-one JSON list: per round, the heap size (glibc ``mallinfo2().arena``, bytes) before and after
-the free, and the minor page faults of the round. A fresh process, so that no other test's heap
-history (fragments that make the heap grow) is in the figures.
+(bytes), then ROUNDS times allocates BLOCKS blocks of 24 MiB (each under the 32 MiB mmap
+threshold, 192 MiB together), writes and frees them. It prints one JSON list: per round, the
+heap size (glibc ``mallinfo2().arena``, bytes) before and after the free, and the round's
+minor page faults. A fresh process, so that no other test's heap history (fragments that make
+the heap grow) is in the figures.
 """
 
 import ctypes
