@@ -304,10 +304,12 @@ def test_noise_seed_selects_the_noise_and_nothing_else():
     quiet = torch.cat([t.reshape(-1) for t in quiet.values()])
     big = kernels.SEED_MAX - 1
     assert torch.equal(grads(noise_seed=big), grads(noise_seed=big))
-    # another seed, other noise, around the same clipped sum
+    # another seed, other noise, around the same clipped sum: N(0, (σC/B)²) = N(0, (1/6)²)
     a, b = grads(noise_seed=7) - quiet, grads(noise_seed=8) - quiet
     assert not torch.allclose(a, b)
     assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 6 / a.numel() ** 0.5
+    for noise in (a, b):  # 51 values: the std within 6 standard errors (σ/√(2·50) each)
+        assert abs(float(noise.std()) - 1 / 6) < 6 * (1 / 6) / 100 ** 0.5
 
 
 @pytest.mark.parametrize("seed, error, match", [
