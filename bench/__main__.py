@@ -25,6 +25,7 @@ from .cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings, dplis_engine_used
 from .equivalence import EQUIVALENCE_MAX_BATCH, check_model, describe
 from .runner import (
     MEMORY_METHOD,
+    TENSOR_METHOD,
     Measurement,
     context,
     environment,
@@ -48,13 +49,17 @@ columns:
   x opacus    step time / step time of the fastest working Opacus mode on that model
   peak MB     {textwrap.fill(MEMORY_METHOD.removeprefix("peak memory = "), 90,
                               initial_indent=" " * 14, subsequent_indent=" " * 14).lstrip()}
+  tensor MB   {textwrap.fill(TENSOR_METHOD.removeprefix("tensor MB = "), 90,
+                              initial_indent=" " * 14, subsequent_indent=" " * 14).lstrip()}
 
 modes: {", ".join(MODES)}
   nonprivate: torch.optim.SGD on the mean loss; dplis_kK: dplis.PrivateTrainer.step with K
   perturbations (K > 1: DPlis smoothing); dplis_k1_secure: K = 1 with secure_rng=True (noise
-  from os.urandom: its cost); dplis_k1_compiled / dplis_k4_compiled: the vmap engine with
-  compile=True (torch.compile, whatever --dplis-engine says; the case is compiled while it
-  is built, so neither time nor memory counts the compilation); opacus_*: Opacus
+  from os.urandom: its cost); dplis_k1_lowmem: K = 1 with engine="ghost", low_memory=True
+  (norms inside the backward, the clipped sum from a second backward);
+  dplis_k1_compiled / dplis_k4_compiled: the vmap engine with compile=True (torch.compile,
+  whatever --dplis-engine says; the case is compiled while it is built, so neither time
+  nor memory counts the compilation); opacus_*: Opacus
   PrivacyEngine.make_private with that grad_sample_mode. Same batch, SGD lr, clipping
   bound C and noise multiplier for all.
 
@@ -172,13 +177,15 @@ class Progress:
 
 def _row(model: str, mode: str, batch_size: int, m: Measurement) -> dict:
     row = {"model": model, "mode": mode, "batch_size": batch_size, "examples_per_s": None,
-           "step_ms": None, "peak_mem_mb": None, "ratio_to_nonprivate": None,
+           "step_ms": None, "peak_mem_mb": None, "peak_tensor_mb": None,
+           "ratio_to_nonprivate": None,
            "ratio_to_best_opacus": None, "error": m.error}
     if m.error is None and m.times:
         median = statistics.median(m.times)
         row["examples_per_s"] = round(batch_size / median, 2)
         row["step_ms"] = round(median * 1e3, 4)  # 0.1 µs: examples_per_s stays consistent
         row["peak_mem_mb"] = round(m.peak_mem_mb, 2)
+        row["peak_tensor_mb"] = None if m.peak_tensor_mb is None else round(m.peak_tensor_mb, 2)
     return row
 
 
@@ -234,7 +241,7 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: list[dict], error_width: int = 70) -> str:
     head = (f"{'model':<12} {'mode':<17} {'batch':>5} {'ex/s':>10} {'step ms':>9} "
-            f"{'x nonpriv':>9} {'x opacus':>8} {'peak MB':>8}  error")
+            f"{'x nonpriv':>9} {'x opacus':>8} {'peak MB':>8} {'tensor MB':>9}  error")
     lines = [head, "-" * len(head)]
     for r in rows:
         err = r["error"] or ""
@@ -245,21 +252,23 @@ def format_table(rows: list[dict], error_width: int = 70) -> str:
             f"{_fmt(r['examples_per_s'], '.1f'):>10} {_fmt(r['step_ms'], '.2f'):>9} "
             f"{_fmt(r['ratio_to_nonprivate'], '.2f'):>9} "
             f"{_fmt(r['ratio_to_best_opacus'], '.2f'):>8} "
-            f"{_fmt(r['peak_mem_mb'], '.1f'):>8}  {'FAILED: ' + err if err else ''}".rstrip())
+            f"{_fmt(r['peak_mem_mb'], '.1f'):>8} {_fmt(r['peak_tensor_mb'], '.1f'):>9}  "
+            f"{'FAILED: ' + err if err else ''}".rstrip())
     return "\n".join(lines)
 
 
 def format_markdown(rows: list[dict]) -> str:
     """The same table as GitHub markdown (for the README)."""
     lines = ["| model | mode | batch | examples/s | step ms | × non-private | × best Opacus "
-             "| peak MB | error |", "|" + "---|" * 2 + "---:|" * 6 + "---|"]
+             "| peak MB | tensor MB | error |", "|" + "---|" * 2 + "---:|" * 7 + "---|"]
     for r in rows:
         err = (r["error"] or "").replace("|", "\\|")
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['batch_size']} | "
             f"{_fmt(r['examples_per_s'], '.1f')} | {_fmt(r['step_ms'], '.2f')} | "
             f"{_fmt(r['ratio_to_nonprivate'], '.2f')} | {_fmt(r['ratio_to_best_opacus'], '.2f')} | "
-            f"{_fmt(r['peak_mem_mb'], '.1f')} | {'failed: ' + err if err else ''} |")
+            f"{_fmt(r['peak_mem_mb'], '.1f')} | {_fmt(r['peak_tensor_mb'], '.1f')} | "
+            f"{'failed: ' + err if err else ''} |")
     return "\n".join(lines)
 
 
@@ -357,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_definition": "step_ms / step_ms of the reference mode (higher = slower)",
         },
         "memory_method": MEMORY_METHOD,
+        "tensor_memory_method": TENSOR_METHOD,
         "equivalence": [c.as_dict() for c in checks],
         "slowest": worst,
         "lowest_throughput": lowest_throughput(rows),

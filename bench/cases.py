@@ -30,6 +30,7 @@ MODES = (
     "dplis_k4",
     "dplis_k8",
     "dplis_k1_secure",
+    "dplis_k1_lowmem",
     "dplis_k1_compiled",
     "dplis_k4_compiled",
     "opacus_hooks",
@@ -38,8 +39,10 @@ MODES = (
     "opacus_ghost",
 )
 DPLIS_MODES = {"dplis_k1": 1, "dplis_k4": 4, "dplis_k8": 8, "dplis_k1_secure": 1,
-               "dplis_k1_compiled": 1, "dplis_k4_compiled": 4}
+               "dplis_k1_lowmem": 1, "dplis_k1_compiled": 1, "dplis_k4_compiled": 4}
 SECURE_MODES = ("dplis_k1_secure",)  # noise from os.urandom (secure_rng=True): its cost
+# the ghost engine with low_memory=True (norms in the backward, the clipped sum from a second)
+LOW_MEMORY_MODES = ("dplis_k1_lowmem",)
 # the vmap engine with compile=True (torch.compile), whatever Settings.dplis_engine says
 COMPILED_MODES = ("dplis_k1_compiled", "dplis_k4_compiled")
 OPACUS_MODES = {
@@ -263,6 +266,7 @@ def make_step(name: str, mode: str, batch_size: int, *, device: str | torch.devi
     elif mode in DPLIS_MODES:
         k, secure = DPLIS_MODES[mode], mode in SECURE_MODES
         options = ({"engine": "vmap", "compile": True} if mode in COMPILED_MODES
+                   else {"engine": "ghost", "low_memory": True} if mode in LOW_MEMORY_MODES
                    else dplis_options(s))
         trainer = dplis.PrivateTrainer(
             model, torch.optim.SGD(model.parameters(), lr=s.lr), case.loss_fn,

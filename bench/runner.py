@@ -17,6 +17,11 @@ model, batch and optimizer.
   not only live tensors.
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus
   ``torch.cuda.memory_allocated()`` right before the first step (tensor memory only).
+
+Peak tensor memory (``TENSOR_METHOD``), after the timed steps: one more step, untimed, and the
+peak of live tensor bytes it allocates above those live before it (CPU: the profiler's
+allocation events, ``dplis.memory.peak_tensor_bytes``; CUDA: ``max_memory_allocated``). Unlike
+RSS it leaves out allocator slack and heap fragmentation.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from dplis.allocator import MALLOC_MODES, retain_freed_memory
+from dplis.memory import peak_tensor_bytes
 
 from .cases import Settings, make_step
 from .equivalence import describe
@@ -42,6 +48,11 @@ MEMORY_METHOD = (
     "warm-up + timed steps, each case in a fresh process. CPU: peak RSS minus RSS right before "
     "the first step (Linux: VmHWM reset via /proc/self/clear_refs; elsewhere ru_maxrss). "
     "CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the first step."
+)
+TENSOR_METHOD = (
+    "tensor MB = peak bytes of live tensors one more (untimed) step allocates above those live "
+    "before it. CPU: torch.profiler's allocation events (dplis.memory.peak_tensor_bytes); "
+    "CUDA: max_memory_allocated(). No allocator slack or fragmentation, unlike peak MB."
 )
 _MB = 2**20
 
@@ -102,6 +113,18 @@ class Measurement:
     times: list[float] | None = None
     peak_mem_mb: float | None = None
     error: str | None = None
+    peak_tensor_mb: float | None = None
+
+
+def tensor_peak_mb(step, device: torch.device) -> float:
+    """Peak live tensor memory (MB) one call of ``step`` adds; see ``TENSOR_METHOD``."""
+    if device.type != "cuda":
+        return peak_tensor_bytes(step) / _MB
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    return max(0, torch.cuda.max_memory_allocated(device) - base) / _MB
 
 
 def measure(model: str, mode: str, batch_size: int, *, device: str = "cpu", steps: int = 10,
@@ -129,9 +152,11 @@ def measure(model: str, mode: str, batch_size: int, *, device: str = "cpu", step
                 t0 = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t0)
+            peak = meter.peak_mb()  # before the profiled step: the profiler's own memory
+            tensors = tensor_peak_mb(step, dev)
         except Exception as e:
             return Measurement(error=describe(e))
-        return Measurement(times=times, peak_mem_mb=meter.peak_mb())
+        return Measurement(times=times, peak_mem_mb=peak, peak_tensor_mb=tensors)
 
 
 def prepare(threads: int | None, malloc: str) -> None:
@@ -151,7 +176,8 @@ def _serve(conn, kwargs: dict) -> None:
 
     Protocol (parent -> child / child -> parent): after start the child sends ("ready", None)
     or ("error", message); then each int n asks for n timed steps, answered by ("times", [s])
-    or ("error", message); None ends it, answered by ("done", peak_mem_mb).
+    or ("error", message); None ends it, answered by ("done", (peak_mem_mb, peak_tensor_mb))
+    (the tensor peak from one more, profiled step; see ``TENSOR_METHOD``).
     """
     try:
         warnings.simplefilter("ignore")  # Opacus' notices would garble the progress line
@@ -170,7 +196,11 @@ def _serve(conn, kwargs: dict) -> None:
     while True:
         n = conn.recv()
         if n is None:
-            conn.send(("done", meter.peak_mb()))
+            try:
+                peak = meter.peak_mb()
+                conn.send(("done", (peak, tensor_peak_mb(step, dev))))
+            except BaseException as e:
+                conn.send(("error", describe(e)))
             return
         try:
             rewarm(step)
@@ -262,7 +292,8 @@ class _Worker:
         self.close()
         if self.error is not None:
             return Measurement(error=self.error)
-        return Measurement(times=self.times, peak_mem_mb=self.peak)
+        return Measurement(times=self.times, peak_mem_mb=self.peak[0],
+                           peak_tensor_mb=self.peak[1])
 
     def close(self) -> None:
         if self.proc.is_alive():

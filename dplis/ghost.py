@@ -77,7 +77,7 @@ def _label(model: nn.Module, module: nn.Module) -> str:
     return f"{name or '<root>'} ({type(module).__name__})"
 
 
-def _layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: dict,
+def layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: dict,
                  args: tuple, kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
     """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call."""
     shapes = [t.shape[0] for t in (*args, dout) if isinstance(t, torch.Tensor)]
@@ -100,10 +100,9 @@ def _reads(args: tuple, storages: set[int]) -> bool:
         and args[0].untyped_storage().data_ptr() in storages
 
 
-def _versions(call: tuple) -> tuple[int, ...]:
-    """Version counters of a recorded call's tensor inputs and output (in-place detection)."""
-    _, args, _, out, *_ = call
-    return tuple(t._version for t in (*args, out) if isinstance(t, torch.Tensor))
+def versions(tensors: tuple) -> tuple[int, ...]:
+    """Version counters of the tensors among ``tensors`` (in-place detection)."""
+    return tuple(t._version for t in tensors if isinstance(t, torch.Tensor))
 
 
 @contextlib.contextmanager
@@ -123,8 +122,7 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
         return tuple(copy(a) for a in args), kwargs
 
     def after(module, args, kwargs, out):
-        call = (module, args, kwargs, out)
-        calls.append((*call, _versions(call)))
+        calls.append((module, args, kwargs, out, versions((*args, out))))
         return copy(out) if isolate else None
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
@@ -138,7 +136,7 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
 
 
 @contextlib.contextmanager
-def _parameters_restored(trainable: dict[str, torch.Tensor]) -> Iterator[None]:
+def parameters_restored(trainable: dict[str, torch.Tensor]) -> Iterator[None]:
     """Give the trainable parameters back their own storage when the block ends (also on
     error); inside, a pass points them at other values with ``.data``: no copy, and no
     version bump that would break an autograd graph the caller holds."""
@@ -195,13 +193,11 @@ def clipped_sum(
         """Forward + backward at the model's current parameters: every layer's per-example
         gradient parts go to ``grads`` (autograd's batch gradient / k to ``batch_grad``)."""
         calls, loss = run(isolate=False)
-        if any(_versions(c) != c[4] for c in calls):  # a later in-place op changed a record
+        # a later in-place op changed a record: run again, the layers isolated
+        if any(versions((*args, out)) != seen for _, args, _, out, seen in calls):
             calls, loss = run(isolate=True)
         for module, _, _, output, _ in calls:
-            if not isinstance(output, torch.Tensor):
-                raise ValueError(f"the ghost engine needs layer {_label(model, module)} "
-                                 "to return one tensor, got "
-                                 f"{type(output).__name__}. Use engine='vmap'")
+            one_tensor(model, module, output)
         wrt = [c[3] for c in calls] + (list(trainable.values()) if verify else [])
         records = [c[:3] for c in calls]
         del calls  # the layer outputs are freed as soon as the backward is done with them
@@ -213,7 +209,7 @@ def clipped_sum(
                     batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
         for (module, args, kwargs), dout in zip(records, found):
             if dout is not None:
-                parts = _layer_grads(model, module, rules[module], plan[module], trainable,
+                parts = layer_grads(model, module, rules[module], plan[module], trainable,
                                      args, kwargs, dout, batch)
                 if _reads(args, model_inputs):  # the same input in every perturbed pass
                     for part in parts.values():
@@ -224,8 +220,8 @@ def clipped_sum(
                         grads[plan[module][attr]].add(part)
         return loss.detach()
 
-    versions = [t._version for t in tensors]
-    with _parameters_restored(trainable):
+    inputs_seen = versions(tensors)
+    with parameters_restored(trainable):
         for done, point in enumerate(thetas, 1):
             if point is not None:
                 for p, value in zip(trainable.values(), point.values()):
@@ -234,21 +230,37 @@ def clipped_sum(
             if done < k:  # parameters formed explicitly are formed now: one pass held at a time
                 for g in grads.values():
                     g.settle(k / done)
-    if k > 1 and [t._version for t in tensors] != versions:
+    if k > 1 and versions(tensors) != inputs_seen:
         raise ValueError("the model changed its input in place during a forward (e.g. "
                          "x.mul_(2)): the K perturbed passes would not see the same input and "
                          "the recorded activations would be overwritten. Compute on a copy "
                          "in the model (x = x * 2 instead of x.mul_(2))")
     losses = torch.stack(losses)
-    sq = [g.finish() for g in grads.values() if not g.empty]
-    norms = (torch.stack(sq).sum(0) if sq else losses.new_zeros(batch)).sqrt()
+    norms, c = clip_of([g.finish() for g in grads.values() if not g.empty], batch, losses,
+                       max_grad_norm)
+    if verify:
+        sums = torch.split(_clipped_sums(grads, torch.ones_like(c)),
+                           [g.shape.numel() for g in grads.values()])
+        check_sums(dict(zip(grads, sums)), batch_grad)
+    return _clipped_sums(grads, c), norms, losses
+
+
+def one_tensor(model: nn.Module, module: nn.Module, output: object) -> None:
+    """Refuse a layer whose output is not one tensor (its output gradient is what we use)."""
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(f"the ghost engine needs layer {_label(model, module)} to return one "
+                         f"tensor, got {type(output).__name__}. Use engine='vmap'")
+
+
+def clip_of(sq: list[torch.Tensor], batch: int, like: torch.Tensor, max_grad_norm: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example norms [B] from the parameters' squared norms [B] each, and the clip
+    factors c_b = min(1, C / norm); a NaN or infinite norm raises ``NonFiniteError``."""
+    norms = (torch.stack(sq).sum(0) if sq else like.new_zeros(batch, dtype=torch.float32)).sqrt()
     if not bool(torch.isfinite(norms).all()):  # the losses are the caller's to check
         bad = int((~torch.isfinite(norms)).sum())
         raise NonFiniteError(f"{bad} per-example gradients are NaN or infinite")
-    c = clip_factors(norms, max_grad_norm)
-    if verify:
-        _check_sums(grads, batch_grad, torch.ones_like(c))
-    return _clipped_sums(grads, c), norms, losses
+    return norms, clip_factors(norms, max_grad_norm)
 
 
 def _clipped_sums(grads: dict[str, ParamGrad], c: torch.Tensor) -> torch.Tensor:
@@ -263,15 +275,15 @@ def _clipped_sums(grads: dict[str, ParamGrad], c: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def _check_sums(grads: dict[str, ParamGrad], batch_grad: dict, ones: torch.Tensor) -> None:
-    """The unclipped per-example gradients must add up to autograd's batch gradient.
+def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict) -> None:
+    """The unclipped per-example gradients must add up to autograd's batch gradient:
+    ``sums`` name -> Σ_b g_b (flat fp32), ``batch_grad`` name -> autograd's (None: zeros).
 
     A parameter also used outside the layers that own it (e.g. ``F.linear(x, emb.weight)`` in a
     parent's forward) would otherwise get a silently wrong per-example gradient.
     """
-    sums = torch.split(_clipped_sums(grads, ones), [g.shape.numel() for g in grads.values()])
     bad = []
-    for name, ours in zip(grads, sums):
+    for name, ours in sums.items():
         ref = batch_grad.get(name)
         ref = torch.zeros_like(ours) if ref is None else ref.reshape(-1)
         if float((ours - ref).norm()) > 0.05 * float(ref.norm()) + 1e-6:

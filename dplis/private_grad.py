@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from . import checks, compiled, ghost, kernels
+from . import checks, compiled, ghost, ghost_low_memory, kernels
 from .kernels import NonFiniteError
 from .secure_noise import secure_gaussian
 from .validation import validate
@@ -140,11 +140,24 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
 
 
 def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor],
-                   plan: dict | None = None) -> str:
-    """"ghost" or "vmap"; auto = ghost when every layer owning a trainable has a ghost rule.
+                   plan: dict | None = None, low_memory: bool = False,
+                   num_perturbations: int = 1) -> str:
+    """"ghost" or "vmap"; auto = ghost when every layer owning a trainable has a ghost rule,
+    or when ``low_memory`` (only the ghost engine has it, for one pass: K = 1).
 
     ``plan``: ``ghost.plan_layers(model, params)`` when the caller has it already."""
-    if checks.choice("engine", engine, ENGINES) == "auto":
+    checks.choice("engine", engine, ENGINES)
+    if checks.flag("low_memory", low_memory):
+        if engine == "vmap":
+            raise ValueError('low_memory=True is a mode of the ghost engine; engine="vmap" '
+                             'materialises [B, D] per-example gradients: use engine="ghost" '
+                             'or "auto"')
+        if num_perturbations != 1:
+            raise ValueError(f"low_memory=True takes one pass per step (num_perturbations=1), "
+                             f"got num_perturbations={num_perturbations}: the norm of a "
+                             "K-averaged gradient needs all K passes' activations at once")
+        return "ghost"
+    if engine == "auto":
         return "ghost" if ghost.supports(model, params, plan) else "vmap"
     return engine
 
@@ -185,6 +198,7 @@ def private_step(
     compile: bool = False,
     dropout_stream: int = 0,
     noise_seed: int | None = None,
+    low_memory: bool = False,
 ) -> PrivateStep:
     """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``.
 
@@ -213,6 +227,10 @@ def private_step(
     n²/2³³ over n steps (0.1 % at 3 000 steps, 69 % at 100 000): ``PrivateTrainer``
     passes consecutive seeds (a base + the step number), which never repeat within 2³²
     steps.
+    ``low_memory`` (ghost engine, K = 1; see ``ghost_low_memory``): per-example norms inside
+    the backward and the clipped sum from a second backward of Σ_b c_b ℓ_b, so no layer's
+    output gradient is held past its use: peak memory near the non-private step's, for one
+    more backward; "auto" then means the ghost engine.
     """
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
@@ -234,7 +252,7 @@ def private_step(
     validate(model)
     params = trainable(model)
     plan = ghost.plan_layers(model, params)
-    requested, engine = engine, resolve_engine(engine, model, params, plan)
+    requested, engine = engine, resolve_engine(engine, model, params, plan, low_memory, k)
     compile = compile_applies(compile, requested, engine)
     first = next(iter(params.values()))
     device, dtype = first.device, first.dtype
@@ -281,8 +299,9 @@ def private_step(
         """Σ_b clip_C(mean_k g_kb) flat fp32 [D], norms [b], losses [K, b] for one chunk."""
         if engine == "ghost":
             points = [None] if direct else [unflatten(t) for t in thetas]
-            return ghost.clipped_sum(model, loss_fn, params, points, x, y, max_grad_norm,
-                                     forward, verify, backend, plan)
+            engine_module = ghost_low_memory if low_memory else ghost
+            return engine_module.clipped_sum(model, loss_fn, params, points, x, y,
+                                             max_grad_norm, forward, verify, backend, plan)
         grads, losses = vmap_grads(x, y)
         (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
                                                 noise_std=0.0, divisor=1.0, batch_dims=2,
@@ -367,7 +386,8 @@ def private_grad(
     ``max_physical_batch_size``, ``perturbation_chunk_size`` (vmap: how many of the K batched
     perturbed passes are stored at once), ``backend``, ``offset``, ``secure_rng``,
     ``precision``, ``compile`` (vmap engine: ``torch.compile``, see ``dplis.compiled``),
-    ``dropout_stream``.
+    ``dropout_stream``, ``noise_seed``, ``low_memory`` (ghost engine, K = 1: the clipped sum
+    from a second backward, no output gradient held; see ``ghost_low_memory``).
     """
     return private_step(
         model, loss_fn, inputs, targets, max_grad_norm=max_grad_norm,

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-example engine (auto: ghost when every layer has a rule)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the vmap engine's per-example gradients (--engine vmap)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="ghost engine: norms inside the backward, the clipped sum from a "
+                        "second backward (peak memory near non-private, one more backward); "
+                        "one pass per step: --method dpsgd or --perturbations 1")
     p.add_argument("--malloc", choices=MALLOC_MODES, default="retain",
                    help="retain: on CPU, glibc keeps freed memory (dplis.retain_freed_memory: "
                         "no page faults from step to step, up to 256 MiB kept); default: "
@@ -123,6 +127,9 @@ def run(args: argparse.Namespace) -> dict:
     train, test = load_dataset(args.dataset, args.data_dir, **kw)
     if not 1 <= args.batch_size <= len(train):
         raise SystemExit(f"--batch-size must be in [1, {len(train)}], got {args.batch_size}")
+    if args.low_memory and args.method == "dplis" and args.perturbations != 1:
+        raise SystemExit("--low-memory takes one pass per step: add --perturbations 1 or "
+                         f"--method dpsgd (got --perturbations {args.perturbations})")
     model = build_model(args.model, args.dataset, train[0][0]).to(args.device)
     opt = (torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
            if args.optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=args.lr))
@@ -138,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         num_perturbations=args.perturbations if dplis else 1,
         seed=None if args.secure_rng else args.seed, secure_rng=args.secure_rng,
         precision=args.precision, dataset_size=len(train), engine=args.engine,
-        compile=args.compile)
+        compile=args.compile, low_memory=args.low_memory)
     if args.resume:
         if not args.checkpoint:
             raise SystemExit("--resume needs --checkpoint PATH")

@@ -51,6 +51,8 @@ class PrivateTrainer:
     ``max_physical_batch_size`` bounds memory: the Poisson batch is processed in chunks and
     the noise added once per logical step (Opacus's virtual steps). ``compile=True`` (vmap
     engine) runs the per-example gradients through ``torch.compile`` (``dplis.compiled``).
+    ``low_memory=True`` (ghost engine, K = 1; ``dplis.ghost_low_memory``): the clipped sum
+    from a second backward, so the step's peak memory stays near the non-private step's.
     ``precision="bf16"``: forward and backward under bf16 autocast; per-example norms,
     clipping and noise stay in fp32. Under torch.distributed (``torchrun``) see
     ``dplis.distributed``: the privacy accounting is that of the single-process run.
@@ -93,6 +95,7 @@ class PrivateTrainer:
         secure_rng: bool = False,
         precision: str = "fp32",
         compile: bool = False,
+        low_memory: bool = False,
     ):
         validate(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -101,7 +104,6 @@ class PrivateTrainer:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         self.sample_rate = checks.rate("sample_rate", sample_rate)
         self.max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
-        self.num_perturbations = checks.integer("num_perturbations", num_perturbations, 1)
         self.smoothing_std = checks.non_negative("smoothing_std", smoothing_std)
         if smoothing_radius is not None:
             if smoothing_std:
@@ -115,7 +117,10 @@ class PrivateTrainer:
         self.initial_lr = float(optimizer.param_groups[0]["lr"])
         checks.choice("accountant", accountant, ACCOUNTANTS)
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
-        self.engine = resolve_engine(engine, model, self.params)
+        self.num_perturbations = checks.integer("num_perturbations", num_perturbations, 1)
+        self.low_memory = checks.flag("low_memory", low_memory)
+        self.engine = resolve_engine(engine, model, self.params, None, self.low_memory,
+                                     self.num_perturbations)
         self.compile = compile_applies(compile, engine, self.engine)
         self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
@@ -267,7 +272,8 @@ class PrivateTrainer:
             offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
             verify=self.accountant.steps == 0, compile=self.compile,
             dropout_stream=self.rank,  # the ranks share perturbations, not dropout masks
-            noise_seed=step_noise_seed(self.seed, self.accountant.steps))
+            noise_seed=step_noise_seed(self.seed, self.accountant.steps),
+            low_memory=self.low_memory)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: target_delta)."""

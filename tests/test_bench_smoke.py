@@ -20,10 +20,10 @@ pytest.importorskip(
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ["nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "dplis_k1_secure",
-         "dplis_k1_compiled", "dplis_k4_compiled", "opacus_hooks", "opacus_functorch",
-         "opacus_ew", "opacus_ghost"]
+         "dplis_k1_lowmem", "dplis_k1_compiled", "dplis_k4_compiled", "opacus_hooks",
+         "opacus_functorch", "opacus_ew", "opacus_ghost"]
 ROW_KEYS = {"model", "mode", "batch_size", "examples_per_s", "step_ms", "peak_mem_mb",
-            "ratio_to_nonprivate", "error"}
+            "peak_tensor_mb", "ratio_to_nonprivate", "error"}
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
@@ -49,13 +49,14 @@ def test_cli_writes_every_mode_row(tmp_path: Path) -> None:
         if r["error"] is None:
             assert r["examples_per_s"] > 0 and r["step_ms"] > 0, r
             assert r["peak_mem_mb"] >= 0 and r["ratio_to_nonprivate"] > 0, r
+            assert r["peak_tensor_mb"] > 0, r  # every step allocates (activations at least)
             assert r["examples_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3), rel=1e-3)
         else:
             assert isinstance(r["error"], str) and r["error"]
             assert r["examples_per_s"] is None
     by_mode = {r["mode"]: r for r in rows}
-    for mode in ("nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "dplis_k1_compiled",
-                 "dplis_k4_compiled"):
+    for mode in ("nonprivate", "dplis_k1", "dplis_k4", "dplis_k8", "dplis_k1_lowmem",
+                 "dplis_k1_compiled", "dplis_k4_compiled"):
         assert by_mode[mode]["error"] is None, by_mode[mode]
     assert by_mode["nonprivate"]["ratio_to_nonprivate"] == pytest.approx(1.0)
     # the equivalence check ran, and on the MLP every Opacus mode agrees with dplis K=1

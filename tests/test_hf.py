@@ -36,14 +36,15 @@ def batch():
     return tokens, mask, tokens.masked_fill(mask == 0, -100)
 
 
-def test_gpt2_private_grad_matches_reference():
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_gpt2_private_grad_matches_reference(low_memory):
     torch.manual_seed(0)
     model = CausalLM()
     assert model.gpt.lm_head.weight is model.gpt.transformer.wte.weight
     assert resolve_engine("auto", model, trainable(model)) == "ghost"  # Conv1D has a rule
     tokens, mask, targets = batch()
     fast = dplis.private_grad(model, lm_loss, (tokens, mask), targets, max_grad_norm=0.1,
-                              noise_multiplier=0.0)
+                              noise_multiplier=0.0, low_memory=low_memory)
     assert_close(fast, naive_private_grad(model, lm_loss, (tokens, mask), targets,
                                           max_grad_norm=0.1))
 

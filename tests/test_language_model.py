@@ -14,6 +14,15 @@ def test_private_language_model_learns(model, factor):
     assert last < factor * first, (first, last)
 
 
+def test_low_memory_gpt_learns_and_needs_one_pass():
+    losses = language_model.main(["--model", "gpt", "--examples", "800", "--steps", "60",
+                                  "--batch-size", "80", "--perturbations", "1",
+                                  "--low-memory"])
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10]), losses
+    with pytest.raises(SystemExit):
+        language_model.main(["--low-memory"])  # K = 2 by default
+
+
 def test_padding_carries_no_target():
     data = language_model.synthetic_tokens(50, 16, 32, causal=True)
     tokens, mask, targets = data.tensors

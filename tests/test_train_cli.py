@@ -41,6 +41,18 @@ def test_train_module_runs_as_a_command(tmp_path):
 def test_bad_flag_is_refused():
     with pytest.raises(SystemExit):
         train.main(["--method", "sgd"])
+    with pytest.raises(SystemExit, match="--low-memory takes one pass per step"):
+        train.main(["--low-memory", "--perturbations", "4"])
+
+
+def test_low_memory_flag_gives_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
+    flags = ["--epochs", "1", "--num-samples", "300", "--batch-size", "40", "--quiet",
+             "--perturbations", "1"]
+    base, low = train.main(flags), train.main(flags + ["--low-memory"])
+    assert low["flags"]["low_memory"] and low["steps"] == base["steps"]
+    for a, b in zip(low["history"], base["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
 def test_compile_flag_gives_the_eager_run(tmp_path, monkeypatch):

@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> list[float]:
     p.add_argument("--perturbations", type=int, default=2)
     p.add_argument("--smoothing-std", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--low-memory", action="store_true",
+                   help="norms inside the backward, the clipped sum from a second backward "
+                        "(needs --perturbations 1)")
     args = p.parse_args(argv)
+    if args.low_memory and args.perturbations != 1:
+        p.error(f"--low-memory takes one pass per step: --perturbations 1, not "
+                f"{args.perturbations}")
     torch.manual_seed(args.seed)
     causal = args.model == "gpt"
     data = synthetic_tokens(args.examples, 16, 32, causal, args.seed)
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         model, torch.optim.AdamW(model.parameters(), lr=args.lr), lm_loss,
         sample_rate=args.batch_size / args.examples, max_grad_norm=1.0,
         noise_multiplier=args.noise_multiplier, smoothing_std=args.smoothing_std,
-        num_perturbations=args.perturbations, seed=args.seed)
+        num_perturbations=args.perturbations, seed=args.seed, low_memory=args.low_memory)
     losses = []
     with tqdm(total=args.steps, unit="step") as bar:
         while len(losses) < args.steps:

@@ -1,0 +1,180 @@
+"""Low-memory ghost clipping: norms inside the backward, the clipped sum from a second one.
+
+The book-keeping engine (``dplis.ghost``) holds every layer's activations and output
+gradients until the backward ends, then forms Σ_b c_b g_b from them: on a transformer that
+adds the output gradients of all layers to the step's peak. Here (Opacus's ghost clipping,
+with dplis's rules, mixed norms, tied weights and fallbacks):
+
+1. forward; each recorded layer output passes through ``_Tap``, which does nothing forward;
+2. backward of Σ_b ℓ_b (activation gradients only: no weight gradient is asked for); as the
+   output gradient of a layer call arrives, its ``_Tap`` turns it into per-example gradient
+   parts, and once every use of a parameter is in, its squared norms [B] are taken and its
+   factors dropped: one layer's output gradient is held at a time (tied ones until their
+   last use);
+3. c_b = min(1, C / ‖g_b‖), then a second backward of Σ_b c_b ℓ_b through the retained
+   graph: autograd's weight gradients are the clipped sum Σ_b c_b g_b.
+
+Peak memory is that of the non-private step plus one layer's parts; the cost, one more
+backward (activation gradients). One pass only: with K perturbations the norm of the
+K-averaged gradient needs the factors of all K passes at once, which is what this avoids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .ghost import (
+    check_sums,
+    clip_of,
+    layer_grads,
+    one_tensor,
+    parameters_restored,
+    plan_layers,
+)
+from .ghost_grad import Budget, ParamGrad
+from .ghost_rules import rule_for
+from .losses import per_example as losses_of
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer output; its backward hands the output gradient to ``arrived``.
+
+    ``copy``: return a copy rather than a view, for models that change a layer's output in
+    place (``ReLU(inplace=True)``), which autograd forbids on a custom Function's view.
+    ``probe``: a 0-d leaf every tap takes, so that a backward asked for ``probe`` alone
+    runs exactly the part of the graph above the taps.
+    """
+
+    @staticmethod
+    def forward(ctx, out, probe, arrived, copy):
+        ctx.arrived = arrived
+        return out.clone() if copy else out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.arrived(grad)
+        return grad, None, None, None
+
+
+@contextlib.contextmanager
+def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
+             arrived: Callable) -> Iterator[Counter]:
+    """While open, every call of a planned layer returns its output through a ``_Tap`` whose
+    backward calls ``arrived(module, args, kwargs, grad)``. Yields the uses of each trainable
+    parameter (one per owning attribute per call), counted as the forward runs. The inputs
+    a layer read need no copy: its own backward saved them, and autograd refuses a backward
+    through inputs changed in place."""
+    uses: Counter = Counter()
+
+    def after(module, args, kwargs, out):
+        one_tensor(model, module, out)
+        uses.update(plan[module].values())
+        return _Tap.apply(out, probe, lambda g: arrived(module, args, kwargs, g), copy)
+
+    hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
+    try:
+        yield uses
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def clipped_sum(
+    model: nn.Module,
+    loss_fn: Callable,
+    trainable: dict[str, torch.Tensor],
+    thetas: list[dict[str, torch.Tensor] | None],
+    inputs: tuple,
+    targets: torch.Tensor,
+    max_grad_norm: float,
+    forward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    verify: bool = True,
+    backend: str | None = None,
+    owners: dict[nn.Module, dict] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ_b clip_C(g_b), flat fp32 [D] in ``trainable`` order, norms [B], losses [1, B].
+
+    As ``ghost.clipped_sum`` (same arguments) for one pass: ``thetas`` is [None] (the model's
+    own parameters) or [point]. The clipped sum is autograd's, in the backward's precision
+    (under bf16 autocast, bf16 weight-gradient matmuls); norms and clipping are fp32.
+    """
+    if len(thetas) != 1:
+        raise ValueError(f"low-memory ghost clipping takes one pass, got {len(thetas)} "
+                         "perturbed points: use num_perturbations=1, or the book-keeping "
+                         "engine (low_memory=False) for K > 1")
+    plan = plan_layers(model, trainable) if owners is None else owners
+    rules = {m: rule_for(m) for m in plan}
+    batch = len(targets)
+    first = next(iter(trainable.values()))
+    probe = torch.zeros((), device=first.device, requires_grad=True)
+    grads = {n: ParamGrad(p.shape, 1.0, backend) for n, p in trainable.items()}
+    held: Counter = Counter()  # parameter -> bytes of output gradients its parts came from
+    sq: list[torch.Tensor] = []  # squared per-example norms of the parameters done
+    unclipped: dict[str, torch.Tensor] = {}  # verify: Σ_b g_b of each parameter done
+    state = {"uses": Counter(), "norms": True}  # uses not yet in; False: second backward
+
+    def done(name: str) -> None:
+        """All uses of ``name`` are in: its squared norms, then its factors are dropped. It
+        may form [B, m, n] only within the bytes of the output gradients it held."""
+        g = grads.pop(name)
+        if verify:
+            unclipped[name] = torch.zeros(g.shape.numel(), device=first.device)
+        if g.empty:
+            return
+        g.budget = Budget(held[name])
+        sq.append(g.finish())
+        if verify:
+            g.clipped_sum(torch.ones(batch, device=first.device), unclipped[name])
+
+    def arrived(module, args, kwargs, dout) -> None:
+        if not state["norms"]:  # the second backward: the gradient passes through
+            return
+        parts = layer_grads(model, module, rules[module], plan[module], trainable, args,
+                            kwargs, dout, batch)
+        for attr, name in plan[module].items():
+            if attr in parts:
+                grads[name].add(parts[attr])
+                held[name] += dout.numel() * dout.element_size()
+            state["uses"][name] -= 1
+        for name in set(plan[module].values()):
+            if name in grads and state["uses"][name] == 0:
+                done(name)
+
+    per_example_loss = losses_of(loss_fn)
+
+    def run(copy: bool) -> torch.Tensor:
+        with forward(), _tapping(plan, probe, copy, model, arrived) as uses:
+            losses = per_example_loss(model(*inputs), targets)
+        state["uses"] = uses
+        return losses
+
+    with parameters_restored(trainable):
+        if thetas[0] is not None:
+            for p, value in zip(trainable.values(), thetas[0].values()):
+                p.data = value
+        try:
+            losses = run(copy=False)
+        except RuntimeError as e:  # autograd refuses in-place ops on a tap's view: copies
+            if "inplace" not in str(e):
+                raise
+            losses = run(copy=True)
+        wrt = [probe] + (list(trainable.values()) if verify else [])
+        found = torch.autograd.grad(losses.sum(), wrt, retain_graph=True, allow_unused=True)
+        for name in list(grads):  # parameters some of whose uses got no gradient
+            done(name)
+        norms, c = clip_of(sq, batch, losses, max_grad_norm)
+        if verify:
+            batch_grad = {n: g.float() for n, g in zip(trainable, found[1:]) if g is not None}
+            check_sums(unclipped, batch_grad)
+        del found
+        state["norms"] = False
+        weighted = torch.autograd.grad((losses * c).sum(), list(trainable.values()),
+                                       allow_unused=True)
+    flat = torch.cat([torch.zeros(p.numel(), device=first.device) if g is None
+                      else g.float().reshape(-1) for p, g in zip(trainable.values(), weighted)])
+    return flat, norms, losses.detach().unsqueeze(0)
