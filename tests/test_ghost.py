@@ -94,7 +94,8 @@ def test_transformers_ghost_equals_vmap(causal):
     assert_close(g, {n: t.double() for n, t in v.items()})
 
 
-def test_layer_without_batch_dimension_is_refused():
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_layer_without_batch_dimension_is_refused(low_memory):
     class Broadcast(nn.Module):
         def __init__(self):
             super().__init__()
@@ -107,7 +108,7 @@ def test_layer_without_batch_dimension_is_refused():
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
     with pytest.raises(ValueError, match="pos .*batch dimension"):
         dplis.private_grad(Broadcast(), F.cross_entropy, x, y, max_grad_norm=1.0,
-                           noise_multiplier=0.0, engine="ghost")
+                           noise_multiplier=0.0, engine="ghost", low_memory=low_memory)
 
 
 def test_frozen_layers_get_no_hook_and_no_gradient():

@@ -53,7 +53,7 @@ def test_equals_the_bookkeeping_engine_at_a_perturbed_point(causal):
 
 def test_physical_chunks_add_up_to_the_logical_batch():
     model, loss_fn, x, y = gpt_case(batch=5)
-    kw = dict(max_grad_norm=0.1, noise_multiplier=1.0, generator=None, **{"low_memory": True})
+    kw = dict(max_grad_norm=0.1, noise_multiplier=1.0, low_memory=True)
     whole = dplis.private_grad(model, loss_fn, x, y, noise_seed=7, **kw)
     chunked = dplis.private_grad(model, loss_fn, x, y, noise_seed=7, max_physical_batch_size=2,
                                  **kw)
