@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from helpers import CASES, gpt_case
-from test_ghost import OutsideUse
+from test_ghost import OutsideUse, Padded
 from test_private_grad import assert_close
 from torch import nn
 from torch.nn import functional as F
@@ -26,6 +26,36 @@ def test_matches_naive_reference(case, clip):
     model, loss_fn, x, y = CASES[case]()
     got = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=clip, **LOW)
     assert_close(got, naive_private_grad(model, loss_fn, x, y, max_grad_norm=clip))
+
+
+class Reuse(nn.Module):
+    """One layer called twice (its uses add up) and one whose output is discarded."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.unused, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.unused(x)  # no gradient reaches this call: its parameters' gradient is zero
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+def test_sequence_layers_reused_layers_and_unused_outputs():
+    """Conv1d, RMSNorm and an Embedding with padding_idx on padded sequences; a layer called
+    twice; a layer whose output no loss reads."""
+    torch.manual_seed(1)
+    model = Padded()
+    tokens, mask = torch.randint(1, 11, (4, 9)), torch.ones(4, 9)
+    tokens[1, 6:], mask[1, 6:] = 0, 0
+    y = torch.randint(0, 4, (4,))
+    got = dplis.private_grad(model, F.cross_entropy, (tokens, mask), y, max_grad_norm=0.3,
+                             **LOW)
+    assert_close(got, naive_private_grad(model, F.cross_entropy, (tokens, mask), y,
+                                         max_grad_norm=0.3))
+    model, x, y = Reuse(), torch.randn(5, 4), torch.randint(0, 2, (5,))
+    got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2, **LOW)
+    assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2))
+    assert float(got["unused.weight"].abs().max()) == 0
 
 
 @pytest.mark.parametrize("causal", [True, False])
