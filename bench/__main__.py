@@ -394,9 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         bad = [v.opacus_mode for v in c.verdicts if not v.ok]
         status = "FAILED: " + c.dplis_error if c.dplis_error else "dplis K=1 matches " + (
             ", ".join(ok) if ok else "no Opacus mode")
+        low_memory = (f"; low_memory FAILED: {c.low_memory_error}" if c.low_memory_error
+                      else "; low_memory=True matches dplis K=1" if not c.dplis_error else "")
         print(f"equivalence {c.model} (batch {c.batch_size}, C = median norm"
               f"{'' if c.max_grad_norm is None else f' {c.max_grad_norm:.3g}'}): {status}"
-              f"{'; not comparable: ' + ', '.join(bad) if bad else ''}")
+              f"{'; not comparable: ' + ', '.join(bad) if bad else ''}{low_memory}")
     if worst:
         print(f"slowest model x mode: {worst['model']} x {worst['mode']} "
               f"({worst['ratio_to_nonprivate']:.2f}x the non-private step time, "

@@ -5,7 +5,9 @@ Once per model, with noise 0 (σ = 0), the same initial weights and the same bat
 - dplis: ``dplis.private_grad(..., num_perturbations=1, noise_multiplier=0,
   expected_batch_size=B)``;
 - Opacus, for each grad-sample mode: ``p.grad`` after one forward/backward and the DP
-  optimizer's ``pre_step`` (clip + noise 0 + divide by the expected batch size B).
+  optimizer's ``pre_step`` (clip + noise 0 + divide by the expected batch size B);
+- dplis with ``engine="ghost", low_memory=True`` (the ``dplis_k1_lowmem`` mode) against
+  dplis K = 1 itself, to the same tolerances.
 
 The clipping bound is the median per-example gradient norm of the batch, so about half of the
 examples are clipped and half are not: both branches of min(1, C/‖g‖) are exercised.
@@ -22,7 +24,15 @@ import torch
 
 import dplis
 
-from .cases import OPACUS_MODES, build_model, fresh_copy, get_case, make_batch, make_opacus
+from .cases import (
+    LOW_MEMORY_MODES,
+    OPACUS_MODES,
+    build_model,
+    fresh_copy,
+    get_case,
+    make_batch,
+    make_opacus,
+)
 
 RTOL, ATOL = 1e-4, 1e-6
 EQUIVALENCE_MAX_BATCH = 16  # the check runs on min(batch size, this) examples
@@ -53,9 +63,12 @@ class ModelCheck:
     clipped_fraction: float | None = None
     dplis_error: str | None = None  # dplis raised, or disagrees with every Opacus mode that ran
     verdicts: list[Verdict] = field(default_factory=list)
+    low_memory_error: str | None = None  # low_memory=True raised or differs from dplis K=1
 
     def mode_error(self, mode: str) -> str | None:
         """The error a row of ``mode`` must carry because of this check (None: fine)."""
+        if mode in LOW_MEMORY_MODES:
+            return self.dplis_error or self.low_memory_error
         if mode.startswith("dplis_"):
             return self.dplis_error
         for v in self.verdicts:
@@ -74,6 +87,7 @@ class ModelCheck:
             "rtol": RTOL,
             "atol": ATOL,
             "dplis_error": self.dplis_error,
+            "low_memory_error": self.low_memory_error,
             "verdicts": [v.as_dict() for v in self.verdicts],
         }
 
@@ -152,6 +166,15 @@ def check_model(name: str, batch_size: int, *, device: str | torch.device = "cpu
     except Exception as e:
         result.dplis_error = f"dplis K=1 failed in the equivalence check: {describe(e)}"
         return result
+    try:
+        low = dplis.private_grad(fresh_copy(base), case.loss_fn, x, y,
+                                 max_grad_norm=max_grad_norm, noise_multiplier=0.0,
+                                 expected_batch_size=batch_size, engine="ghost", low_memory=True)
+        ok, _, _, message = compare(low, ours, rtol, atol)
+        if not ok:
+            result.low_memory_error = f"low_memory=True differs from dplis K=1: {message}"
+    except Exception as e:
+        result.low_memory_error = f"low_memory=True failed in the equivalence check: {describe(e)}"
 
     for mode in modes:
         try:

@@ -62,6 +62,8 @@ def test_cli_writes_every_mode_row(tmp_path: Path) -> None:
     # the equivalence check ran, and on the MLP every Opacus mode agrees with dplis K=1
     (check,) = data["equivalence"]
     assert check["model"] == "mlp" and check["dplis_error"] is None
+    assert check["low_memory_error"] is None  # low_memory=True matched dplis K=1
+    assert "low_memory=True matches dplis K=1" in stdout
     assert {v["opacus_mode"]: v["ok"] for v in check["verdicts"]} == {
         m: True for m in MODES if m.startswith("opacus_")}
     for mode in MODES:
