@@ -124,12 +124,14 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     kw = {"num_samples": args.num_samples, "seed": args.seed} if args.dataset == "mnist1d" else {}
-    train, test = load_dataset(args.dataset, args.data_dir, **kw)
-    if not 1 <= args.batch_size <= len(train):
-        raise SystemExit(f"--batch-size must be in [1, {len(train)}], got {args.batch_size}")
     if args.low_memory and args.method == "dplis" and args.perturbations != 1:
         raise SystemExit("--low-memory takes one pass per step: add --perturbations 1 or "
                          f"--method dpsgd (got --perturbations {args.perturbations})")
+    if args.low_memory and args.engine == "vmap":
+        raise SystemExit("--low-memory is a mode of the ghost engine: drop --engine vmap")
+    train, test = load_dataset(args.dataset, args.data_dir, **kw)
+    if not 1 <= args.batch_size <= len(train):
+        raise SystemExit(f"--batch-size must be in [1, {len(train)}], got {args.batch_size}")
     model = build_model(args.model, args.dataset, train[0][0]).to(args.device)
     opt = (torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
            if args.optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=args.lr))

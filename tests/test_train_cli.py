@@ -43,6 +43,8 @@ def test_bad_flag_is_refused():
         train.main(["--method", "sgd"])
     with pytest.raises(SystemExit, match="--low-memory takes one pass per step"):
         train.main(["--low-memory", "--perturbations", "4"])
+    with pytest.raises(SystemExit, match="--low-memory is a mode of the ghost engine"):
+        train.main(["--low-memory", "--method", "dpsgd", "--engine", "vmap"])
 
 
 def test_low_memory_flag_gives_the_same_run(tmp_path, monkeypatch):
