@@ -78,7 +78,7 @@ def _label(model: nn.Module, module: nn.Module) -> str:
 
 
 def layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: dict,
-                 args: tuple, kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
+                args: tuple, kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
     """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call."""
     shapes = [t.shape[0] for t in (*args, dout) if isinstance(t, torch.Tensor)]
     if any(s != batch for s in shapes):
@@ -210,7 +210,7 @@ def clipped_sum(
         for (module, args, kwargs), dout in zip(records, found):
             if dout is not None:
                 parts = layer_grads(model, module, rules[module], plan[module], trainable,
-                                     args, kwargs, dout, batch)
+                                    args, kwargs, dout, batch)
                 if _reads(args, model_inputs):  # the same input in every perturbed pass
                     for part in parts.values():
                         if isinstance(part, Factor):
