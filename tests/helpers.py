@@ -56,4 +56,17 @@ def gpt_case(batch: int = 3, seed: int = 0):
     return model, lm_loss, (tokens, mask), targets
 
 
+def transformer_case(causal: bool, batch: int = 3, seed: int = 2):
+    """A 2-layer TinyTransformer (vocab 13, T = 6, width 8; the causal one ties its head to
+    the embedding) on padded tokens: inputs (tokens, mask), targets -100 on the pads
+    (example 1 padded from position 3)."""
+    torch.manual_seed(seed)
+    model = TinyTransformer(vocab=13, seq_len=6, dim=8, heads=2, layers=2, causal=causal,
+                            tied=causal)
+    tokens = torch.randint(0, 13, (batch, 6))
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    return model, lm_loss, (tokens, mask), tokens.masked_fill(~mask, -100)
+
+
 CASES = {"mlp": mlp_case, "cnn": cnn_case, "embed": embed_case, "gpt": gpt_case}

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-from helpers import gpt_case
+from helpers import gpt_case, transformer_case
 from test_private_grad import assert_close
 from torch import nn
 from torch.nn import functional as F
 
 import dplis
 from dplis.memory import peak_tensor_bytes
-from dplis.models import TinyTransformer, lm_loss
 from dplis.reference import naive_private_grad
 
 
@@ -79,17 +78,11 @@ def test_padding_positions_contribute_nothing():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_transformers_ghost_equals_vmap(causal):
-    torch.manual_seed(2)
-    model = TinyTransformer(vocab=13, seq_len=6, dim=8, heads=2, layers=2, causal=causal,
-                            tied=causal)
-    tokens = torch.randint(0, 13, (3, 6))
-    mask = torch.ones(3, 6, dtype=torch.bool)
-    mask[2, 4:] = False
-    targets = tokens.masked_fill(~mask, -100)
+    model, loss_fn, inputs, targets = transformer_case(causal)
     kw = dict(max_grad_norm=0.2, noise_multiplier=0.0, smoothing_std=0.01, num_perturbations=3)
-    g = dplis.private_grad(model, lm_loss, (tokens, mask), targets, engine="ghost",
+    g = dplis.private_grad(model, loss_fn, inputs, targets, engine="ghost",
                            generator=torch.Generator().manual_seed(9), **kw)
-    v = dplis.private_grad(model, lm_loss, (tokens, mask), targets, engine="vmap",
+    v = dplis.private_grad(model, loss_fn, inputs, targets, engine="vmap",
                            generator=torch.Generator().manual_seed(9), **kw)
     assert_close(g, {n: t.double() for n, t in v.items()})
 

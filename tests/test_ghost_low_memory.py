@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import CASES, gpt_case
+from helpers import CASES, gpt_case, transformer_case
 from test_ghost import OutsideUse, Padded
 from test_private_grad import assert_close
 from torch import nn
@@ -12,7 +12,6 @@ from torch.nn import functional as F
 
 import dplis
 from dplis.memory import peak_tensor_bytes
-from dplis.models import TinyTransformer, lm_loss
 from dplis.reference import naive_private_grad
 
 LOW = dict(noise_multiplier=0.0, low_memory=True)
@@ -60,18 +59,12 @@ def test_sequence_layers_reused_layers_and_unused_outputs():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_equals_the_bookkeeping_engine_at_a_perturbed_point(causal):
-    torch.manual_seed(3)
-    model = TinyTransformer(vocab=13, seq_len=6, dim=8, heads=2, layers=2, causal=causal,
-                            tied=causal)
-    tokens = torch.randint(0, 13, (4, 6))
-    mask = torch.ones(4, 6, dtype=torch.bool)
-    mask[1, 3:] = False
-    targets = tokens.masked_fill(~mask, -100)
+    model, loss_fn, inputs, targets = transformer_case(causal, batch=4, seed=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = {}
     for low in (False, True):
         out[low] = dplis.private_step(
-            model, lm_loss, (tokens, mask), targets, max_grad_norm=0.2, noise_multiplier=0.0,
+            model, loss_fn, inputs, targets, max_grad_norm=0.2, noise_multiplier=0.0,
             smoothing_std=0.01, engine="ghost", low_memory=low,
             generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(out[True].norms, out[False].norms)
