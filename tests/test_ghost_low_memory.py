@@ -99,7 +99,8 @@ class Twice(nn.Module):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_fallback_layers_and_in_place_activations(inplace):
     """A layer without a rule gets vmap per-example gradients inside the backward; with
-    ReLU(inplace=True) rewriting a layer's output, the pass runs isolated and stays exact."""
+    ReLU(inplace=True) rewriting a layer's output, autograd refuses the tap's view and the
+    forward runs again with the taps copying: still exact."""
     torch.manual_seed(0)
     model = nn.Sequential(Twice(), nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3))
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
