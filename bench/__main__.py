@@ -21,7 +21,15 @@ import torch
 
 from dplis.allocator import MALLOC_MODES
 
-from .cases import MODEL_NAMES, MODES, OPACUS_MODES, Settings, dplis_engine_used, dplis_options
+from .cases import (
+    DEFAULT_MODELS,
+    MODEL_NAMES,
+    MODES,
+    OPACUS_MODES,
+    Settings,
+    dplis_engine_used,
+    dplis_options,
+)
 from .equivalence import EQUIVALENCE_MAX_BATCH, check_model, describe
 from .runner import (
     MEMORY_METHOD,
@@ -82,9 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "non-private training and Opacus 1.6, on small models built in code.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), metavar="MODEL",
-                   help=f"models to run, space- or comma-separated (default: all: "
-                        f"{', '.join(MODEL_NAMES)})")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
+                   help=f"models to run, space- or comma-separated, from "
+                        f"{', '.join(MODEL_NAMES)}, or all (default: "
+                        f"{', '.join(DEFAULT_MODELS)})")
     p.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
                    help=f"modes to run, space- or comma-separated (default: all: "
                         f"{', '.join(MODES)})")

@@ -98,9 +98,12 @@ def _classification_batch(shape: tuple[int, ...], num_classes: int = 10):
 VOCAB, SEQ_LEN = 256, 32
 
 
-def _token_batch(batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    data = torch.randint(0, VOCAB, (batch_size, SEQ_LEN + 1), generator=gen)
-    return data[:, :-1].contiguous(), data[:, 1:].contiguous()  # next-token prediction
+def _token_batch(vocab: int, seq_len: int):
+    def make(batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=gen)
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()  # next-token prediction
+
+    return make
 
 
 MODELS: dict[str, ModelCase] = {
@@ -126,13 +129,24 @@ MODELS: dict[str, ModelCase] = {
             "head tied to the embedding",
             lambda: TinyTransformer(VOCAB, SEQ_LEN, dim=64, heads=4, layers=2, causal=True,
                                     tied=True),
-            _token_batch,
+            _token_batch(VOCAB, SEQ_LEN),
+            lm_loss,
+            sequence=True,
+        ),
+        ModelCase(
+            "transformer_t128",
+            "GPT-style causal LM: vocab 512, T=128, dim 128, 4 heads, 4 pre-LN blocks, head "
+            "tied to the embedding (0.88 M parameters; not run by default)",
+            lambda: TinyTransformer(512, 128, dim=128, heads=4, layers=4, causal=True,
+                                    tied=True),
+            _token_batch(512, 128),
             lm_loss,
             sequence=True,
         ),
     )
 }
-MODEL_NAMES = tuple(MODELS)
+MODEL_NAMES = tuple(MODELS)  # every model; "--models all"
+DEFAULT_MODELS = ("mlp", "cnn", "transformer")  # what a run without --models measures
 
 
 def get_case(name: str) -> ModelCase:

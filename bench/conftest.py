@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cases import MODEL_NAMES
+from bench.cases import DEFAULT_MODELS
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -13,8 +13,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="device of the benchmark cases (default cpu)")
     group.addoption("--bench-batch-size", type=int, default=32,
                     help="examples per step for every case (default 32)")
-    group.addoption("--bench-models", default=",".join(MODEL_NAMES),
-                    help=f"comma-separated models (default {','.join(MODEL_NAMES)})")
+    group.addoption("--bench-models", default=",".join(DEFAULT_MODELS),
+                    help=f"comma-separated models (default {','.join(DEFAULT_MODELS)})")
     group.addoption("--bench-rounds", type=int, default=5,
                     help="timed steps per case (default 5)")
     group.addoption("--bench-dplis-engine", default=None, choices=("auto", "vmap", "ghost"),
