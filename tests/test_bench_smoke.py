@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip(
     "opacus", reason="opacus is not installed (benchmark extra: pip install -e '.[bench]')")
@@ -97,3 +98,25 @@ def test_allocator_settings_are_recorded(monkeypatch) -> None:
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert environment()["allocator_env"] == {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2",
                                               "MALLOC_TRIM_THRESHOLD_": "268435456"}
+
+
+def test_every_model_takes_a_private_step() -> None:
+    """The opt-in models too (``--models all``): the batch fits the model, the loss is finite,
+    the documented size holds, and one dplis K = 1 step at batch 2 runs."""
+    from bench.cases import (
+        DEFAULT_MODELS,
+        MODEL_NAMES,
+        build_model,
+        get_case,
+        make_batch,
+        make_step,
+    )
+
+    assert set(DEFAULT_MODELS) < set(MODEL_NAMES)
+    for name in MODEL_NAMES:
+        model, (x, y) = build_model(name), make_batch(name, 2)
+        out = model(x)
+        assert out.shape[0] == 2 and bool(torch.isfinite(get_case(name).loss_fn(out, y)))
+        make_step(name, "dplis_k1", 2)()
+    size = sum(p.numel() for p in build_model("transformer_t128").parameters())
+    assert round(size / 1e6, 2) == 0.88  # as its description and the README say
