@@ -11,6 +11,7 @@ import dplis
 from dplis import distributed
 
 SMOOTH = dict(smoothing_std=0.05, num_perturbations=3)
+LOW_MEMORY = dict(smoothing_std=0.05, low_memory=True)
 
 
 def trainer_for(model, loss_fn, **kw):
@@ -59,6 +60,10 @@ def checks(rank: int, world: int) -> dict:
     out["unchanged"] = (all(torch.equal(before[k], v) for k, v in model.state_dict().items())
                         and trainer.accountant.steps == 1
                         and torch.equal(trainer.generator.get_state(), state))
+    # 5. low_memory=True (at a perturbed point, K = 1): each rank half of the batch
+    model, loss_fn, x, y = mlp_case(batch=8)
+    trainer_for(model, loss_fn, **LOW_MEMORY).step(x[rank::world], y[rank::world])
+    out["low_memory_params"] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
 
 

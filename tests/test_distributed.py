@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_worker import SMOOTH, dropout_model, run, trainer_for
+from dist_worker import LOW_MEMORY, SMOOTH, dropout_model, run, trainer_for
 from helpers import cnn_case, mlp_case
 
 from dplis import distributed
@@ -40,6 +40,14 @@ def test_two_ranks_equal_one_process(ranks):
         # identical seeds on every rank: the same perturbations as the single process
         assert torch.equal(r["generator"], single.generator.get_state())
         assert r["epsilon"] == single.epsilon(1e-5)
+
+
+def test_two_ranks_equal_one_process_with_low_memory(ranks):
+    model, loss_fn, x, y = mlp_case(batch=8)
+    trainer_for(model, loss_fn, **LOW_MEMORY).step(x, y)
+    for r in ranks:
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(r["low_memory_params"][k], v, rtol=1e-5, atol=1e-7)
 
 
 def test_noise_is_added_once(ranks):
