@@ -33,6 +33,13 @@ from .kernels.reference import clip_factors
 from .losses import per_example as losses_of
 
 
+class GhostUnsupported(ValueError):
+    """The ghost engine cannot compute this model's per-example gradients, the vmap engine
+    can: a layer returning a tuple, or one whose input lacks the batch dimension, or that
+    vmap(vjp) of the layer alone cannot handle; a parameter used outside its layers.
+    ``engine="auto"`` then runs the vmap engine."""
+
+
 def plan_layers(model: nn.Module, trainable: dict[str, torch.Tensor]
                 ) -> dict[nn.Module, dict]:
     """module -> {its attribute name: canonical trainable name} for modules owning trainables."""
@@ -67,8 +74,8 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
     try:
         return vmap(one, randomness="different")(args, grad)
     except Exception as e:  # any layer vmap/vjp cannot handle: say which one
-        raise ValueError(f"the ghost engine cannot compute per-example gradients of layer "
-                         f"{label()}: {e}. Use engine='vmap'") from e
+        raise GhostUnsupported(f"the ghost engine cannot compute per-example gradients of "
+                               f"layer {label()}: {e}. Use engine='vmap'") from e
 
 
 def _label(model: nn.Module, module: nn.Module) -> str:
@@ -82,9 +89,9 @@ def layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: 
     """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call."""
     shapes = [t.shape[0] for t in (*args, dout) if isinstance(t, torch.Tensor)]
     if any(s != batch for s in shapes):
-        raise ValueError(f"layer {_label(model, module)} got an input or output "
-                         f"without the batch dimension {batch} first: per-example "
-                         "gradients need every layer input to carry the batch")
+        raise GhostUnsupported(f"layer {_label(model, module)} got an input or output "
+                               f"without the batch dimension {batch} first: per-example "
+                               "gradients need every layer input to carry the batch")
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
         if rule is None:
@@ -248,8 +255,9 @@ def clipped_sum(
 def one_tensor(model: nn.Module, module: nn.Module, output: object) -> None:
     """Refuse a layer whose output is not one tensor (its output gradient is what we use)."""
     if not isinstance(output, torch.Tensor):
-        raise ValueError(f"the ghost engine needs layer {_label(model, module)} to return one "
-                         f"tensor, got {type(output).__name__}. Use engine='vmap'")
+        raise GhostUnsupported(f"the ghost engine needs layer {_label(model, module)} to "
+                               f"return one tensor, got {type(output).__name__}. Use "
+                               "engine='vmap'")
 
 
 def clip_of(sq: list[torch.Tensor], batch: int, like: torch.Tensor, max_grad_norm: float
@@ -289,6 +297,7 @@ def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict) -> None:
         if float((ours - ref).norm()) > 0.05 * float(ref.norm()) + 1e-6:
             bad.append(name)
     if bad:
-        raise ValueError(f"per-example gradients of {bad} do not add up to the batch gradient: "
-                         "these parameters are used outside the layers that own them (e.g. "
-                         "F.linear(x, module.weight) in a parent's forward). Use engine='vmap'")
+        raise GhostUnsupported(f"per-example gradients of {bad} do not add up to the batch "
+                               "gradient: these parameters are used outside the layers that "
+                               "own them (e.g. F.linear(x, module.weight) in a parent's "
+                               "forward). Use engine='vmap'")

@@ -47,12 +47,14 @@ class PrivateStep:
 
     grads: name -> private gradient (parameter shape and dtype); loss: mean per-example loss over
     the batch and the K perturbed points (non-private, for logging; NaN for an empty batch);
-    norms: fp32 [B] norms of the K-averaged per-example gradients before clipping.
+    norms: fp32 [B] norms of the K-averaged per-example gradients before clipping; engine:
+    the engine that computed them, "ghost" or "vmap" (what "auto" chose).
     """
 
     grads: dict[str, torch.Tensor]
     loss: float
     norms: torch.Tensor
+    engine: str
 
 
 def as_batch(inputs: torch.Tensor | tuple, targets: torch.Tensor) -> tuple[tuple, int]:
@@ -141,9 +143,13 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
 
 def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor],
                    plan: dict | None = None, low_memory: bool = False,
-                   num_perturbations: int = 1) -> str:
-    """"ghost" or "vmap"; auto = ghost when every layer owning a trainable has a ghost rule,
-    or when ``low_memory`` (only the ghost engine has it, for one pass: K = 1).
+                   num_perturbations: int = 1, compile: bool = False) -> str:
+    """"ghost" or "vmap". "auto" means ghost, its layers without a rule through the vmap
+    fallback (faster than the vmap engine on every model measured, even one without any
+    rule); ``private_step`` then runs the vmap engine where ghost raises
+    ``ghost.GhostUnsupported``. With ``compile``, "auto" is vmap unless every layer owning a
+    trainable has a rule (compiling applies to the vmap engine); with ``low_memory`` ghost
+    (only it has that mode, for one pass: K = 1).
 
     ``plan``: ``ghost.plan_layers(model, params)`` when the caller has it already."""
     checks.choice("engine", engine, ENGINES)
@@ -158,7 +164,8 @@ def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor
                              "K-averaged gradient needs all K passes' activations at once")
         return "ghost"
     if engine == "auto":
-        return "ghost" if ghost.supports(model, params, plan) else "vmap"
+        return "vmap" if checks.flag("compile", compile) and not ghost.supports(
+            model, params, plan) else "ghost"
     return engine
 
 
@@ -200,12 +207,18 @@ def private_step(
     noise_seed: int | None = None,
     low_memory: bool = False,
 ) -> PrivateStep:
-    """``private_grad`` plus the logging loss and per-example norms; see ``private_grad``.
+    """``private_grad`` plus the logging loss, per-example norms and engine; see
+    ``private_grad``.
 
     ``engine``: "vmap" (per-example gradients by vmap(grad), fused kernel clip + noise),
     "ghost" (``dplis.ghost``: one forward + backward per perturbation, no [B, D] buffer) or
-    "auto". ``max_physical_batch_size`` splits the batch into chunks whose clipped sums are
-    added up before the noise is added once (a logical batch larger than memory).
+    "auto": ghost, and the vmap engine if ghost raises ``ghost.GhostUnsupported`` (a layer
+    returning a tuple, a layer input without the batch dimension, a parameter used outside
+    its layer: found by running it, so such a model pays a ghost attempt per call;
+    ``PrivateTrainer`` remembers the outcome of its first step; with ``compile=True``, see
+    ``resolve_engine``). ``max_physical_batch_size`` splits the batch into chunks whose
+    clipped sums are added up before the noise is added once (a logical batch larger than
+    memory).
     ``offset`` (flat [D], trainable parameters in ``named_parameters`` order) moves the point
     where gradients are taken to θ + offset (DP-SAT's ascent step); the model is not changed.
     ``secure_rng`` draws the Gaussian noise from os.urandom (``secure_noise``) instead of the
@@ -232,6 +245,7 @@ def private_step(
     output gradient is held past its use: peak memory near the non-private step's, for one
     more backward; "auto" then means the ghost engine.
     """
+    call = dict(locals())  # the arguments, to run again with an engine chosen below
     max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
     sigma = checks.non_negative("noise_multiplier", noise_multiplier)
     std = checks.non_negative("smoothing_std", smoothing_std)
@@ -252,8 +266,14 @@ def private_step(
     validate(model)
     params = trainable(model)
     plan = ghost.plan_layers(model, params)
-    requested, engine = engine, resolve_engine(engine, model, params, plan, low_memory, k)
+    requested, engine = engine, resolve_engine(engine, model, params, plan, low_memory, k,
+                                               compile)
     compile = compile_applies(compile, requested, engine)
+    if requested == "auto" and engine == "ghost" and not low_memory:
+        try:  # a failing step changes nothing: the vmap engine then starts from the same state
+            return private_step(**{**call, "engine": "ghost", "compile": False})
+        except ghost.GhostUnsupported:
+            return private_step(**{**call, "engine": "vmap", "compile": False})
     first = next(iter(params.values()))
     device, dtype = first.device, first.dtype
     forward = forward_context(checks.choice("precision", precision, PRECISIONS), device)
@@ -351,7 +371,8 @@ def private_step(
         if secure_rng and sigma > 0:
             noise = secure_gaussian(out.numel(), sigma * max_grad_norm / divisor, out.device)
             out = out + noise.to(out.dtype)
-    return PrivateStep(grads=unflatten(out), loss=float(losses.mean()), norms=norms)
+    return PrivateStep(grads=unflatten(out), loss=float(losses.mean()), norms=norms,
+                       engine=engine)
 
 
 def _check_losses(losses: torch.Tensor) -> None:

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast forward/backward; norms, clipping, noise in fp32")
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="per-example engine (auto: ghost when every layer has a rule)")
+                   help="per-example engine (auto: ghost, or vmap where ghost cannot handle "
+                        "the model)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the vmap engine's per-example gradients (--engine vmap)")
     p.add_argument("--low-memory", action="store_true",

@@ -47,7 +47,8 @@ class PrivateTrainer:
     (the DPlis authors' unit: r times the std of one step's noise on the weights, at the
     initial learning rate). ``smoothing_schedule``: "constant", "lr" (s follows the current
     learning rate: s·lr_t/lr_0) or "linear" (s decays linearly to 0 over ``steps``/``epochs``).
-    ``engine``: "auto" (ghost when every layer has a rule, else vmap), "ghost" or "vmap";
+    ``engine``: "auto" (ghost, or vmap where the first step finds that ghost cannot handle
+    the model; ``engine`` then says which ran), "ghost" or "vmap";
     ``max_physical_batch_size`` bounds memory: the Poisson batch is processed in chunks and
     the noise added once per logical step (Opacus's virtual steps). ``compile=True`` (vmap
     engine) runs the per-example gradients through ``torch.compile`` (``dplis.compiled``).
@@ -120,8 +121,12 @@ class PrivateTrainer:
         self.num_perturbations = checks.integer("num_perturbations", num_perturbations, 1)
         self.low_memory = checks.flag("low_memory", low_memory)
         self.engine = resolve_engine(engine, model, self.params, None, self.low_memory,
-                                     self.num_perturbations)
+                                     self.num_perturbations, compile)
         self.compile = compile_applies(compile, engine, self.engine)
+        # "auto" on ghost: the first step may find that ghost cannot handle the model and run
+        # the vmap engine (GhostUnsupported); its engine is then kept for the later steps
+        self._engine_arg = "auto" if engine == "auto" and self.engine == "ghost" else self.engine
+        self._verified = False  # the ghost engine's batch-gradient check: first non-empty step
         self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
         self.backend = backend
@@ -248,6 +253,9 @@ class PrivateTrainer:
                                   float(len(targets))], device=flat.device)
             total, count = distributed.all_reduce_sum(stats).tolist()
             loss = total / count if count else float("nan")
+        if len(targets):  # the engine decided and the check ran: keep both for later steps
+            self.engine = self._engine_arg = result.engine
+            self._verified = True
         for name, p in self.params.items():
             p.grad = grads[name].view(p.shape)
         if self.sat_rho:
@@ -266,11 +274,11 @@ class PrivateTrainer:
             smoothing_std=self.current_smoothing_std(),
             num_perturbations=self.num_perturbations,
             expected_batch_size=self._divisor() if alone else 1.0,
-            generator=self.generator, engine=self.engine,
+            generator=self.generator, engine=self._engine_arg,
             max_physical_batch_size=self.max_physical_batch_size,
             perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
             offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
-            verify=self.accountant.steps == 0, compile=self.compile,
+            verify=not self._verified, compile=self.compile,
             dropout_stream=self.rank,  # the ranks share perturbations, not dropout masks
             noise_seed=step_noise_seed(self.seed, self.accountant.steps),
             low_memory=self.low_memory)

@@ -69,4 +69,16 @@ def transformer_case(causal: bool, batch: int = 3, seed: int = 2):
     return model, lm_loss, (tokens, mask), tokens.masked_fill(~mask, -100)
 
 
+class OutsideUse(nn.Module):
+    """The embedding matrix is also used by F.linear in the parent's forward: no hook sees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        return F.linear(self.lin(self.emb(tokens)).mean(1), self.emb.weight)
+
+
 CASES = {"mlp": mlp_case, "cnn": cnn_case, "embed": embed_case, "gpt": gpt_case}

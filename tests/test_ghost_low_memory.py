@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-from helpers import CASES, gpt_case, transformer_case
-from test_ghost import OutsideUse, Padded
+from helpers import CASES, OutsideUse, gpt_case, transformer_case
+from test_ghost import Padded
 from test_private_grad import assert_close
 from torch import nn
 from torch.nn import functional as F

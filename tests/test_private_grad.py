@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-from helpers import CASES, mlp_case
+from helpers import CASES, OutsideUse, mlp_case
 from torch import nn
 from torch.nn import functional as F
 
 import dplis
 from dplis import kernels
+from dplis.ghost import GhostUnsupported
 from dplis.ghost_grad import ParamGrad
 from dplis.private_grad import draw_seeds, step_noise_seed
 from dplis.reference import naive_private_grad
@@ -96,14 +97,14 @@ def test_physical_chunks_add_up_to_the_logical_batch(case):
         assert_close(chunked, {n: t.double() for n, t in whole.items()}, atol=1e-5)
 
 
-def test_auto_engine_picks_ghost_when_every_layer_has_a_rule():
+def test_auto_engine_runs_ghost_with_the_fallback_and_vmap_where_ghost_cannot():
     from dplis.private_grad import resolve_engine, trainable
 
     for case in CASES.values():
         model = case()[0]
         assert resolve_engine("auto", model, trainable(model)) == "ghost"
 
-    class Scale(nn.Module):  # a layer without a ghost rule
+    class Scale(nn.Module):  # a layer without a ghost rule: the vmap fallback, inside ghost
         def __init__(self):
             super().__init__()
             self.s = nn.Parameter(torch.ones(3))
@@ -112,14 +113,32 @@ def test_auto_engine_picks_ghost_when_every_layer_has_a_rule():
             return x * self.s
 
     model = nn.Sequential(nn.Linear(4, 3), Scale())
-    assert resolve_engine("auto", model, trainable(model)) == "vmap"
+    params = trainable(model)
+    assert resolve_engine("auto", model, params) == "ghost"
+    assert resolve_engine("auto", model, params, compile=True) == "vmap"  # compiling: vmap
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    ghost = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
-                               noise_multiplier=0.0, engine="ghost")  # vmap fallback for Scale
-    assert_close(ghost, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2))
+    kw = dict(max_grad_norm=0.2, noise_multiplier=0.0)
+    step = dplis.private_step(model, F.cross_entropy, x, y, **kw)
+    assert step.engine == "ghost"
+    assert_close(step.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2))
+    # a parameter used outside its layer: ghost refuses (GhostUnsupported), auto runs vmap,
+    # from the same generator state, so it equals the vmap engine's step bit for bit
+    t, labels = torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3,))
+    torch.manual_seed(0)
+    outside = OutsideUse()
+    noisy = dict(max_grad_norm=0.5, noise_multiplier=1.0)
+    with pytest.raises(GhostUnsupported, match="do not add up"):
+        dplis.private_step(outside, F.cross_entropy, t, labels, engine="ghost", **noisy)
+    gen = torch.Generator().manual_seed(3)
+    auto = dplis.private_step(outside, F.cross_entropy, t, labels, generator=gen, **noisy)
+    after_auto = gen.get_state()
+    gen = torch.Generator().manual_seed(3)
+    vm = dplis.private_step(outside, F.cross_entropy, t, labels, generator=gen, engine="vmap",
+                            **noisy)
+    assert auto.engine == "vmap" and torch.equal(gen.get_state(), after_auto)
+    assert all(torch.equal(auto.grads[n], vm.grads[n]) for n in vm.grads)
     with pytest.raises(ValueError, match="engine"):
-        dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
-                           noise_multiplier=0.0, engine="fast")
+        dplis.private_grad(model, F.cross_entropy, x, y, engine="fast", **kw)
 
 
 def test_k_without_smoothing_equals_k1():

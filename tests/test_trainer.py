@@ -107,6 +107,43 @@ def test_failing_step_changes_nothing():
     assert same(before, snapshot(trainer))
 
 
+def test_auto_keeps_the_engine_its_first_step_ran(monkeypatch, tmp_path):
+    """"auto" starts on ghost; a model ghost cannot handle (a parameter used outside its
+    layer) runs the vmap engine from the first step on, without a ghost attempt per step."""
+    from helpers import OutsideUse
+
+    from dplis import ghost
+
+    torch.manual_seed(0)
+    tokens, labels = torch.randint(0, 10, (4, 5)), torch.randint(0, 10, (4,))
+
+    def trainer_of(model, **kw):
+        return dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    torch.nn.functional.cross_entropy, sample_rate=0.1,
+                                    max_grad_norm=1.0, noise_multiplier=1.0,
+                                    expected_batch_size=4, seed=0, **kw)
+
+    attempts = []
+    real = ghost.clipped_sum
+    monkeypatch.setattr(ghost, "clipped_sum", lambda *a, **k: attempts.append(1) or real(*a, **k))
+    trainer = trainer_of(OutsideUse())
+    assert trainer.engine == "ghost"  # before any step: the optimistic choice
+    for _ in range(3):
+        trainer.step(tokens, labels)
+    assert trainer.engine == "vmap" and len(attempts) == 1  # one ghost attempt, then vmap
+    ok = trainer_of(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 10)))
+    ok.step(tokens, labels)
+    assert ok.engine == "ghost"
+    # a resumed trainer checks again on its first step: ghost forced on this model refuses
+    trainer.save(tmp_path / "run.pt")
+    resumed = trainer_of(OutsideUse(), engine="ghost")
+    resumed.load(tmp_path / "run.pt")
+    before = snapshot(resumed)
+    with pytest.raises(ghost.GhostUnsupported, match="do not add up"):
+        resumed.step(tokens, labels)
+    assert same(before, snapshot(resumed))
+
+
 def test_data_loader_is_poisson_and_sets_batch_size():
     model, loss_fn, _, _ = mlp_case()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
