@@ -59,3 +59,33 @@ def test_gpt2_trains_with_the_trainer():
                                    smoothing_std=1e-3, num_perturbations=2)
     losses = [trainer.step((tokens, mask), targets) for _ in range(15)]
     assert losses[-1] < losses[0]
+
+
+class Llama(torch.nn.Module):
+    """A tiny LLaMA (grouped-query attention, rotary positions, tied head): its RMSNorm is
+    transformers' own class, which has no ghost rule, so it takes the vmap fallback."""
+
+    def __init__(self):
+        super().__init__()
+        config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=2, num_attention_heads=2,
+                                          num_key_value_heads=1, max_position_embeddings=16,
+                                          tie_word_embeddings=True)
+        self.llama = transformers.LlamaForCausalLM(config)
+
+    def forward(self, tokens, mask):
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.llama(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
+
+
+def test_llama_runs_the_ghost_engine_with_the_fallback():
+    torch.manual_seed(0)
+    model = Llama()
+    owners = {type(m).__name__ for m in model.modules() if list(m.parameters(recurse=False))}
+    assert owners == {"Embedding", "Linear", "LlamaRMSNorm"}
+    tokens, mask, targets = batch()
+    step = dplis.private_step(model, lm_loss, (tokens, mask), targets, max_grad_norm=0.1,
+                              noise_multiplier=0.0)
+    assert step.engine == "ghost"
+    assert_close(step.grads, naive_private_grad(model, lm_loss, (tokens, mask), targets,
+                                                max_grad_norm=0.1))
