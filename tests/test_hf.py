@@ -1,4 +1,4 @@
-"""A Hugging Face GPT-2 (tiny config, tied embeddings, random init, no download)."""
+"""Hugging Face GPT-2 and LLaMA (tiny configs, tied embeddings, random init, no download)."""
 
 import pytest
 import torch
@@ -13,19 +13,34 @@ transformers = pytest.importorskip("transformers")
 
 
 class CausalLM(torch.nn.Module):
-    """(tokens, mask) -> logits, with explicit [B, T] positions (GPT-2 broadcasts [1, T])."""
+    """(tokens, mask) -> logits of a transformers causal LM, with explicit [B, T] positions
+    (GPT-2 broadcasts [1, T])."""
 
-    def __init__(self):
+    def __init__(self, lm: torch.nn.Module):
         super().__init__()
-        config = transformers.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=2,
-                                         n_head=2, tie_word_embeddings=True, resid_pdrop=0.0,
-                                         embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0,
-                                         bos_token_id=0)
-        self.gpt = transformers.GPT2LMHeadModel(config)
+        self.lm = lm
 
     def forward(self, tokens, mask):
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return self.gpt(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
+        return self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
+
+
+def gpt2() -> CausalLM:
+    config = transformers.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=2,
+                                     n_head=2, tie_word_embeddings=True, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0,
+                                     bos_token_id=0)
+    return CausalLM(transformers.GPT2LMHeadModel(config))
+
+
+def llama() -> CausalLM:
+    """A tiny LLaMA (grouped-query attention, rotary positions, tied head): its RMSNorm is
+    transformers' own class, which has no ghost rule, so it takes the vmap fallback."""
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=16,
+                                      tie_word_embeddings=True)
+    return CausalLM(transformers.LlamaForCausalLM(config))
 
 
 def batch():
@@ -39,8 +54,8 @@ def batch():
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_gpt2_private_grad_matches_reference(low_memory):
     torch.manual_seed(0)
-    model = CausalLM()
-    assert model.gpt.lm_head.weight is model.gpt.transformer.wte.weight
+    model = gpt2()
+    assert model.lm.lm_head.weight is model.lm.transformer.wte.weight
     assert resolve_engine("auto", model, trainable(model)) == "ghost"  # Conv1D has a rule
     tokens, mask, targets = batch()
     fast = dplis.private_grad(model, lm_loss, (tokens, mask), targets, max_grad_norm=0.1,
@@ -51,7 +66,7 @@ def test_gpt2_private_grad_matches_reference(low_memory):
 
 def test_gpt2_trains_with_the_trainer():
     torch.manual_seed(0)
-    model = CausalLM()
+    model = gpt2()
     tokens, mask, targets = batch()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     trainer = dplis.PrivateTrainer(model, opt, lm_loss, sample_rate=0.1, max_grad_norm=1.0,
@@ -61,26 +76,9 @@ def test_gpt2_trains_with_the_trainer():
     assert losses[-1] < losses[0]
 
 
-class Llama(torch.nn.Module):
-    """A tiny LLaMA (grouped-query attention, rotary positions, tied head): its RMSNorm is
-    transformers' own class, which has no ghost rule, so it takes the vmap fallback."""
-
-    def __init__(self):
-        super().__init__()
-        config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
-                                          num_hidden_layers=2, num_attention_heads=2,
-                                          num_key_value_heads=1, max_position_embeddings=16,
-                                          tie_word_embeddings=True)
-        self.llama = transformers.LlamaForCausalLM(config)
-
-    def forward(self, tokens, mask):
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return self.llama(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
-
-
 def test_llama_runs_the_ghost_engine_with_the_fallback():
     torch.manual_seed(0)
-    model = Llama()
+    model = llama()
     owners = {type(m).__name__ for m in model.modules() if list(m.parameters(recurse=False))}
     assert owners == {"Embedding", "Linear", "LlamaRMSNorm"}
     tokens, mask, targets = batch()
