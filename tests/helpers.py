@@ -81,4 +81,16 @@ class OutsideUse(nn.Module):
         return F.linear(self.lin(self.emb(tokens)).mean(1), self.emb.weight)
 
 
+class Twice(nn.Module):
+    """No ghost rule (the vmap fallback), one parameter registered under two attribute names."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.again = self.scale  # the same parameter, registered a second time
+
+    def forward(self, x):
+        return x * self.scale + x.square() * self.again
+
+
 CASES = {"mlp": mlp_case, "cnn": cnn_case, "embed": embed_case, "gpt": gpt_case}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import OutsideUse, gpt_case, transformer_case
+from helpers import OutsideUse, Twice, gpt_case, transformer_case
 from test_private_grad import assert_close
 from torch import nn
 from torch.nn import functional as F
@@ -116,15 +116,6 @@ def test_frozen_layers_get_no_hook_and_no_gradient():
 
 
 def test_a_parameter_under_two_names_of_one_layer_gets_both_uses():
-    class Twice(nn.Module):  # no rule: the vmap fallback, w.r.t. both attributes
-        def __init__(self):
-            super().__init__()
-            self.scale = nn.Parameter(torch.randn(4))
-            self.again = self.scale  # the same parameter, registered a second time
-
-        def forward(self, x):
-            return x * self.scale + x.square() * self.again
-
     torch.manual_seed(0)
     model = nn.Sequential(Twice(), nn.Linear(4, 2))
     x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import CASES, OutsideUse, gpt_case, transformer_case
+from helpers import CASES, OutsideUse, Twice, gpt_case, transformer_case
 from test_ghost import Padded
 from test_private_grad import assert_close
 from torch import nn
@@ -82,18 +82,6 @@ def test_physical_chunks_add_up_to_the_logical_batch():
                                  **kw)
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=1e-5)
-
-
-class Twice(nn.Module):
-    """No rule (the vmap fallback), one parameter under two attribute names."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.randn(4))
-        self.again = self.scale
-
-    def forward(self, x):
-        return x * self.scale + x.square() * self.again
 
 
 @pytest.mark.parametrize("inplace", [False, True])
