@@ -20,6 +20,7 @@ per-example gradients of their own parameters by ``vmap(vjp)`` of that layer alo
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -53,6 +54,25 @@ def plan_layers(model: nn.Module, trainable: dict[str, torch.Tensor]
     return owners
 
 
+def refuse_unsupported(model: nn.Module, plan: dict) -> None:
+    """Refuse, before any forward, what the rules cannot take: an Embedding with
+    ``scale_grad_by_freq=True``, whose gradient scales each row by its count in the whole
+    batch, where one example's gradient needs the counts in that example alone."""
+    for module in plan:
+        if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+            raise GhostUnsupported(f"layer {_label(model, module)}: Embedding with "
+                                   "scale_grad_by_freq=True. Use engine='vmap'")
+
+
+def check_weights(batch: int, device: torch.device) -> torch.Tensor:
+    """Fixed weights w_b in [0.5, 1.5) for the verification (``check_sums``): autograd's
+    gradient of Σ_b w_b ℓ_b must equal Σ_b w_b g_b, which holds only if every g_b is example
+    b's own; unweighted, any split of the batch gradient would pass. Drawn from a generator
+    of their own (the caller's RNG is not touched)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return torch.rand(batch, generator=gen, device=device).add_(0.5)
+
+
 def supports(model: nn.Module, trainable: dict[str, torch.Tensor], owners: dict | None = None
              ) -> bool:
     """True when every layer owning a trainable parameter has a rule (no vmap fallback)."""
@@ -62,7 +82,15 @@ def supports(model: nn.Module, trainable: dict[str, torch.Tensor], owners: dict 
 
 def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs: dict,
               grad: torch.Tensor, label: Callable[[], str]) -> dict:
-    """Per-example gradients of ``module``'s own parameters by vmap(vjp) over the batch."""
+    """Per-example gradients of ``module``'s own parameters by vmap(vjp) over the batch
+    (detached: a module with child layers reaches their weights, which keep their own rules).
+    Refused for a module holding dropout in training mode: vmap would draw other masks than
+    the forward did."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+           for m in module.modules()):
+        raise GhostUnsupported(f"layer {label()} has no rule and holds dropout: its per-example "
+                               "gradients would be taken under other masks than its forward "
+                               "drew. Use engine='vmap'")
     own = {a: params[c].detach() for a, c in owned.items()}
 
     def one(x, g):
@@ -72,7 +100,7 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
         return vjp(f, own)[1](g.unsqueeze(0))[0]
 
     try:
-        return vmap(one, randomness="different")(args, grad)
+        return {a: g.detach() for a, g in vmap(one, randomness="different")(args, grad).items()}
     except Exception as e:  # any layer vmap/vjp cannot handle: say which one
         raise GhostUnsupported(f"the ghost engine cannot compute per-example gradients of "
                                f"layer {label()}: {e}. Use engine='vmap'") from e
@@ -86,8 +114,13 @@ def _label(model: nn.Module, module: nn.Module) -> str:
 
 def layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: dict,
                 args: tuple, kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
-    """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call."""
-    shapes = [t.shape[0] for t in (*args, dout) if isinstance(t, torch.Tensor)]
+    """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call
+    (arguments given by keyword are bound to their positions first, as the rules read
+    ``args``)."""
+    if kwargs:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        args, kwargs = bound.args, bound.kwargs
+    shapes = [t.shape[0] for t in (*args, *kwargs.values(), dout) if isinstance(t, torch.Tensor)]
     if any(s != batch for s in shapes):
         raise GhostUnsupported(f"layer {_label(model, module)} got an input or output "
                                f"without the batch dimension {batch} first: per-example "
@@ -176,14 +209,17 @@ def clipped_sum(
     stay tied); they get their own storage back afterwards, also on error.
     ``forward()``: the context of the model's forward and
     loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32. ``verify``: also
-    take autograd's batch gradient (one more weight-gradient pass) and check the per-example
-    gradients add up to it, so a parameter used outside its layer cannot go unnoticed.
+    take autograd's gradient of Σ_b w_b ℓ_b (one more backward, ``check_weights``) and check
+    that Σ_b w_b g_b of the per-example gradients equals it, so a parameter used outside its
+    layer, or a layer input whose first dimension is not the batch, cannot go unnoticed.
     ``backend``: of the ghost-norm kernel (``kernels.ghost_sq_norms``). ``owners``:
     ``plan_layers(model, trainable)`` when the caller has it already.
     """
     plan = plan_layers(model, trainable) if owners is None else owners
+    refuse_unsupported(model, plan)
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
+    weights = check_weights(batch, next(iter(trainable.values())).device) if verify else None
     budget = Budget()
     grads = {n: ParamGrad(p.shape, 1.0 / k, backend, budget) for n, p in trainable.items()}
     batch_grad: dict[str, torch.Tensor] = {}
@@ -205,13 +241,15 @@ def clipped_sum(
             calls, loss = run(isolate=True)
         for module, _, _, output, _ in calls:
             one_tensor(model, module, output)
-        wrt = [c[3] for c in calls] + (list(trainable.values()) if verify else [])
+        wrt = [c[3] for c in calls]
         records = [c[:3] for c in calls]
         del calls  # the layer outputs are freed as soon as the backward is done with them
-        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True, retain_graph=verify)
         del wrt
-        if verify:  # autograd's batch gradient, to check the per-example ones add up to it
-            for n, g in zip(trainable, found[len(records):]):
+        if verify:  # autograd's gradient of Σ w_b ℓ_b, to check the per-example ones against
+            weighted = torch.autograd.grad((loss * weights).sum(), list(trainable.values()),
+                                           allow_unused=True)
+            for n, g in zip(trainable, weighted):
                 if g is not None:
                     batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
         for (module, args, kwargs), dout in zip(records, found):
@@ -246,7 +284,7 @@ def clipped_sum(
     norms, c = clip_of([g.finish() for g in grads.values() if not g.empty], batch, losses,
                        max_grad_norm)
     if verify:
-        sums = torch.split(_clipped_sums(grads, torch.ones_like(c)),
+        sums = torch.split(_clipped_sums(grads, weights),
                            [g.shape.numel() for g in grads.values()])
         check_sums(dict(zip(grads, sums)), batch_grad)
     return _clipped_sums(grads, c), norms, losses
@@ -284,11 +322,14 @@ def _clipped_sums(grads: dict[str, ParamGrad], c: torch.Tensor) -> torch.Tensor:
 
 
 def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict) -> None:
-    """The unclipped per-example gradients must add up to autograd's batch gradient:
-    ``sums`` name -> Σ_b g_b (flat fp32), ``batch_grad`` name -> autograd's (None: zeros).
+    """The weighted per-example gradients must add up to autograd's weighted batch gradient:
+    ``sums`` name -> Σ_b w_b g_b (flat fp32), ``batch_grad`` name -> autograd's gradient of
+    Σ_b w_b ℓ_b (None: zeros), w = ``check_weights``.
 
     A parameter also used outside the layers that own it (e.g. ``F.linear(x, emb.weight)`` in a
-    parent's forward) would otherwise get a silently wrong per-example gradient.
+    parent's forward), or a layer input whose first dimension has the batch's size without
+    being the batch (``pos_emb(torch.arange(T))`` with T = B), would otherwise get a silently
+    wrong per-example gradient.
     """
     bad = []
     for name, ours in sums.items():
@@ -300,4 +341,6 @@ def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict) -> None:
         raise GhostUnsupported(f"per-example gradients of {bad} do not add up to the batch "
                                "gradient: these parameters are used outside the layers that "
                                "own them (e.g. F.linear(x, module.weight) in a parent's "
-                               "forward). Use engine='vmap'")
+                               "forward), or a layer input's first dimension is not the batch "
+                               "(e.g. pos_emb(torch.arange(T)) with T equal to the batch "
+                               "size). Use engine='vmap'")

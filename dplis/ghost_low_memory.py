@@ -12,7 +12,11 @@ with dplis's rules, mixed norms, tied weights and fallbacks):
    factors dropped: one layer's output gradient is held at a time (tied ones until their
    last use);
 3. c_b = min(1, C / ‖g_b‖), then a second backward of Σ_b c_b ℓ_b through the retained
-   graph: autograd's weight gradients are the clipped sum Σ_b c_b g_b.
+   graph, again for activation gradients only: as each layer call's output gradient (now
+   weighted by c_b) reaches its tap, the same rules give its parts, summed over the batch
+   into Σ_b c_b g_b and dropped. The clipped sum is built only from what the rules saw, as
+   in book-keeping: a use of a parameter outside its layers goes missing (the verification
+   catches it) rather than reaching the sum unclipped, as autograd's weight gradients would.
 
 Peak memory is that of the non-private step plus one layer's parts; the cost, one more
 backward (activation gradients). One pass only: with K perturbations the norm of the
@@ -30,11 +34,13 @@ from torch import nn
 
 from .ghost import (
     check_sums,
+    check_weights,
     clip_of,
     layer_grads,
     one_tensor,
     parameters_restored,
     plan_layers,
+    refuse_unsupported,
 )
 from .ghost_grad import Budget, ParamGrad
 from .ghost_rules import rule_for
@@ -100,23 +106,28 @@ def clipped_sum(
     """Σ_b clip_C(g_b), flat fp32 [D] in ``trainable`` order, norms [B], losses [1, B].
 
     As ``ghost.clipped_sum`` (same arguments) for one pass: ``thetas`` is [None] (the model's
-    own parameters) or [point]. The clipped sum is autograd's, in the backward's precision
-    (under bf16 autocast, bf16 weight-gradient matmuls); norms and clipping are fp32.
+    own parameters) or [point]. Norms, clipping and the clipped sum are fp32.
     """
     if len(thetas) != 1:
         raise ValueError(f"low-memory ghost clipping takes one pass, got {len(thetas)} "
                          "perturbed points: use num_perturbations=1, or the book-keeping "
                          "engine (low_memory=False) for K > 1")
     plan = plan_layers(model, trainable) if owners is None else owners
+    refuse_unsupported(model, plan)
     rules = {m: rule_for(m) for m in plan}
     batch = len(targets)
     first = next(iter(trainable.values()))
     probe = torch.zeros((), device=first.device, requires_grad=True)
+    ones = torch.ones(batch, device=first.device)
+    weights = check_weights(batch, first.device) if verify else None
     grads = {n: ParamGrad(p.shape, 1.0, backend) for n, p in trainable.items()}
     held: Counter = Counter()  # parameter -> bytes of output gradients its parts came from
     sq: list[torch.Tensor] = []  # squared per-example norms of the parameters done
-    unclipped: dict[str, torch.Tensor] = {}  # verify: Σ_b g_b of each parameter done
-    state = {"uses": Counter(), "norms": True}  # uses not yet in; False: second backward
+    unclipped: dict[str, torch.Tensor] = {}  # verify: Σ_b w_b g_b of each parameter done
+    clipped = {n: torch.zeros(p.numel(), device=first.device) for n, p in trainable.items()}
+    # uses not yet in; the backward running: "norms", "verify" (the taps pass the gradient
+    # on) or "sum" (the clipped sum)
+    state = {"uses": Counter(), "phase": "norms"}
 
     def done(name: str) -> None:
         """All uses of ``name`` are in: its squared norms, then its factors are dropped. It
@@ -129,13 +140,22 @@ def clipped_sum(
         g.budget = Budget(held[name])
         sq.append(g.finish())
         if verify:
-            g.clipped_sum(torch.ones(batch, device=first.device), unclipped[name])
+            g.clipped_sum(weights, unclipped[name])
 
     def arrived(module, args, kwargs, dout) -> None:
-        if not state["norms"]:  # the second backward: the gradient passes through
+        if state["phase"] == "verify":
             return
         parts = layer_grads(model, module, rules[module], plan[module], trainable, args,
                             kwargs, dout, batch)
+        if state["phase"] == "sum":  # the second backward: dout is weighted by c_b
+            for attr, name in plan[module].items():
+                if attr in parts:
+                    part = ParamGrad(trainable[name].shape, 1.0, backend)
+                    part.add(parts[attr])
+                    summed = torch.empty_like(clipped[name])
+                    part.clipped_sum(ones, summed)
+                    clipped[name] += summed
+            return
         for attr, name in plan[module].items():
             if attr in parts:
                 grads[name].add(parts[attr])
@@ -163,18 +183,18 @@ def clipped_sum(
             if "inplace" not in str(e):
                 raise
             losses = run(copy=True)
-        wrt = [probe] + (list(trainable.values()) if verify else [])
-        found = torch.autograd.grad(losses.sum(), wrt, retain_graph=True, allow_unused=True)
+        # the taps return no gradient for the probe: only the layer outputs' are computed
+        torch.autograd.grad(losses.sum(), [probe], retain_graph=True, allow_unused=True)
         for name in list(grads):  # parameters some of whose uses got no gradient
             done(name)
         norms, c = clip_of(sq, batch, losses, max_grad_norm)
-        if verify:
-            batch_grad = {n: g.float() for n, g in zip(trainable, found[1:]) if g is not None}
-            check_sums(unclipped, batch_grad)
-        del found
-        state["norms"] = False
-        weighted = torch.autograd.grad((losses * c).sum(), list(trainable.values()),
-                                       allow_unused=True)
-    flat = torch.cat([torch.zeros(p.numel(), device=first.device) if g is None
-                      else g.float().reshape(-1) for p, g in zip(trainable.values(), weighted)])
-    return flat, norms, losses.detach().unsqueeze(0)
+        if verify:  # autograd's gradient of Σ w_b ℓ_b against Σ_b w_b g_b
+            state["phase"] = "verify"
+            found = torch.autograd.grad((losses * weights).sum(), list(trainable.values()),
+                                        retain_graph=True, allow_unused=True)
+            check_sums(unclipped, {n: g.float() for n, g in zip(trainable, found)
+                                   if g is not None})
+            del found
+        state["phase"] = "sum"
+        torch.autograd.grad((losses * c).sum(), [probe], allow_unused=True)
+    return torch.cat(list(clipped.values())), norms, losses.detach().unsqueeze(0)

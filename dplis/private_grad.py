@@ -136,9 +136,25 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
     def batched(ths: torch.Tensor, xs: tuple, y: torch.Tensor):
         return vmap(per_example, in_dims=(0, None, None), randomness="different")(ths, xs, y)
 
-    if compile:
-        return compiled.run_padded(batched, thetas, inputs, targets)
-    return batched(thetas, inputs, targets)
+    with _modules_restored(model):
+        if compile:
+            return compiled.run_padded(batched, thetas, inputs, targets)
+        return batched(thetas, inputs, targets)
+
+
+@contextlib.contextmanager
+def _modules_restored(model: nn.Module) -> Iterator[None]:
+    """Put every module's own parameter and buffer objects back when the block ends:
+    ``functional_call`` swaps them in and out, and restores the wrong one when a module is
+    registered twice (``nn.Sequential(lin, act, lin)``), leaving a plain tensor in place of
+    the optimizer's Parameter."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, params, buffers in saved:
+            module._parameters.update(params)
+            module._buffers.update(buffers)
 
 
 def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor],

@@ -3,7 +3,8 @@
 Like Opacus's ModuleValidator.
 
 A layer breaks per-example privacy when its forward mixes examples of a batch
-(BatchNorm's batch statistics) or updates state from them (running statistics).
+(BatchNorm's batch statistics) or updates state from them (running statistics, an
+Embedding's max_norm renormalising the rows of the tokens it sees).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def find_problems(model: nn.Module) -> list[str]:
             problems.append(
                 f"{label} ({type(module).__name__}) updates running statistics from the batch; "
                 "use track_running_stats=False (dplis.validation.fix does this)"
+            )
+        elif isinstance(module, nn.Embedding) and module.max_norm is not None:
+            problems.append(
+                f"{label} (Embedding) has max_norm={module.max_norm}: every forward "
+                "renormalises, in place, the rows of the tokens it sees, a change to the "
+                "weights from the batch that no noise covers; use max_norm=None"
             )
     if not any(p.requires_grad for p in model.parameters()):
         problems.append("the model has no trainable parameter (requires_grad=True): "

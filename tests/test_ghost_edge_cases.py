@@ -1,0 +1,195 @@
+"""Models that once gave a wrong per-example gradient or a changed model: every engine must
+give the naive reference's gradient, or refuse (auto: the vmap engine), never a silent error."""
+
+import pytest
+import torch
+from test_private_grad import assert_close
+from torch import nn
+from torch.nn import functional as F
+
+import dplis
+from dplis.ghost import GhostUnsupported
+from dplis.reference import naive_private_grad
+
+ZERO = dict(noise_multiplier=0.0)
+
+
+class SharedPositions(nn.Module):
+    """GPT-2-style positions: ``pos(arange(T))`` has no batch dimension; with T = B its first
+    dimension has the batch's size, and only the verification can tell."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, 6), nn.Embedding(8, 6), nn.Linear(6, 2)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.tok(tokens) + self.pos(torch.arange(tokens.shape[1])))
+                         .mean(1))
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_an_input_whose_first_dimension_only_equals_the_batch_is_caught(low_memory):
+    torch.manual_seed(0)
+    model = SharedPositions()
+    tokens, y = torch.randint(0, 11, (4, 4)), torch.randn(4, 2)  # T = B = 4
+    with pytest.raises(GhostUnsupported, match="do not add up"):
+        dplis.private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.01, engine="ghost",
+                           low_memory=low_memory, **ZERO)
+    auto = dplis.private_step(model, F.mse_loss, tokens, y, max_grad_norm=0.01, **ZERO)
+    assert auto.engine == "vmap"
+    assert_close(auto.grads, naive_private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.01))
+
+
+class LayerScale(nn.Module):
+    """A module owning a parameter (gamma, no rule: the vmap fallback) and a child layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma, self.lin = nn.Parameter(torch.full((4,), 0.1)), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.gamma * self.lin(x)
+
+
+@pytest.mark.parametrize("options", [dict(engine="ghost"), dict(engine="auto"),
+                                     dict(engine="ghost", low_memory=True)])
+def test_a_parameter_owning_module_with_child_layers(options):
+    torch.manual_seed(0)
+    model = nn.Sequential(LayerScale(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    got = dplis.private_grad(model, F.mse_loss, x, y, max_grad_norm=0.1, **options, **ZERO)
+    assert_close(got, naive_private_grad(model, F.mse_loss, x, y, max_grad_norm=0.1))
+
+
+def test_a_parameter_owning_module_with_child_layers_and_perturbations():
+    torch.manual_seed(0)
+    model = nn.Sequential(LayerScale(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    kw = dict(max_grad_norm=0.1, num_perturbations=3, smoothing_std=0.05, **ZERO)
+    got = [dplis.private_grad(model, F.mse_loss, x, y, engine=e,
+                              generator=torch.Generator().manual_seed(3), **kw)
+           for e in ("ghost", "vmap")]
+    assert_close(got[0], {n: t.double() for n, t in got[1].items()})
+
+
+@pytest.mark.parametrize("engine", ["vmap", "ghost", "auto"])
+def test_a_module_registered_twice_keeps_its_parameters(engine):
+    """``functional_call`` once left a plain tensor in place of such a module's Parameter."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(4, 2))
+    weight = lin.weight
+    x, y = torch.randn(3, 4), torch.randn(3, 2)
+    got = dplis.private_grad(model, F.mse_loss, x, y, max_grad_norm=0.1, engine=engine, **ZERO)
+    assert lin.weight is weight and model[2].weight is weight
+    assert isinstance(lin.weight, nn.Parameter)
+    model(x).sum().backward()  # the model still runs outside the engine
+    assert_close(got, naive_private_grad(model, F.mse_loss, x, y, max_grad_norm=0.1))
+
+
+class Keywords(nn.Module):
+    """Layers called with their input as a keyword argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ln, self.head = nn.Embedding(9, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, tokens):
+        return self.head(input=self.ln(input=self.emb(input=tokens)).mean(1))
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_layers_called_with_keyword_inputs(low_memory):
+    torch.manual_seed(0)
+    model = Keywords()
+    tokens, y = torch.randint(0, 9, (5, 3)), torch.randn(5, 2)
+    got = dplis.private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.05, engine="ghost",
+                             low_memory=low_memory, **ZERO)
+    assert_close(got, naive_private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.05))
+
+
+class RareOutsideUse(nn.Module):
+    """``lin.weight`` is also used outside its layer, but only for examples with x[0] > 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        extra = F.linear(x, self.lin.weight) * (x[:, :1] > 2).float()
+        return self.head(torch.tanh(self.lin(x))) + 5 * extra[:, :2]
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_a_use_outside_the_layers_never_escapes_clipping(low_memory):
+    """Unverified (a trainer verifies its first step only), a use no rule sees goes missing
+    from the sum; it must never reach it unclipped. Each example's contribution (the sum
+    with it minus the sum without it) stays within C."""
+    torch.manual_seed(0)
+    model = RareOutsideUse()
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    x[0, 0] = 3.0  # example 0 takes the outside path
+    clip = 0.05
+
+    def flat(xs, ys):
+        g = dplis.private_grad(model, F.mse_loss, xs, ys, max_grad_norm=clip, engine="ghost",
+                               low_memory=low_memory, verify=False, expected_batch_size=1.0,
+                               **ZERO)
+        return torch.cat([t.reshape(-1) for t in g.values()])
+
+    full = flat(x, y)
+    for b in (0, 1):
+        keep = torch.arange(8) != b
+        assert float((full - flat(x[keep], y[keep])).norm()) <= clip * (1 + 1e-5)
+
+
+def test_an_embedding_counting_tokens_over_the_batch_is_refused_before_the_forward():
+    """scale_grad_by_freq ties an example's gradient to the batch's token counts: ghost
+    refuses it, auto runs the vmap engine (each example's own counts)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(9, 4, scale_grad_by_freq=True), nn.Flatten(),
+                          nn.Linear(12, 2))
+    tokens, y = torch.randint(0, 9, (4, 3)), torch.randn(4, 2)
+    with pytest.raises(GhostUnsupported, match="0 \\(Embedding\\)"):
+        dplis.private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.1, engine="ghost",
+                           **ZERO)
+    auto = dplis.private_step(model, F.mse_loss, tokens, y, max_grad_norm=0.1, **ZERO)
+    forced = dplis.private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.1, engine="vmap",
+                                **ZERO)
+    assert auto.engine == "vmap"
+    assert all(torch.equal(auto.grads[n], forced[n]) for n in forced)
+    assert_close(auto.grads, naive_private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.1))
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap", "ghost"])
+def test_an_embedding_renormalising_its_weight_is_refused_and_left_unchanged(engine):
+    """max_norm renormalises the rows of the batch's tokens in place in every forward: a
+    change to the weights that no noise covers."""
+    model = nn.Sequential(nn.Embedding(9, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 2))
+    model[0].weight.data.mul_(3)
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="0 \\(Embedding\\) has max_norm=0.5"):
+        dplis.private_grad(model, F.mse_loss, torch.randint(0, 9, (4, 3)), torch.randn(4, 2),
+                           max_grad_norm=0.1, engine=engine, **ZERO)
+    assert torch.equal(model[0].weight, before)
+
+
+def test_a_rule_less_layer_with_dropout_is_refused():
+    """Its per-example gradients would be taken under other masks than its forward drew."""
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale, self.drop = nn.Parameter(torch.ones(4)), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(x * self.scale)
+
+    model = nn.Sequential(Noisy(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    with pytest.raises(GhostUnsupported, match="holds dropout"):
+        dplis.private_grad(model, F.mse_loss, x, y, max_grad_norm=0.1, engine="ghost",
+                           verify=False, **ZERO)
+    model.eval()  # no dropout drawn: the fallback applies
+    got = dplis.private_grad(model, F.mse_loss, x, y, max_grad_norm=0.1, engine="ghost", **ZERO)
+    assert_close(got, naive_private_grad(model, F.mse_loss, x, y, max_grad_norm=0.1))
