@@ -45,16 +45,17 @@ def prv_bounds(history: Sequence[Segment], delta: float) -> tuple[float, float, 
     The ε grid error starts at 0.01, or 0.1 % of the RDP ε when that is larger (huge ε
     otherwise needs a huge grid); δ is resolved to δ/1000. prv-accountant's discretisation
     fails on some few-step, low-noise histories: the error is then widened tenfold (at most
-    twice), which widens the interval but keeps ``upper`` an upper bound.
+    twice), which widens the interval but keeps ``upper`` an upper bound. If it still fails
+    the RuntimeError propagates (``history_epsilon`` then reports the RDP ε, with a warning).
     """
     prvs, steps = _mechanisms(history)
     eps_error = max(0.01, 1e-3 * _rdp_epsilon(history, delta))
 
     def bounds(error: float) -> tuple[float, float, float]:
-        acc = PRVAccountant(prvs=prvs, max_self_compositions=steps, eps_error=error,
-                            delta_error=delta / 1000)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # its discretisation overflows on low-noise histories
             warnings.simplefilter("ignore", RuntimeWarning)
+            acc = PRVAccountant(prvs=prvs, max_self_compositions=steps, eps_error=error,
+                                delta_error=delta / 1000)
             return tuple(float(e) for e in acc.compute_epsilon(delta, steps))
 
     for _ in range(2):
@@ -82,7 +83,12 @@ def _history_epsilon(history: tuple[Segment, ...], delta: float, accountant: str
         return math.inf
     if accountant == "rdp":
         return _rdp_epsilon(history, delta)
-    return max(0.0, prv_bounds(history, delta)[2])
+    try:
+        return max(0.0, prv_bounds(history, delta)[2])
+    except RuntimeError as e:  # its grid cannot hold this history even widened: RDP bounds it
+        warnings.warn(f"the PRV accountant failed on this history ({e}); reporting the RDP "
+                      "ε, a looser upper bound", RuntimeWarning, stacklevel=3)
+        return _rdp_epsilon(history, delta)
 
 
 def _segment(noise_multiplier: float, sample_rate: float, steps: int) -> Segment:

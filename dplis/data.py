@@ -176,27 +176,22 @@ def load_idx(path: PathLike) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ images
 
-def _uint8_mean_std(images: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact mean / std of ``images / 255`` (overall or per channel) from a value histogram."""
-    values = np.arange(256) / 255.0
-    if channel_axis is None:
-        counts = np.bincount(images.ravel(), minlength=256)[None]
-    else:
-        moved = np.moveaxis(images, channel_axis, 0)
-        counts = np.stack([np.bincount(c.ravel(), minlength=256) for c in moved])
-    n = counts.sum(axis=1)
-    mean = counts @ values / n
-    std = np.sqrt(counts @ values**2 / n - mean**2).clip(min=1e-12)
-    return mean, std
+# Published per-dataset constants (of /255 pixels), the values torchvision's examples use: the
+# scaling must not come from the private training images, whose statistics no ε covers
+NORMALIZATION = {
+    "MNIST": ((0.1307,), (0.3081,)),
+    "Fashion-MNIST": ((0.2860,), (0.3530,)),
+    "CIFAR-10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
 
 
-def _normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float32 ``(images / 255 - mean[c]) / std[c]``."""
-    def per_channel(v: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(v).to(torch.float32).view(1, -1, 1, 1)
-
+def _normalize(images: np.ndarray, dataset: str) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32 ``(images / 255 - mean[c]) / std[c]`` with the dataset's
+    published constants (``NORMALIZATION``)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                 for v in NORMALIZATION[dataset])
     x = torch.from_numpy(images).to(torch.float32).div_(255.0)
-    return x.sub_(per_channel(mean)).div_(per_channel(std))
+    return x.sub_(mean).div_(std)
 
 
 def _check_labels(labels: np.ndarray, where: str) -> torch.Tensor:
@@ -218,7 +213,7 @@ _MNIST_FILES = {
 
 
 # the training images' mean pixel (/255) of each: the file names are the same, the content not
-_MNIST_MEAN = {"MNIST": 0.1307, "Fashion-MNIST": 0.2860}
+_MNIST_MEAN = {name: NORMALIZATION[name][0][0] for name in ("MNIST", "Fashion-MNIST")}
 
 
 def _find_mnist_files(data_dir: Path, fashion: bool) -> dict[str, Path]:
@@ -269,20 +264,20 @@ def load_mnist(data_dir: PathLike, fashion: bool = False) -> Split:
     torchvision's ``data_dir/MNIST/raw`` (``FashionMNIST/raw``), then in ``data_dir``. The two
     datasets share these names; training images whose mean pixel is the other dataset's are
     refused (ValueError).
-    Pixels are scaled to [0, 1], then standardised with the training set's mean and std.
+    Pixels are scaled to [0, 1], then standardised with the dataset's published mean and std
+    (``NORMALIZATION``), not statistics of the private training images.
     """
     data_dir = Path(data_dir)
     files = _find_mnist_files(data_dir, fashion)
     x_train, y_train = _load_mnist_split(files["train_images"], files["train_labels"])
     x_test, y_test = _load_mnist_split(files["test_images"], files["test_labels"])
-    mean, std = _uint8_mean_std(x_train, channel_axis=None)
-    _check_not_the_other(float(mean[0]), "Fashion-MNIST" if fashion else "MNIST",
-                         files["train_images"])
+    name = "Fashion-MNIST" if fashion else "MNIST"
+    # a sanity check of the files only: it refuses them or not, and shapes no output
+    _check_not_the_other(float(x_train.mean(dtype=np.float64)) / 255, name, files["train_images"])
     return (
-        TensorDataset(_normalize(x_train, mean, std),
+        TensorDataset(_normalize(x_train, name),
                       _check_labels(y_train, str(files["train_labels"]))),
-        TensorDataset(_normalize(x_test, mean, std),
-                      _check_labels(y_test, str(files["test_labels"]))),
+        TensorDataset(_normalize(x_test, name), _check_labels(y_test, str(files["test_labels"]))),
     )
 
 
@@ -351,17 +346,16 @@ def load_cifar10(data_dir: PathLike) -> Split:
     """CIFAR-10 from the python pickle batches: x float32 [N, 3, 32, 32], y int64 [N].
 
     Reads ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` from ``data_dir`` or
-    ``data_dir/cifar-10-batches-py``; each channel is standardised with the training set's
-    mean and std (after scaling to [0, 1]). Unpickling runs arbitrary code from the file: only
-    use batches from a trusted source.
+    ``data_dir/cifar-10-batches-py``; each channel is scaled to [0, 1], then standardised with
+    CIFAR-10's published mean and std (``NORMALIZATION``). Unpickling runs arbitrary code from
+    the file: only use batches from a trusted source.
     """
     directory = _find_cifar_dir(Path(data_dir))
     x_train, y_train = _load_cifar_split(directory, _CIFAR_TRAIN)
     x_test, y_test = _load_cifar_split(directory, _CIFAR_TEST)
-    mean, std = _uint8_mean_std(x_train, channel_axis=1)
     return (
-        TensorDataset(_normalize(x_train, mean, std), _check_labels(y_train, str(directory))),
-        TensorDataset(_normalize(x_test, mean, std), _check_labels(y_test, str(directory))),
+        TensorDataset(_normalize(x_train, "CIFAR-10"), _check_labels(y_train, str(directory))),
+        TensorDataset(_normalize(x_test, "CIFAR-10"), _check_labels(y_test, str(directory))),
     )
 
 

@@ -69,6 +69,17 @@ def agree(error: BaseException | None, device: torch.device) -> None:
         raise RuntimeError("another rank failed this step; no rank applied it")
 
 
+def all_gather(tensor: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape and dtype on all ranks), by rank, on ``tensor``'s
+    device; the collective runs on ``device`` (NCCL needs CUDA tensors)."""
+    alias = tensor.to(device, copy=True)
+    parts = [torch.empty_like(alias) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, alias)
+    _held.extend([alias, *parts])
+    _release()
+    return [p.to(tensor.device, copy=True) for p in parts]
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Σ over ranks, in place on ``tensor`` (returned)."""
     return _all_reduce(tensor, dist.ReduceOp.SUM)

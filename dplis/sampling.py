@@ -19,7 +19,12 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from . import checks
 
-__all__ = ["PoissonSampler", "PoissonLoader", "poisson_batches"]
+__all__ = ["PoissonSampler", "PoissonLoader", "poisson_batches", "steps_per_epoch"]
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Batches in one expected epoch of Poisson sampling at rate q: max(1, round(1/q))."""
+    return max(1, round(1.0 / sample_rate))
 
 
 class PoissonSampler:
@@ -50,8 +55,8 @@ class PoissonSampler:
                  generator: torch.Generator | None = None) -> None:
         self.num_examples = checks.integer("num_examples", num_examples, 1)
         self.sample_rate = checks.rate("sample_rate", sample_rate)
-        default_steps = max(1, round(1.0 / self.sample_rate))
-        self.steps = default_steps if steps is None else checks.integer("steps", steps, 1)
+        self.steps = (steps_per_epoch(self.sample_rate) if steps is None
+                      else checks.integer("steps", steps, 1))
         if generator is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             generator = torch.Generator().manual_seed(seed)

@@ -22,9 +22,31 @@ from . import __version__, distributed, models
 from .allocator import MALLOC_MODES, retain_freed_memory
 from .data import load_dataset
 from .private_grad import ENGINES, PRECISIONS
+from .sampling import steps_per_epoch
 from .trainer import PrivateTrainer
 
 DEFAULT_RADIUS = 40.0  # tuned on MNIST-1D at ε = 3 (docs/compare_full.md)
+
+
+def _number(kind: type, low: float, *, open_low: bool = False, high: float | None = None):
+    """An argparse type: ``kind`` in [low, high] (or (low, high] with ``open_low``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        below = value <= low if open_low else value < low
+        if below or (high is not None and value >= high) or value != value:
+            span = f"{'(' if open_low else '['}{low:g}, {'∞)' if high is None else f'{high:g})'}"
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE = _number(float, 0, open_low=True)
+NON_NEGATIVE = _number(float, 0)
+COUNT = _number(int, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,31 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=("dplis", "dpsgd"), default="dplis",
                    help="dplis: K-perturbation smoothing; dpsgd: plain DP-SGD (K = 1, s = 0)")
-    p.add_argument("--epsilon", type=float, default=3.0, help="target ε (σ is calibrated)")
-    p.add_argument("--delta", type=float, default=1e-5, help="target δ")
-    p.add_argument("--epochs", type=float, default=10, help="expected passes over the data")
-    p.add_argument("--batch-size", type=int, default=256, help="expected (Poisson) batch size")
-    p.add_argument("--lr", type=float, default=0.25, help="learning rate")
+    p.add_argument("--epsilon", type=POSITIVE, default=3.0, help="target ε (σ is calibrated)")
+    p.add_argument("--delta", type=_number(float, 0, open_low=True, high=1), default=1e-5,
+                   help="target δ")
+    p.add_argument("--epochs", type=POSITIVE, default=10, help="expected passes over the data")
+    p.add_argument("--batch-size", type=COUNT, default=256, help="expected (Poisson) batch size")
+    p.add_argument("--lr", type=POSITIVE, default=0.25, help="learning rate")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="torch optimizer")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
+    p.add_argument("--momentum", type=NON_NEGATIVE, default=0.9, help="SGD momentum")
+    p.add_argument("--max-grad-norm", type=POSITIVE, default=1.0, help="clipping norm C")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--smoothing-std", type=float, default=None, help="absolute std s")
-    group.add_argument("--smoothing-radius", type=float, default=None,
+    group.add_argument("--smoothing-std", type=NON_NEGATIVE, default=None, help="absolute std s")
+    group.add_argument("--smoothing-radius", type=NON_NEGATIVE, default=None,
                        help=f"s = r·lr·σ·C/batch (default {DEFAULT_RADIUS} for dplis)")
-    p.add_argument("--perturbations", type=int, default=4, help="K for dplis")
-    p.add_argument("--seed", type=int, default=0, help="seeds data, init, noise, sampling")
+    p.add_argument("--perturbations", type=COUNT, default=4, help="K for dplis")
+    p.add_argument("--seed", type=_number(int, 0, high=2**63), default=0,
+                   help="seeds data, init, noise, sampling")
     p.add_argument("--secure-rng", action="store_true",
                    help="noise from os.urandom (not reproducible; --seed then seeds only data "
                         "and init)")
     p.add_argument("--dataset", choices=("mnist1d", "mnist", "fashion-mnist", "cifar10"),
                    default="mnist1d", help="mnist1d is generated locally; others need --data-dir")
     p.add_argument("--data-dir", default=None, help="folder with MNIST/Fashion-MNIST/CIFAR-10")
-    p.add_argument("--num-samples", type=int, default=20000, help="MNIST-1D size (train+test)")
+    p.add_argument("--num-samples", type=_number(int, 100), default=20000,
+                   help="MNIST-1D size (train+test)")
     p.add_argument("--model", choices=("auto", *models.MODELS), default="auto",
                    help="auto: mlp for mnist1d, cnn for images")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=_number(int, 0), default=0,
                    help="torch CPU threads (0: torch's default; 1 on a busy shared machine)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="save the trainer here after every epoch (atomic write)")
@@ -115,12 +140,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch build sees no CUDA device")
     rank, world_size = distributed.world()
     if rank != 0:
         args.quiet, args.json = True, None
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.malloc == "retain" and torch.device(args.device).type == "cpu":
+    if args.malloc == "retain" and device.type == "cpu":
         retain_freed_memory()  # this command owns its process; False (no-op) without glibc
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -130,6 +161,16 @@ def run(args: argparse.Namespace) -> dict:
                          f"--method dpsgd (got --perturbations {args.perturbations})")
     if args.low_memory and args.engine == "vmap":
         raise SystemExit("--low-memory is a mode of the ghost engine: drop --engine vmap")
+    if args.model == "cnn" and args.dataset == "mnist1d":
+        raise SystemExit("--model cnn takes images (mnist, fashion-mnist, cifar10); for mnist1d "
+                         "use mlp or conv1d")
+    if args.model == "conv1d" and args.dataset != "mnist1d":
+        raise SystemExit(f"--model conv1d takes 1-D signals (mnist1d); for {args.dataset} use "
+                         "cnn or mlp")
+    if args.resume and not args.checkpoint:
+        raise SystemExit("--resume needs --checkpoint PATH")
+    if args.resume and not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"--resume: no checkpoint at {args.checkpoint}")
     train, test = load_dataset(args.dataset, args.data_dir, **kw)
     if not 1 <= args.batch_size <= len(train):
         raise SystemExit(f"--batch-size must be in [1, {len(train)}], got {args.batch_size}")
@@ -150,8 +191,6 @@ def run(args: argparse.Namespace) -> dict:
         precision=args.precision, dataset_size=len(train), engine=args.engine,
         compile=args.compile, low_memory=args.low_memory)
     if args.resume:
-        if not args.checkpoint:
-            raise SystemExit("--resume needs --checkpoint PATH")
         trainer.load(args.checkpoint)
     log = (lambda *a: None) if args.quiet else tqdm.write
     log(f"dplis {__version__}: {args.method} on {args.dataset} ({len(train)} train"
@@ -161,15 +200,12 @@ def run(args: argparse.Namespace) -> dict:
         f"s={trainer.current_smoothing_std():.3g}")
     history = []
     bar = tqdm(total=trainer.max_steps, disable=args.quiet, unit="step", file=sys.stderr)
-    per_epoch = math.ceil(trainer.max_steps / math.ceil(args.epochs))
     bar.update(trainer.accountant.steps)
-    epoch = trainer.accountant.steps // per_epoch
+    epoch = trainer.accountant.steps // steps_per_epoch(trainer.sample_rate)
     while trainer.accountant.steps < trainer.max_steps:
         epoch += 1
         losses = []
-        left = trainer.max_steps - trainer.accountant.steps
-        loader = trainer.data_loader(train, steps=min(left, per_epoch))
-        for x, y in loader:
+        for x, y in trainer.data_loader(train):  # the last pass ends with the planned steps
             loss = trainer.step(x.to(args.device), y.to(args.device))
             if not math.isnan(loss):
                 losses.append(loss)

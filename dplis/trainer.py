@@ -1,15 +1,18 @@
 """PrivateTrainer: a thin stateful layer over ``private_step``, the accountant and the sampler.
 
-One ``step`` = private gradient -> ``p.grad`` -> ``optimizer.step()`` -> accountant records it.
-Everything that can fail runs before the first state change, so a failing step changes
-nothing (model, optimizer, accountant, RNG) and spends no privacy.
+One ``step`` = private gradient -> accountant records it -> ``p.grad`` -> ``optimizer.step()``.
+Everything that can fail before the noisy gradient exists runs before the first state change,
+so such a failing step changes nothing (model, optimizer, accountant, RNG) and spends no
+privacy. Once the noisy gradient exists it is released: the step counts even if
+``optimizer.step()`` then raises, so no later step reuses its noise.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 
 import torch
@@ -25,13 +28,16 @@ from .private_grad import (
     step_noise_seed,
     trainable,
 )
-from .sampling import poisson_batches
+from .sampling import poisson_batches, steps_per_epoch
 from .validation import validate
 
 PRIVACY_KEYS = ("sample_rate", "max_grad_norm", "noise_multiplier", "num_perturbations",
                 "smoothing_std", "smoothing_radius", "smoothing_schedule", "sat_rho",
                 "expected_batch_size", "accountant", "secure_rng", "precision")
 SCHEDULES = ("constant", "lr", "linear")
+
+
+UNSUPPORTED_OPTIMIZERS = (torch.optim.LBFGS, torch.optim.SparseAdam)
 
 
 class BudgetExceededError(RuntimeError):
@@ -42,7 +48,8 @@ class PrivateTrainer:
     """DP-SGD / DPlis training of ``model`` with any ``torch.optim`` optimizer.
 
     Give ``noise_multiplier`` σ, or ``target_epsilon`` + ``target_delta`` + ``epochs`` or
-    ``steps`` to calibrate σ (then at most that many steps are taken: ``max_steps``).
+    ``steps`` to calibrate σ (then at most that many steps are taken: ``max_steps``); an
+    epoch is one pass of ``data_loader``, round(1/q) steps (``steps_per_epoch``).
     Smoothing: ``smoothing_std`` s, or ``smoothing_radius`` r meaning s = r·lr·σ·C / E|B|
     (the DPlis authors' unit: r times the std of one step's noise on the weights, at the
     initial learning rate). ``smoothing_schedule``: "constant", "lr" (s follows the current
@@ -100,9 +107,13 @@ class PrivateTrainer:
     ):
         validate(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.params = trainable(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        if isinstance(optimizer, UNSUPPORTED_OPTIMIZERS):
+            raise TypeError(f"{type(optimizer).__name__} is not supported: a private step "
+                            "gives one dense gradient per step (LBFGS re-evaluates the loss "
+                            "through a closure; SparseAdam needs sparse gradients)")
+        self.params = self._trainable()
         self.sample_rate = checks.rate("sample_rate", sample_rate)
         self.max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
         self.smoothing_std = checks.non_negative("smoothing_std", smoothing_std)
@@ -164,9 +175,9 @@ class PrivateTrainer:
             raise ValueError("give epochs or steps, not both")
         if steps is not None:
             self.planned_steps = checks.integer("steps", steps, 1)
-        elif epochs is not None:
+        elif epochs is not None:  # an epoch: one pass of ``data_loader``
             self.planned_steps = max(1, math.ceil(checks.positive("epochs", epochs)
-                                                  / self.sample_rate))
+                                                  * steps_per_epoch(self.sample_rate)))
         if sigma is not None:
             return checks.non_negative("noise_multiplier", sigma)
         self.target_epsilon = checks.positive("target_epsilon", target_epsilon)
@@ -175,15 +186,29 @@ class PrivateTrainer:
         return find_noise_multiplier(self.target_epsilon, self.target_delta, self.sample_rate,
                                      self.planned_steps, accountant)
 
-    def _set_dataset_size(self, n: int) -> None:
+    def _check_dataset_size(self, n: int) -> int:
         n = checks.integer("dataset_size", n, 1)
         if self.dataset_size not in (None, n):
             raise ValueError(f"dataset_size is {self.dataset_size}, got a dataset of {n}")
         if self.sample_rate * n < 1:
             raise ValueError(f"sample_rate × dataset size = {self.sample_rate} × {n} < 1: batches "
                              "would be almost always empty; raise sample_rate")
-        self.dataset_size = n
-        self.expected_batch_size = self.sample_rate * n
+        return n
+
+    def _set_dataset_size(self, n: int) -> None:
+        self.dataset_size = self._check_dataset_size(n)
+        self.expected_batch_size = self.sample_rate * self.dataset_size
+
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        """The model's trainable parameters now; each must be in the optimizer (else its
+        gradient would count toward the clipping norm but never be applied)."""
+        params = trainable(self.model)
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in params.items() if id(p) not in held]
+        if missing:
+            raise ValueError(f"trainable parameters {missing} are not in the optimizer: add "
+                             "them to it or set requires_grad=False")
+        return params
 
     @property
     def lr(self) -> float:
@@ -217,23 +242,49 @@ class PrivateTrainer:
     def data_loader(self, dataset, *, steps: int | None = None):
         """Poisson-sampled batches of ``dataset`` (each example kept with prob. q; may be empty).
 
-        One pass = ``steps`` batches, by default round(1/q) (one expected epoch). Under
-        torch.distributed each rank samples its own shard; the union is the logical batch.
+        One pass = ``steps`` batches, by default round(1/q) (one expected epoch), ending early
+        where the planned steps of a ``target_epsilon`` run end (``max_steps``), so a loop over
+        ``epochs`` passes never hits the budget. Under torch.distributed each rank samples its
+        own shard; the union is the logical batch. Raises BudgetExceededError when no step is
+        left, and ValueError if ``dataset`` contradicts ``dataset_size`` or an explicit
+        ``expected_batch_size`` (q · len(dataset)).
         """
-        self._set_dataset_size(len(dataset))
-        steps = max(1, round(1 / self.sample_rate)) if steps is None else steps
+        n = checks.integer("len(dataset)", len(dataset), 1)
+        if self.dataset_size is None and self.expected_batch_size is not None \
+                and not math.isclose(self.expected_batch_size, self.sample_rate * n):
+            raise ValueError(f"expected_batch_size={self.expected_batch_size} was given, but "
+                             f"this dataset gives q·N = {self.sample_rate} × {n} = "
+                             f"{self.sample_rate * n:g}: pass dataset_size= instead")
+        if steps is None:
+            steps = steps_per_epoch(self.sample_rate)
+            if self.max_steps is not None:
+                left = self.max_steps - self.accountant.steps
+                if left <= 0:
+                    raise BudgetExceededError(f"the {self.max_steps} planned steps are taken")
+                steps = min(steps, left)
+        self._set_dataset_size(n)
         return poisson_batches(distributed.shard(dataset, self.rank, self.world_size),
                                self.sample_rate, generator=self.sampler_generator, steps=steps)
 
     def step(self, inputs: torch.Tensor | tuple, targets: torch.Tensor) -> float:
-        """One private step on a batch; returns its mean loss (non-private, for logging)."""
+        """One private step on a batch; returns its mean loss (non-private, for logging).
+
+        A failure before the noisy gradient exists (bad input, NaN/inf loss or gradient,
+        exhausted budget, a parameter missing from the optimizer) changes nothing. If
+        ``optimizer.step()`` raises, the step still counts (accountant, RNG, ``p.grad``):
+        its noisy gradient was released, and its noise must not serve another batch.
+        The trainable parameters are read at every step: freezing a layer mid-run is fine
+        (its ``grad`` is set to None); one unfrozen must be in the optimizer.
+        """
         if self.max_steps is not None and self.accountant.steps >= self.max_steps:
             raise BudgetExceededError(
                 f"{self.max_steps} steps taken: one more would exceed target_epsilon="
                 f"{self.target_epsilon} at delta={self.target_delta}")
+        params = self._trainable()
+        same = params.keys() == self.params.keys()  # else DP-SAT's g_prev no longer fits
         state = self.generator.get_state()
         try:
-            result, error = self._private_step(inputs, targets), None
+            result, error = self._private_step(inputs, targets, same), None
         except Exception as e:  # under torch.distributed every rank must hear of it
             result, error = None, e
         if self.world_size > 1:
@@ -253,20 +304,27 @@ class PrivateTrainer:
                                   float(len(targets))], device=flat.device)
             total, count = distributed.all_reduce_sum(stats).tolist()
             loss = total / count if count else float("nan")
+        # released: from here the step counts, whatever happens next
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
         if len(targets):  # the engine decided and the check ran: keep both for later steps
             self.engine = self._engine_arg = result.engine
             self._verified = True
         for name, p in self.params.items():
+            if name not in params:  # frozen since the last step: no stale gradient applied
+                p.grad = None
+        self.params = params
+        for name, p in params.items():
             p.grad = grads[name].view(p.shape)
         if self.sat_rho:
-            self.prev_grad = torch.cat([p.grad.reshape(-1) for p in self.params.values()])
+            self.prev_grad = torch.cat([p.grad.reshape(-1) for p in params.values()])
         self.optimizer.step()
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
         return loss
 
-    def _private_step(self, inputs, targets):
+    def _private_step(self, inputs, targets, same_params: bool = True):
         """This rank's part: the private gradient, or under torch.distributed the clipped sum
-        of its examples (noise on rank 0 only), to be all-reduced and divided by E|B|."""
+        of its examples (noise on rank 0 only), to be all-reduced and divided by E|B|.
+        ``same_params``: the trainable parameters are those of the last step (DP-SAT's
+        ascent then applies)."""
         alone = self.world_size == 1
         return private_step(
             self.model, self.loss_fn, inputs, targets, max_grad_norm=self.max_grad_norm,
@@ -277,7 +335,8 @@ class PrivateTrainer:
             generator=self.generator, engine=self._engine_arg,
             max_physical_batch_size=self.max_physical_batch_size,
             perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
-            offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
+            offset=self.sat_offset() if same_params else None, secure_rng=self.secure_rng,
+            precision=self.precision,
             verify=not self._verified, compile=self.compile,
             dropout_stream=self.rank,  # the ranks share perturbations, not dropout masks
             noise_seed=step_noise_seed(self.seed, self.accountant.steps),
@@ -293,6 +352,8 @@ class PrivateTrainer:
     def planned_epsilon(self, steps: int, delta: float | None = None) -> float:
         """ε after ``steps`` steps in total with this trainer's σ and q."""
         delta = self.target_delta if delta is None else delta
+        if delta is None:
+            raise ValueError("planned_epsilon() needs delta (or target_delta set on the trainer)")
         return compute_epsilon(self.noise_multiplier, self.sample_rate, steps, delta,
                                self.accountant.mechanism)
 
@@ -300,8 +361,8 @@ class PrivateTrainer:
         return {k: getattr(self, k) if k != "accountant" else self.accountant.mechanism
                 for k in PRIVACY_KEYS}
 
-    def state_dict(self) -> dict:
-        """Model, optimizer, accountant history, RNG states, privacy config and version."""
+    def _local_state(self) -> dict:
+        """``state_dict`` without the other ranks' sampler states (no collective)."""
         return {
             "version": __version__,
             "config": self.privacy_config(),
@@ -312,10 +373,23 @@ class PrivateTrainer:
             "sampler_generator": self.sampler_generator.get_state(),
             "dataset_size": self.dataset_size,
             "prev_grad": self.prev_grad,
+            "world_size": self.world_size,
         }
 
+    def state_dict(self) -> dict:
+        """Model, optimizer, accountant history, RNG states, privacy config and version.
+
+        Under torch.distributed it is a collective (call it on every rank): it holds every
+        rank's sampler state (``sampler_generators``), each rank's own Poisson stream."""
+        state = self._local_state()
+        if self.world_size > 1:
+            state["sampler_generators"] = distributed.all_gather(
+                self.sampler_generator.get_state(), self.generator.device)
+        return state
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict``; a different privacy config is refused (nothing changes)."""
+        """Restore a ``state_dict``; a different privacy config, number of ranks or dataset
+        size is refused, and a load that fails part-way is undone (nothing changes)."""
         keys = ("config", "model", "optimizer", "accountant", "generator", "sampler_generator")
         missing = [k for k in keys if k not in state]
         if missing:
@@ -325,27 +399,49 @@ class PrivateTrainer:
                 if k != "expected_batch_size" and theirs.get(k) != ours[k]}
         if diff:
             raise ValueError(f"checkpoint privacy config differs (checkpoint, trainer): {diff}")
+        world = state.get("world_size", 1)
+        if world != self.world_size:
+            raise ValueError(f"the checkpoint was written by {world} ranks, this run has "
+                             f"{self.world_size}: resume with {world} (each rank continues "
+                             "its own Poisson stream)")
+        if state.get("dataset_size") is not None:
+            self._check_dataset_size(state["dataset_size"])
+        sampler = state["sampler_generators"][self.rank] if world > 1 else \
+            state["sampler_generator"]
+        backup = copy.deepcopy(self._local_state())
+        try:
+            self._apply(state, sampler)
+        except BaseException:
+            self._apply(backup, backup["sampler_generator"])
+            raise
+
+    def _apply(self, state: dict, sampler_state: torch.Tensor) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.accountant.load_state_dict(state["accountant"])
         self.generator.set_state(state["generator"])
-        self.sampler_generator.set_state(state["sampler_generator"])
+        self.sampler_generator.set_state(sampler_state)
         self.prev_grad = state.get("prev_grad")
         if state.get("dataset_size") is not None:
-            self._set_dataset_size(state["dataset_size"])
+            self.dataset_size = state["dataset_size"]
+            self.expected_batch_size = self.sample_rate * self.dataset_size
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``state_dict`` atomically (temp file in the same folder, then rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".dplis-ckpt-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Write ``state_dict`` atomically (a temporary file in the same folder, then rename).
+
+        Under torch.distributed call it on every rank (``state_dict`` is a collective): rank 0
+        alone writes the file, and every rank returns once it is written (or raises if the
+        write failed), so each may ``load`` it at once."""
+        state, error = self.state_dict(), None
+        if self.rank == 0:
+            try:
+                _write_atomically(state, os.fspath(path))
+            except Exception as e:  # under torch.distributed every rank must hear of it
+                error = e
+        if self.world_size > 1:
+            distributed.agree(error, self.generator.device)
+        elif error is not None:
+            raise error
 
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a file written by ``save``; corrupted or truncated files raise ValueError."""
@@ -358,3 +454,17 @@ class PrivateTrainer:
         if not isinstance(state, dict):
             raise ValueError(f"checkpoint {path} does not hold a PrivateTrainer state")
         self.load_state_dict(state)
+
+
+def _write_atomically(state: dict, path: str) -> None:
+    """``torch.save`` to a fresh file beside ``path`` (the umask's permissions), then rename."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".dplis-ckpt-{secrets.token_hex(8)}")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

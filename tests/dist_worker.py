@@ -1,11 +1,13 @@
 """Runs inside each process of the distributed tests (spawned; gloo on loopback)."""
 
+import itertools
 import os
 
 import torch
 import torch.distributed as dist
 from helpers import mlp_case
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import dplis
 from dplis import distributed
@@ -27,7 +29,7 @@ def dropout_model() -> nn.Module:
     return nn.Sequential(nn.Linear(10, 32), nn.Dropout(0.5), nn.Linear(32, 3))
 
 
-def checks(rank: int, world: int) -> dict:
+def checks(rank: int, world: int, folder: str) -> dict:
     out = {}
     # 1. noise 0: each rank half of the batch -> the single-process update
     model, loss_fn, x, y = mlp_case(batch=8)
@@ -64,6 +66,24 @@ def checks(rank: int, world: int) -> dict:
     model, loss_fn, x, y = mlp_case(batch=8)
     trainer_for(model, loss_fn, **LOW_MEMORY).step(x[rank::world], y[rank::world])
     out["low_memory_params"] = {k: v.clone() for k, v in model.state_dict().items()}
+    # 6. a checkpoint holds every rank's sampler state; each rank resumes its own stream
+    path = os.path.join(folder, "ckpt.pt")
+    data = TensorDataset(torch.zeros(40, 1), torch.arange(40))
+
+    def sampler_trainer():
+        return trainer_for(nn.Linear(1, 1), lambda o, t: o.sum(), expected_batch_size=None,
+                           dataset_size=40)
+
+    def batches(trainer, n):
+        return [y.tolist() for _, y in itertools.islice(trainer.data_loader(data), n)]
+
+    straight = sampler_trainer()
+    batches(straight, 2)
+    straight.save(path)
+    dist.barrier()  # a later run: every rank's save is done before any rank loads
+    resumed = sampler_trainer()
+    resumed.load(path)
+    out["resume"] = (batches(straight, 3), batches(resumed, 3))
     return out
 
 
@@ -71,4 +91,4 @@ def run(rank: int, world: int, port: int, folder: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     with distributed.closing():
-        torch.save(checks(rank, world), os.path.join(folder, f"rank{rank}.pt"))
+        torch.save(checks(rank, world, folder), os.path.join(folder, f"rank{rank}.pt"))

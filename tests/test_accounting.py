@@ -75,3 +75,14 @@ def test_accountant_history_composes_and_round_trips():
 def test_bad_input(call, word):
     with pytest.raises(ValueError, match=word):
         call()
+
+
+def test_a_history_prv_cannot_discretise_falls_back_to_the_rdp_bound():
+    """σ = 0.02: prv-accountant fails even on the widened grid; ε is then RDP's, a valid
+    (looser) upper bound, with a warning, and σ calibration still works."""
+    with pytest.warns(RuntimeWarning, match="PRV accountant failed"):
+        eps = accounting.compute_epsilon(0.02, 0.5, 10, 1e-5)
+    assert eps == accounting.compute_epsilon(0.02, 0.5, 10, 1e-5, "rdp")
+    assert math.isfinite(eps)
+    sigma = accounting.find_noise_multiplier(1000.0, 1e-5, 1.0, 1)
+    assert accounting.compute_epsilon(sigma, 1.0, 1, 1e-5) <= 1000.0

@@ -50,6 +50,16 @@ def test_two_ranks_equal_one_process_with_low_memory(ranks):
             torch.testing.assert_close(r["low_memory_params"][k], v, rtol=1e-5, atol=1e-7)
 
 
+def test_each_rank_resumes_its_own_poisson_stream(ranks):
+    """A checkpoint once held one rank's sampler state, which every rank then loaded: the
+    ranks drew the same masks over their shards (examples 2j and 2j + 1 always together)."""
+    for r in ranks:
+        straight, resumed = r["resume"]
+        assert straight == resumed
+    shard_positions = [[[i // 2 for i in b] for b in r["resume"][0]] for r in ranks]
+    assert shard_positions[0] != shard_positions[1]
+
+
 def test_noise_is_added_once(ranks):
     noise = ranks[0]["noise"]
     assert torch.equal(noise, ranks[1]["noise"])  # every rank applies the same update

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,33 @@ def test_bad_flag_is_refused():
         train.main(["--low-memory", "--perturbations", "4"])
     with pytest.raises(SystemExit, match="--low-memory is a mode of the ghost engine"):
         train.main(["--low-memory", "--method", "dpsgd", "--engine", "vmap"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "argument --epochs: must be in \\(0, ∞\\), got 0"),
+    (["--delta", "1"], "argument --delta: must be in \\(0, 1\\), got 1"),
+    (["--epsilon", "-1"], "argument --epsilon: must be in"),
+    (["--perturbations", "0"], "argument --perturbations: must be in \\[1, ∞\\)"),
+    (["--threads", "-1"], "argument --threads: must be in \\[0, ∞\\)"),
+    (["--num-samples", "5"], "argument --num-samples: must be in \\[100, ∞\\)"),
+    (["--lr", "x"], "argument --lr: expected float, got 'x'"),
+])
+def test_out_of_range_flags_get_a_usage_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "cnn"], "--model cnn takes images"),
+    (["--model", "conv1d", "--dataset", "mnist", "--data-dir", "."], "--model conv1d takes 1-D"),
+    (["--device", "nowhere"], "--device 'nowhere'"),
+    (["--resume", "--checkpoint", "missing.pt"], "--resume: no checkpoint at missing.pt"),
+])
+def test_flags_that_cannot_run_are_refused_before_any_work(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(flags)
 
 
 def test_low_memory_flag_gives_the_same_run(tmp_path, monkeypatch):

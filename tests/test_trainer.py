@@ -1,6 +1,7 @@
 """PrivateTrainer: steps, calibration, smoothing radius, atomic failure, state, bad input."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -280,3 +281,144 @@ def test_smoothing_schedules():
     assert trainer.max_steps is None and trainer.planned_steps == 2
     trainer.step(x, y)
     assert trainer.current_smoothing_std() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", [torch.optim.LBFGS, torch.optim.SparseAdam])
+def test_optimizers_that_cannot_take_one_dense_gradient_are_refused(kind):
+    model, loss_fn, _, _ = mlp_case()
+    with pytest.raises(TypeError, match=f"{kind.__name__} is not supported"):
+        dplis.PrivateTrainer(model, kind([p for p in model.parameters() if p.requires_grad]),
+                             loss_fn, sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
+
+
+def test_a_trainable_parameter_missing_from_the_optimizer_is_refused():
+    model, loss_fn, x, y = mlp_case(batch=8)
+    model[0].requires_grad_(True)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)  # not model[0]
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are not in the optimizer"):
+        dplis.PrivateTrainer(model, opt, loss_fn, sample_rate=0.1, max_grad_norm=1.0,
+                             noise_multiplier=1.0)
+    trainer, x, y = make()
+    trainer.step(x, y)
+    trainer.model[0].requires_grad_(True)  # unfrozen after the trainer was built
+    before = snapshot(trainer)
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are not in the optimizer"):
+        trainer.step(x, y)
+    assert same(before, snapshot(trainer))
+
+
+def test_freezing_a_layer_mid_run():
+    """The trainable set is read each step: a frozen layer gets no gradient (grad None, so
+    SGD with momentum leaves it alone), and DP-SAT restarts its ascent on the new set."""
+    model, loss_fn, x, y = mlp_case(batch=8)
+    model[0].requires_grad_(True)
+    trainer = dplis.PrivateTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn,
+        sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0, sat_rho=0.05, seed=0,
+        dataset_size=80)
+    trainer.step(x, y)
+    model[2].requires_grad_(False)
+    frozen = model[2].weight.detach().clone()
+    trainer.step(x, y)
+    assert model[2].weight.grad is None and model[0].weight.grad is not None
+    assert torch.equal(model[2].weight, frozen)
+    assert trainer.prev_grad.numel() == sum(p.numel() for p in model[0].parameters())
+    trainer.step(x, y)
+    assert trainer.accountant.steps == 3
+
+
+def test_a_failing_optimizer_step_still_counts_the_released_step():
+    """The noisy gradient existed: the step is recorded, and the next one draws other noise
+    (a retry with the same noise seed on another batch would reveal the difference of the
+    two batches' sums)."""
+    trainer, x, y = make()
+    handle = trainer.optimizer.register_step_post_hook(
+        lambda *_: (_ for _ in ()).throw(RuntimeError("hook failed")))
+    with pytest.raises(RuntimeError, match="hook failed"):
+        trainer.step(x, y)
+    handle.remove()
+    assert trainer.accountant.steps == 1
+    seen = []
+    trainer._private_step = lambda *a, _f=trainer._private_step: seen.append(
+        trainer.accountant.steps) or _f(*a)
+    trainer.step(x, y)
+    assert seen == [1]  # step 1's noise seed, step_noise_seed(seed, 1), not step 0's
+
+
+def test_a_refused_or_failed_load_changes_nothing(tmp_path):
+    trainer, x, y = make()
+    trainer.step(x, y)
+    trainer.save(tmp_path / "ckpt.pt")
+    other, _, _ = make(dataset_size=None, expected_batch_size=8.0)
+    other._set_dataset_size(90)  # same q and privacy config, another dataset
+    other.step(x, y)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="dataset_size is 90, got a dataset of 80"):
+        other.load(tmp_path / "ckpt.pt")
+    assert same(before, snapshot(other))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["dataset_size"] = None
+    state["model"]["2.weight"] = torch.zeros(1, 1)  # fails inside model.load_state_dict
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict(state)
+    assert same(before, snapshot(other)) and other.dataset_size == 90
+
+
+def test_data_loader_passes_add_up_to_the_planned_steps():
+    """ε-calibrated run, 1/q = 2.6: an epoch is a pass of round(1/q) = 3 batches, so 10
+    epochs plan 30 steps, and a loop over 10 passes of ``data_loader`` takes exactly them
+    (once ⌈10/q⌉ = 26 were planned, and the ninth pass hit the budget)."""
+    model, loss_fn, _, _ = mlp_case()
+    data = TensorDataset(torch.randn(260, 10), torch.randint(0, 3, (260,)))
+    trainer = dplis.PrivateTrainer(
+        model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        loss_fn, sample_rate=100 / 260, max_grad_norm=1.0, target_epsilon=3.0,
+        target_delta=1e-5, epochs=10, seed=0)
+    for _ in range(10):
+        for xb, yb in trainer.data_loader(data):
+            trainer.step(xb, yb)
+    assert trainer.accountant.steps == trainer.max_steps == 30
+    with pytest.raises(dplis.BudgetExceededError, match="30 planned steps"):
+        trainer.data_loader(data)
+
+
+def test_a_fractional_epoch_ends_its_last_pass_early():
+    model, loss_fn, _, _ = mlp_case()
+    data = TensorDataset(torch.randn(100, 10), torch.randint(0, 3, (100,)))
+    trainer = dplis.PrivateTrainer(
+        model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        loss_fn, sample_rate=0.1, max_grad_norm=1.0, target_epsilon=3.0, target_delta=1e-5,
+        epochs=2.5, seed=0)
+    passes = [len(trainer.data_loader(data)) for _ in range(2)]
+    assert trainer.max_steps == 25
+    for _ in range(20):
+        for xb, yb in trainer.data_loader(data):
+            trainer.step(xb, yb)
+        if trainer.accountant.steps == 25:
+            break
+    assert passes == [10, 10] and trainer.accountant.steps == 25
+
+
+def test_data_loader_refuses_a_dataset_contradicting_expected_batch_size():
+    trainer, _, _ = make(dataset_size=None, expected_batch_size=20.0)
+    with pytest.raises(ValueError, match="expected_batch_size=20.0 was given"):
+        trainer.data_loader(TensorDataset(torch.randn(60, 10), torch.zeros(60).long()))
+    assert trainer.dataset_size is None and trainer.expected_batch_size == 20.0
+
+
+def test_planned_epsilon_needs_a_delta():
+    trainer, _, _ = make()
+    with pytest.raises(ValueError, match="needs delta"):
+        trainer.planned_epsilon(10)
+    assert trainer.planned_epsilon(10, 1e-5) > 0
+
+
+def test_checkpoints_get_the_umasks_permissions(tmp_path):
+    trainer, _, _ = make()
+    old = os.umask(0o022)
+    try:
+        trainer.save(tmp_path / "ckpt.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
