@@ -163,28 +163,26 @@ class ParamGrad:
         self.explicit, self.owned = full.view(batch, *self.shape), True
         self.dense, self.index, self.shared = [], [], {}
 
-    def clipped_sum(self, c: torch.Tensor, out: torch.Tensor) -> None:
-        """Write s · Σ_b c_b · g_b (fp32) into ``out`` (flat, |shape| values), after ``finish``."""
+    def clipped_sum(self, c: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Write s · Σ_b c_b · g_b (fp32) into ``out`` (flat, |shape| values), after ``finish``
+        (or on parts only added: the plain sum); c None: c_b = 1 for every example."""
         if self.scale != 1:
-            c = c * self.scale
+            first = self.explicit if self.explicit is not None else (self.dense or self.index)[0].u
+            c = self.scale * (torch.ones(first.shape[0], device=out.device) if c is None else c)
         if self.explicit is not None:
-            torch.mm(c.unsqueeze(0), self.explicit.flatten(1), out=out.view(1, -1))
+            if c is None:
+                torch.sum(self.explicit.flatten(1), 0, out=out)
+            else:
+                torch.mm(c.unsqueeze(0), self.explicit.flatten(1), out=out.view(1, -1))
             return
         out = out.view(self.shape[0], -1)
         if not self.dense:
             out.zero_()
         for i, f in enumerate(self.dense):  # the first overwrites ``out``, the others add
-            u, v = f.u.float(), f.v.float()
-            if u.shape[2] <= v.shape[2]:  # weight the narrower side by c_b
-                u = u * c[:, None, None]
-            else:
-                v = v * c[:, None, None]
-            if i == 0:
-                torch.mm(u.flatten(0, 1).T, v.flatten(0, 1), out=out)
-            else:
-                out.addmm_(u.flatten(0, 1).T, v.flatten(0, 1))
+            f.weighted_sum(c, out, add=i > 0)
         for f in self.index:
-            out.index_add_(0, f.u.flatten(), (f.v.float() * c[:, None, None]).flatten(0, 1))
+            v = f.v.float() if c is None else f.v.float() * c[:, None, None]
+            out.index_add_(0, f.u.flatten(), v.flatten(0, 1))
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:

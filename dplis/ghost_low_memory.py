@@ -118,7 +118,6 @@ def clipped_sum(
     batch = len(targets)
     first = next(iter(trainable.values()))
     probe = torch.zeros((), device=first.device, requires_grad=True)
-    ones = torch.ones(batch, device=first.device)
     weights = check_weights(batch, first.device) if verify else None
     grads = {n: ParamGrad(p.shape, 1.0, backend) for n, p in trainable.items()}
     held: Counter = Counter()  # parameter -> bytes of output gradients its parts came from
@@ -153,7 +152,7 @@ def clipped_sum(
                     part = ParamGrad(trainable[name].shape, 1.0, backend)
                     part.add(parts[attr])
                     summed = torch.empty_like(clipped[name])
-                    part.clipped_sum(ones, summed)
+                    part.clipped_sum(None, summed)
                     clipped[name] += summed
             return
         for attr, name in plan[module].items():

@@ -65,6 +65,20 @@ class Factor:
         """full [B, m, n] += the per-example gradients, without a temporary (dense u only)."""
         full.baddbmm_(self.u.float().transpose(1, 2), self.v.float())
 
+    def weighted_sum(self, c: torch.Tensor | None, out: torch.Tensor, add: bool) -> None:
+        """out [m, n] (fp32) = (or += with ``add``) Σ_b c_b Σ_p u_bpᵀ v_bp (dense u only):
+        one matmul over all positions, the narrower side weighted; c None: all ones."""
+        u, v = self.u.float(), self.v.float()
+        if c is not None:
+            if u.shape[2] <= v.shape[2]:
+                u = u * c[:, None, None]
+            else:
+                v = v * c[:, None, None]
+        if add:
+            out.addmm_(u.flatten(0, 1).T, v.flatten(0, 1))
+        else:
+            torch.mm(u.flatten(0, 1).T, v.flatten(0, 1), out=out)
+
 
 class ConvFactor(Factor):
     """A convolution's weight gradient: u = output gradients [B, L, C_out], v = unfolded input
@@ -108,6 +122,19 @@ class ConvFactor(Factor):
             weight, None, list(g["stride"]), list(g["padding"]), list(g["dilation"]), False,
             [0, 0], batch, [False, True, False])[1]
         return grad_w.reshape(batch, c_out, -1)
+
+    def weighted_sum(self, c: torch.Tensor | None, out: torch.Tensor, add: bool) -> None:
+        """As ``Factor.weighted_sum``: the layer's ordinary weight gradient (one convolution
+        backward, no unfold) of the output gradients weighted by c_b."""
+        g, c_in, c_out = self.geometry, self.x.shape[1], self.grad.shape[1]
+        grad = self.grad.float()
+        if c is not None:
+            grad = grad * c.view(-1, *(1,) * (grad.dim() - 1))
+        weight = grad.new_empty((1,) * (2 + len(g["kernel"]))).expand(c_out, c_in, *g["kernel"])
+        summed = torch.ops.aten.convolution_backward(
+            grad, self.x.float(), weight, None, list(g["stride"]), list(g["padding"]),
+            list(g["dilation"]), False, [0, 0], 1, [False, True, False])[1].reshape(out.shape)
+        out.add_(summed) if add else out.copy_(summed)
 
     def sides(self) -> tuple[tuple, ...]:
         return (identity(self.x),)

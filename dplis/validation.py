@@ -32,6 +32,11 @@ def find_problems(model: nn.Module) -> list[str]:
                 f"{label} ({type(module).__name__}) updates running statistics from the batch; "
                 "use track_running_stats=False (dplis.validation.fix does this)"
             )
+        elif isinstance(module, nn.Embedding) and module.sparse and module.weight.requires_grad:
+            problems.append(
+                f"{label} (Embedding) has sparse=True: a private gradient is dense (the noise "
+                "covers every row, used or not); use sparse=False"
+            )
         elif isinstance(module, nn.Embedding) and module.max_norm is not None:
             problems.append(
                 f"{label} (Embedding) has max_norm={module.max_norm}: every forward "

@@ -27,7 +27,8 @@ def per_sample_sq_norms_torch(grads: list[torch.Tensor], batch_dims: int) -> tor
     for g in grads:
         kbd = as_kbd(g, batch_dims)
         mean = kbd[0] if kbd.shape[0] == 1 else kbd.float().mean(dim=0)
-        sq = torch.linalg.vector_norm(mean, dim=1, dtype=torch.float32).square()
+        wide = torch.float64 if mean.dtype == torch.float64 else torch.float32  # never narrower
+        sq = torch.linalg.vector_norm(mean, dim=1, dtype=wide).float().square()
         total = sq if total is None else total + sq
     return total
 

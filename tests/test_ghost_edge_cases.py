@@ -174,6 +174,32 @@ def test_an_embedding_renormalising_its_weight_is_refused_and_left_unchanged(eng
     assert torch.equal(model[0].weight, before)
 
 
+def test_a_sparse_embedding_is_refused_with_the_reason():
+    model = nn.Sequential(nn.Embedding(9, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match="0 \\(Embedding\\) has sparse=True"):
+        dplis.private_grad(model, F.mse_loss, torch.randint(0, 9, (4, 3)), torch.randn(4, 2),
+                           max_grad_norm=0.1, **ZERO)
+
+
+@pytest.mark.parametrize("engine", ["vmap", "ghost"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_float64_models(engine, k):
+    """The vmap engine's norms once asked to narrow float64 gradients to float32 (K = 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 4).double(), torch.randn(5, 2).double()
+    kw = dict(max_grad_norm=0.1, num_perturbations=k, smoothing_std=0.01 * (k > 1), **ZERO)
+    got = dplis.private_grad(model, F.mse_loss, x, y, engine=engine,
+                             generator=torch.Generator().manual_seed(1), **kw)
+    assert all(g.dtype == torch.float64 for g in got.values())
+    if k == 1:
+        assert_close(got, naive_private_grad(model, F.mse_loss, x, y, max_grad_norm=0.1))
+    else:
+        other = dplis.private_grad(model, F.mse_loss, x, y, engine="vmap",
+                                   generator=torch.Generator().manual_seed(1), **kw)
+        assert_close(got, other)
+
+
 def test_a_rule_less_layer_with_dropout_is_refused():
     """Its per-example gradients would be taken under other masks than its forward drew."""
 

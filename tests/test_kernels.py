@@ -199,12 +199,13 @@ def test_triton_matches_reference_without_noise(case):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_dtypes_and_float64(backend):
+def test_mixed_dtypes_and_float64(backend, K):
     grads = [
         g.to(dt)
         for g, dt in zip(
-            make_grads(3, 5, [(100,), (7, 9), (4099,), (13,)], torch.float32, seed=3),
+            make_grads(K, 5, [(100,), (7, 9), (4099,), (13,)], torch.float32, seed=3),
             [torch.float32, torch.bfloat16, torch.float64, torch.bfloat16],
         )
     ]
