@@ -50,9 +50,11 @@ MEMORY_METHOD = (
     "CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the first step."
 )
 TENSOR_METHOD = (
-    "tensor MB = peak bytes of live tensors one more (untimed) step allocates above those live "
-    "before it. CPU: torch.profiler's allocation events (dplis.memory.peak_tensor_bytes); "
-    "CUDA: max_memory_allocated(). No allocator slack or fragmentation, unlike peak MB."
+    "tensor MB = peak bytes of the tensors one more (untimed) step allocates and still holds. "
+    "CPU: torch.profiler's allocation events (dplis.memory.peak_tensor_bytes), which do not "
+    "see frees of tensors older than the step, so a buffer the step replaces (a gradient) "
+    "counts in full; CUDA: max_memory_allocated() above the bytes live before the step. No "
+    "allocator slack or fragmentation, unlike peak MB."
 )
 _MB = 2**20
 

@@ -84,11 +84,15 @@ def _history_epsilon(history: tuple[Segment, ...], delta: float, accountant: str
     if accountant == "rdp":
         return _rdp_epsilon(history, delta)
     try:
-        return max(0.0, prv_bounds(history, delta)[2])
-    except RuntimeError as e:  # its grid cannot hold this history even widened: RDP bounds it
-        warnings.warn(f"the PRV accountant failed on this history ({e}); reporting the RDP "
-                      "ε, a looser upper bound", RuntimeWarning, stacklevel=3)
-        return _rdp_epsilon(history, delta)
+        upper = prv_bounds(history, delta)[2]
+        failure = None if math.isfinite(upper) else "its upper bound is infinite"
+    except RuntimeError as e:  # its grid cannot hold this history even widened
+        failure = str(e)
+    if failure is None:
+        return max(0.0, upper)
+    warnings.warn(f"the PRV accountant failed on this history ({failure}); reporting the RDP "
+                  "ε, a looser upper bound", RuntimeWarning, stacklevel=3)
+    return _rdp_epsilon(history, delta)
 
 
 def _segment(noise_multiplier: float, sample_rate: float, steps: int) -> Segment:

@@ -5,13 +5,15 @@
   directory the user filled beforehand; missing files raise ``FileNotFoundError`` saying where
   to get them.
 
-Images are normalised with statistics of the training set only.
+Images are standardised with each dataset's published constants (``NORMALIZATION``), never
+with statistics of the (private) training images.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import math
 import os
 import pickle
 import random
@@ -89,10 +91,11 @@ def load_mnist1d(num_samples: int = 20000, seed: int = 0, train_split: float = 0
                  cache_dir: PathLike | None = None) -> Split:
     """MNIST-1D (Greydanus 2020), generated locally: x float32 [N, 40], y int64 [N] in 0..9.
 
-    ``num_samples`` is rounded down to a multiple of 10 (equal classes); the first
-    ``int(num_samples * train_split)`` examples form the training set. The arrays are cached in
-    ``cache_dir`` (default ``$DPLIS_CACHE`` or ``~/.cache/dplis``) under a name built from the
-    arguments and the mnist1d version; an unwritable cache directory just disables caching.
+    ``num_samples`` is rounded down to a multiple of 10 (equal classes), n; the first
+    ``int(n * train_split)`` examples form the training set (``load_mnist1d(25)``: 16 and 4).
+    The arrays are cached in ``cache_dir`` (default ``$DPLIS_CACHE`` or ``~/.cache/dplis``)
+    under a name built from the arguments and the mnist1d version; an unwritable cache
+    directory just disables caching.
     The global ``random`` / ``numpy.random`` states are left unchanged.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
@@ -164,7 +167,7 @@ def load_idx(path: PathLike) -> np.ndarray:
         )
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(raw) - header != expected:
         raise ValueError(
             f"{path}: IDX data is {len(raw) - header} bytes, but shape {shape} of {dtype.name} "

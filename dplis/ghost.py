@@ -20,6 +20,7 @@ per-example gradients of their own parameters by ``vmap(vjp)`` of that layer alo
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 
@@ -84,13 +85,8 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
               grad: torch.Tensor, label: Callable[[], str]) -> dict:
     """Per-example gradients of ``module``'s own parameters by vmap(vjp) over the batch
     (detached: a module with child layers reaches their weights, which keep their own rules).
-    Refused for a module holding dropout in training mode: vmap would draw other masks than
-    the forward did."""
-    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-           for m in module.modules()):
-        raise GhostUnsupported(f"layer {label()} has no rule and holds dropout: its per-example "
-                               "gradients would be taken under other masks than its forward "
-                               "drew. Use engine='vmap'")
+    vmap runs in randomness="error" mode: a layer drawing random numbers (dropout) would get
+    other draws than its forward had, so it is refused."""
     own = {a: params[c].detach() for a, c in owned.items()}
 
     def one(x, g):
@@ -100,7 +96,7 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
         return vjp(f, own)[1](g.unsqueeze(0))[0]
 
     try:
-        return {a: g.detach() for a, g in vmap(one, randomness="different")(args, grad).items()}
+        return {a: g.detach() for a, g in vmap(one, randomness="error")(args, grad).items()}
     except Exception as e:  # any layer vmap/vjp cannot handle: say which one
         raise GhostUnsupported(f"the ghost engine cannot compute per-example gradients of "
                                f"layer {label()}: {e}. Use engine='vmap'") from e
@@ -114,24 +110,33 @@ def _label(model: nn.Module, module: nn.Module) -> str:
 
 def layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: dict,
                 args: tuple, kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
-    """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call
-    (arguments given by keyword are bound to their positions first, as the rules read
-    ``args``)."""
-    if kwargs:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        args, kwargs = bound.args, bound.kwargs
-    shapes = [t.shape[0] for t in (*args, *kwargs.values(), dout) if isinstance(t, torch.Tensor)]
-    if any(s != batch for s in shapes):
-        raise GhostUnsupported(f"layer {_label(model, module)} got an input or output "
-                               f"without the batch dimension {batch} first: per-example "
-                               "gradients need every layer input to carry the batch")
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call. A
+    rule reads positional inputs: arguments given by keyword are bound to their positions
+    first; the vmap fallback takes the call as it was made (keyword arguments unbatched)."""
+    label = functools.partial(_label, model, module)
+    _check_batch((*args, dout), batch, label)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
         if rule is None:
             raise Unsupported(type(module).__name__)
-        return rule(module, args, dout)
+        inputs = detached
+        if kwargs:
+            try:
+                bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            except TypeError as e:
+                raise Unsupported(str(e)) from e
+            inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bound.args)
+            _check_batch(inputs, batch, label)
+        return rule(module, inputs, dout)
     except Unsupported:
-        return _fallback(module, owned, params, args, kwargs, dout, lambda: _label(model, module))
+        return _fallback(module, owned, params, detached, kwargs, dout, label)
+
+
+def _check_batch(tensors: tuple, batch: int, label: Callable[[], str]) -> None:
+    if any(isinstance(t, torch.Tensor) and t.shape[0] != batch for t in tensors):
+        raise GhostUnsupported(f"layer {label()} got an input or output without the batch "
+                               f"dimension {batch} first: per-example gradients need every "
+                               "layer input to carry the batch")
 
 
 def _reads(args: tuple, storages: set[int]) -> bool:

@@ -6,7 +6,8 @@ on CPU costs more than the loss itself for small models (``F.cross_entropy`` is 
 Python under vmap). So a loss may carry a batched twin, ``loss_fn.per_example(output, target)
 -> [B]``, that must equal ``stack([loss_fn(output[b:b+1], target[b:b+1]) for b])``;
 ``F.cross_entropy``, ``nn.CrossEntropyLoss`` (no class weights, mean reduction), ``F.mse_loss``,
-``nn.MSELoss`` (mean reduction) and ``dplis.models.lm_loss`` have one. Anything else uses vmap.
+``nn.MSELoss`` (mean reduction) and ``dplis.models.lm_loss`` have one; subclasses of those
+modules do not (their forward may differ). Anything else uses vmap.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def _builtin(loss_fn: Callable) -> Callable | None:
     """The batched twin of a torch loss used with its defaults, or None."""
     if loss_fn is F.cross_entropy:
         return lambda out, t: _cross_entropy(out, t, -100, 0.0)
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None \
+    # the exact classes only: a subclass may compute something else in its forward
+    if type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None \
             and loss_fn.reduction == "mean":
         return lambda out, t: _cross_entropy(out, t, loss_fn.ignore_index,
                                              loss_fn.label_smoothing)
-    if loss_fn is F.mse_loss or (isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean"):
+    if loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean"):
         return _mse
     return None
 

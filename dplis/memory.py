@@ -15,7 +15,9 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def peak_tensor_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensors allocated by ``fn`` above what was live when it started."""
+    """Peak bytes of the tensors ``fn`` allocates and still holds. The profiler does not see
+    frees of tensors allocated before ``fn`` started, so one ``fn`` frees and replaces (a
+    gradient) still counts in full."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     fd, path = tempfile.mkstemp(suffix=".json")

@@ -73,11 +73,17 @@ class PoissonSampler:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         start, self._resume_from = self._resume_from, 0
-        for position in range(start, self.steps):
-            mask = torch.rand(self.num_examples, generator=self.generator,
-                              device=self.generator.device) < self.sample_rate
-            self._position = position + 1
-            yield mask.nonzero().squeeze(1)
+        finished = False
+        try:
+            for position in range(start, self.steps):
+                mask = torch.rand(self.num_examples, generator=self.generator,
+                                  device=self.generator.device) < self.sample_rate
+                self._position = position + 1
+                yield mask.nonzero().squeeze(1)
+            finished = True
+        finally:
+            if not finished:  # abandoned (``break``): the next pass is a full one
+                self._position = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Generator state (uint8 tensor), position in the current pass and the sampling args."""

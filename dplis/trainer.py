@@ -126,6 +126,7 @@ class PrivateTrainer:
                                                 SCHEDULES)
         self.sat_rho = checks.non_negative("sat_rho", sat_rho)
         self.prev_grad: torch.Tensor | None = None  # DP-SAT's g_prev, flat [D]
+        self.prev_grad_names: tuple[str, ...] = ()  # the trainable parameters it spans
         self.initial_lr = float(optimizer.param_groups[0]["lr"])
         checks.choice("accountant", accountant, ACCOUNTANTS)
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
@@ -137,6 +138,7 @@ class PrivateTrainer:
         # "auto" on ghost: the first step may find that ghost cannot handle the model and run
         # the vmap engine (GhostUnsupported); its engine is then kept for the later steps
         self._engine_arg = "auto" if engine == "auto" and self.engine == "ghost" else self.engine
+        self._engine_initial = self._engine_arg  # again when the trainable set changes
         self._verified = False  # the ghost engine's batch-gradient check: first non-empty step
         self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
@@ -190,6 +192,11 @@ class PrivateTrainer:
         n = checks.integer("dataset_size", n, 1)
         if self.dataset_size not in (None, n):
             raise ValueError(f"dataset_size is {self.dataset_size}, got a dataset of {n}")
+        if self.dataset_size is None and self.expected_batch_size is not None \
+                and not math.isclose(self.expected_batch_size, self.sample_rate * n):
+            raise ValueError(f"expected_batch_size={self.expected_batch_size} was given, but "
+                             f"a dataset of {n} gives q·N = {self.sample_rate} × {n} = "
+                             f"{self.sample_rate * n:g}: pass dataset_size= instead")
         if self.sample_rate * n < 1:
             raise ValueError(f"sample_rate × dataset size = {self.sample_rate} × {n} < 1: batches "
                              "would be almost always empty; raise sample_rate")
@@ -227,8 +234,10 @@ class PrivateTrainer:
         return base
 
     def sat_offset(self) -> torch.Tensor | None:
-        """DP-SAT's ascent ρ·g_prev/‖g_prev‖ (None on the first step or with ρ = 0)."""
-        if not self.sat_rho or self.prev_grad is None:
+        """DP-SAT's ascent ρ·g_prev/‖g_prev‖ (None on the first step, with ρ = 0, or once the
+        trainable parameters are no longer those g_prev spans: the ascent then restarts)."""
+        if not self.sat_rho or self.prev_grad is None \
+                or self.prev_grad_names != tuple(trainable(self.model)):
             return None
         norm = float(self.prev_grad.norm())
         return None if norm == 0 else self.prev_grad * (self.sat_rho / norm)
@@ -249,12 +258,7 @@ class PrivateTrainer:
         left, and ValueError if ``dataset`` contradicts ``dataset_size`` or an explicit
         ``expected_batch_size`` (q · len(dataset)).
         """
-        n = checks.integer("len(dataset)", len(dataset), 1)
-        if self.dataset_size is None and self.expected_batch_size is not None \
-                and not math.isclose(self.expected_batch_size, self.sample_rate * n):
-            raise ValueError(f"expected_batch_size={self.expected_batch_size} was given, but "
-                             f"this dataset gives q·N = {self.sample_rate} × {n} = "
-                             f"{self.sample_rate * n:g}: pass dataset_size= instead")
+        n = self._check_dataset_size(len(dataset))
         if steps is None:
             steps = steps_per_epoch(self.sample_rate)
             if self.max_steps is not None:
@@ -273,18 +277,23 @@ class PrivateTrainer:
         exhausted budget, a parameter missing from the optimizer) changes nothing. If
         ``optimizer.step()`` raises, the step still counts (accountant, RNG, ``p.grad``):
         its noisy gradient was released, and its noise must not serve another batch.
-        The trainable parameters are read at every step: freezing a layer mid-run is fine
-        (its ``grad`` is set to None); one unfrozen must be in the optimizer.
+        The trainable parameters are read at every step: freezing a layer mid-run is fine,
+        and a new trainable set is checked again (engine choice, batch-gradient check); one
+        unfrozen must be in the optimizer. Every optimizer parameter outside the set gets
+        ``grad = None``, so no non-private gradient left from elsewhere is ever applied.
         """
         if self.max_steps is not None and self.accountant.steps >= self.max_steps:
             raise BudgetExceededError(
                 f"{self.max_steps} steps taken: one more would exceed target_epsilon="
                 f"{self.target_epsilon} at delta={self.target_delta}")
-        params = self._trainable()
-        same = params.keys() == self.params.keys()  # else DP-SAT's g_prev no longer fits
         state = self.generator.get_state()
         try:
-            result, error = self._private_step(inputs, targets, same), None
+            params = self._trainable()
+            # a new trainable set: the engine is chosen and checked again
+            same = params.keys() == self.params.keys()
+            engine, verify = ((self._engine_arg, not self._verified) if same
+                              else (self._engine_initial, True))
+            result, error = self._private_step(inputs, targets, engine, verify), None
         except Exception as e:  # under torch.distributed every rank must hear of it
             result, error = None, e
         if self.world_size > 1:
@@ -309,22 +318,27 @@ class PrivateTrainer:
         if len(targets):  # the engine decided and the check ran: keep both for later steps
             self.engine = self._engine_arg = result.engine
             self._verified = True
-        for name, p in self.params.items():
-            if name not in params:  # frozen since the last step: no stale gradient applied
-                p.grad = None
+        elif not same:  # an empty batch checks nothing: the next non-empty step does
+            self._engine_arg, self._verified = self._engine_initial, False
         self.params = params
+        private = {id(p) for p in params.values()}
+        for group in self.optimizer.param_groups:  # no other gradient is applied (e.g. a
+            for p in group["params"]:  # frozen layer's from an earlier, non-private backward)
+                if id(p) not in private:
+                    p.grad = None
         for name, p in params.items():
             p.grad = grads[name].view(p.shape)
         if self.sat_rho:
             self.prev_grad = torch.cat([p.grad.reshape(-1) for p in params.values()])
+            self.prev_grad_names = tuple(params)
         self.optimizer.step()
         return loss
 
-    def _private_step(self, inputs, targets, same_params: bool = True):
+    def _private_step(self, inputs, targets, engine: str | None = None,
+                      verify: bool | None = None):
         """This rank's part: the private gradient, or under torch.distributed the clipped sum
         of its examples (noise on rank 0 only), to be all-reduced and divided by E|B|.
-        ``same_params``: the trainable parameters are those of the last step (DP-SAT's
-        ascent then applies)."""
+        ``engine`` / ``verify``: by default the trainer's current choice."""
         alone = self.world_size == 1
         return private_step(
             self.model, self.loss_fn, inputs, targets, max_grad_norm=self.max_grad_norm,
@@ -332,12 +346,12 @@ class PrivateTrainer:
             smoothing_std=self.current_smoothing_std(),
             num_perturbations=self.num_perturbations,
             expected_batch_size=self._divisor() if alone else 1.0,
-            generator=self.generator, engine=self._engine_arg,
+            generator=self.generator,
+            engine=self._engine_arg if engine is None else engine,
             max_physical_batch_size=self.max_physical_batch_size,
             perturbation_chunk_size=self.perturbation_chunk_size, backend=self.backend,
-            offset=self.sat_offset() if same_params else None, secure_rng=self.secure_rng,
-            precision=self.precision,
-            verify=not self._verified, compile=self.compile,
+            offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
+            verify=not self._verified if verify is None else verify, compile=self.compile,
             dropout_stream=self.rank,  # the ranks share perturbations, not dropout masks
             noise_seed=step_noise_seed(self.seed, self.accountant.steps),
             low_memory=self.low_memory)
@@ -373,6 +387,7 @@ class PrivateTrainer:
             "sampler_generator": self.sampler_generator.get_state(),
             "dataset_size": self.dataset_size,
             "prev_grad": self.prev_grad,
+            "prev_grad_names": list(self.prev_grad_names),
             "world_size": self.world_size,
         }
 
@@ -422,6 +437,12 @@ class PrivateTrainer:
         self.generator.set_state(state["generator"])
         self.sampler_generator.set_state(sampler_state)
         self.prev_grad = state.get("prev_grad")
+        names = state.get("prev_grad_names")
+        if names is None:  # older checkpoints: ours, if the sizes agree (else the ascent restarts)
+            fits = self.prev_grad is not None and self.prev_grad.numel() == sum(
+                p.numel() for p in self.params.values())
+            names = self.params if fits else ()
+        self.prev_grad_names = tuple(names)
         if state.get("dataset_size") is not None:
             self.dataset_size = state["dataset_size"]
             self.expected_batch_size = self.sample_rate * self.dataset_size

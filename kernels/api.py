@@ -40,8 +40,9 @@ def infer_batch_dims(grads: list[torch.Tensor], batch_dims: int | None) -> int:
     """2 for ``[K, B, *P]`` tensors, 1 for ``[B, *P]``.
 
     Auto (None) reads ``[B, *P]`` when a tensor is 1-D or the tensors disagree on
-    dim 1 while agreeing on dim 0; otherwise ``[K, B, *P]``. Pass it explicitly
-    whenever a list could be read both ways.
+    dim 1 while agreeing on dim 0; otherwise ``[K, B, *P]``: one ``[B, D]`` tensor is read
+    as K = B perturbations of D scalar gradients. Pass it explicitly whenever a list could
+    be read both ways.
     """
     if batch_dims is None:
         lead0 = {g.shape[0] for g in grads if g.dim() >= 1}
@@ -57,6 +58,8 @@ def infer_batch_dims(grads: list[torch.Tensor], batch_dims: int | None) -> int:
             f"grads must all be {names} with the same leading dims, got shapes "
             f"{[tuple(g.shape) for g in grads]}"
         )
+    if batch_dims == 2 and grads[0].shape[0] == 0:
+        raise ValueError("per-example gradients need K >= 1 perturbations, got K = 0")
     return batch_dims
 
 

@@ -105,12 +105,15 @@ def add_noise_torch(tensors: list[torch.Tensor], *, noise_std: float, divisor: f
 def perturb_torch(
     params: list[torch.Tensor], *, std: float, num_perturbations: int, seed: int
 ) -> list[torch.Tensor]:
-    """θ_j + std · u_kj with u ~ N(0, I) -> ``[K, *P_j]`` per parameter (u from seed + j)."""
+    """θ_j + std · u_kj with u ~ N(0, I) -> ``[K, *P_j]`` per parameter: one stream per call,
+    from ``seed``, of which the tensors draw consecutive parts (so calls with other seeds
+    share nothing; on CPU, seeds that differ in the low 32 bits)."""
+    gen = generator(params[0].device, seed) if std > 0 else None
     out = []
-    for j, p in enumerate(params):
+    for p in params:
         base = p.detach().float().unsqueeze(0).expand(num_perturbations, *p.shape)
         if std > 0:  # the noise buffer is the result: one [K, *P_j] allocation
-            base = gaussian_like(base, std, generator(p.device, seed + j)).add_(base)
+            base = gaussian_like(base, std, gen).add_(base)
         out.append(base.to(p.dtype).contiguous())
     return out
 

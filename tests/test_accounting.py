@@ -86,3 +86,6 @@ def test_a_history_prv_cannot_discretise_falls_back_to_the_rdp_bound():
     assert math.isfinite(eps)
     sigma = accounting.find_noise_multiplier(1000.0, 1e-5, 1.0, 1)
     assert accounting.compute_epsilon(sigma, 1.0, 1, 1e-5) <= 1000.0
+    with pytest.warns(RuntimeWarning, match="upper bound is infinite"):  # PRV: inf, no error
+        eps = accounting.compute_epsilon(0.1, 1.0, 1000, 1e-5)
+    assert eps == accounting.compute_epsilon(0.1, 1.0, 1000, 1e-5, "rdp") < math.inf

@@ -650,3 +650,21 @@ def test_ghost_sq_norms_deterministic():
     u, v = ghost_inputs(3, 70, 20, 9, torch.float32, seed=5)
     first = ghost_sq_norms(u, v, backend="triton")
     assert torch.equal(first, ghost_sq_norms(u, v, backend="triton"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_perturbation_is_a_value_error_on_both_paths(backend):
+    grads = [torch.zeros(0, 4, 3, device=DEVICE)]
+    with pytest.raises(ValueError, match="K >= 1"):
+        fused_dp_step(grads, max_grad_norm=1.0, noise_std=0.0, divisor=1.0, batch_dims=2,
+                      backend=backend)
+
+
+def test_the_torch_perturbations_of_a_call_are_one_stream():
+    """Tensor j once drew from seed + j: a call with seed s + 1 repeated s's second tensor."""
+    z = [torch.zeros(50), torch.zeros(50)]
+    a = perturb(z, std=1.0, num_perturbations=1, seed=7, backend="torch")
+    b = perturb(z, std=1.0, num_perturbations=1, seed=8, backend="torch")
+    assert not torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
+    again = perturb(z, std=1.0, num_perturbations=1, seed=7, backend="torch")
+    assert all(torch.equal(x, y) for x, y in zip(a, again))

@@ -65,3 +65,24 @@ def test_a_loss_can_bring_its_own_batched_twin():
     loss_fn.per_example = lambda out, t: (out - t).pow(2).sum(1) * 0 + 42.0
     out, t = regression((3, 2))
     torch.testing.assert_close(per_example(loss_fn)(out, t), torch.full((3,), 42.0))
+
+
+class ScaledCrossEntropy(nn.CrossEntropyLoss):
+    def forward(self, output, target):
+        return 3 * super().forward(output, target) + output.pow(2).mean()
+
+
+class ShiftedMSE(nn.MSELoss):
+    def forward(self, output, target):
+        return super().forward(output + 1, target)
+
+
+@pytest.mark.parametrize("loss_fn, target", [
+    (ScaledCrossEntropy(), torch.tensor([0, 2, 1, 4])),
+    (ShiftedMSE(), torch.randn(4, 5)),
+])
+def test_a_subclass_of_a_builtin_loss_keeps_its_own_forward(loss_fn, target):
+    """The batched twin of nn.CrossEntropyLoss / nn.MSELoss once served their subclasses too."""
+    out = torch.randn(4, 5)
+    one_by_one = torch.stack([loss_fn(out[b:b + 1], target[b:b + 1]) for b in range(4)])
+    torch.testing.assert_close(per_example(loss_fn)(out, target), one_by_one)

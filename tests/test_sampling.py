@@ -110,6 +110,20 @@ def test_abandoned_pass_does_not_shorten_next():
     assert len(list(sampler)) == 6
 
 
+def test_state_saved_after_an_abandoned_pass_resumes_with_a_full_pass():
+    """Its position once stayed at the abandoned pass's: the restored sampler's next pass
+    was short, unlike the original's."""
+    sampler = PoissonSampler(100, 0.1, steps=5, generator=gen(3))
+    for i, _ in enumerate(sampler):
+        if i == 1:
+            break
+    state = sampler.state_dict()
+    resumed = PoissonSampler(100, 0.1, steps=5, generator=gen(0))
+    resumed.load_state_dict(state)
+    expected, got = list(sampler), list(resumed)
+    assert len(got) == 5 and all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
+
+
 def test_load_state_dict_rejects_mismatch():
     state = PoissonSampler(100, 0.1, steps=4, generator=gen()).state_dict()
     with pytest.raises(ValueError, match="num_examples=100"):

@@ -5,13 +5,16 @@ import os
 
 import pytest
 import torch
-from helpers import mlp_case
+from helpers import OutsideUse, mlp_case
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 import dplis
 from dplis import accounting
+from dplis.ghost import GhostUnsupported
 from dplis.private_grad import step_noise_seed
+from dplis.reference import naive_private_grad
 
 
 def make(**kw):
@@ -349,8 +352,7 @@ def test_a_refused_or_failed_load_changes_nothing(tmp_path):
     trainer, x, y = make()
     trainer.step(x, y)
     trainer.save(tmp_path / "ckpt.pt")
-    other, _, _ = make(dataset_size=None, expected_batch_size=8.0)
-    other._set_dataset_size(90)  # same q and privacy config, another dataset
+    other, _, _ = make(dataset_size=90)  # same q and privacy config, another dataset
     other.step(x, y)
     before = snapshot(other)
     with pytest.raises(ValueError, match="dataset_size is 90, got a dataset of 80"):
@@ -362,6 +364,10 @@ def test_a_refused_or_failed_load_changes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_state_dict(state)
     assert same(before, snapshot(other)) and other.dataset_size == 90
+    explicit, _, _ = make(dataset_size=None, expected_batch_size=20.0)
+    with pytest.raises(ValueError, match="expected_batch_size=20.0 was given"):
+        explicit.load(tmp_path / "ckpt.pt")
+    assert explicit.expected_batch_size == 20.0 and explicit.accountant.steps == 0
 
 
 def test_data_loader_passes_add_up_to_the_planned_steps():
@@ -422,3 +428,57 @@ def test_checkpoints_get_the_umasks_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("engine", ["ghost", "auto"])
+def test_a_new_trainable_set_is_checked_again(engine):
+    """Unfrozen mid-run, OutsideUse's embedding is used outside its layer: the first step's
+    check passed without it, so the step after the change must check again."""
+    torch.manual_seed(0)
+    model = OutsideUse()
+    model.emb.requires_grad_(False)
+    tokens, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 10, (6,))
+    trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                   F.cross_entropy, sample_rate=0.1, max_grad_norm=0.05,
+                                   noise_multiplier=0.0, expected_batch_size=6.0, engine=engine)
+    trainer.step(tokens, y)
+    model.emb.requires_grad_(True)
+    if engine == "ghost":
+        with pytest.raises(GhostUnsupported, match="emb.weight"):
+            trainer.step(tokens, y)
+        return
+    trainer.step(tokens, y)
+    assert trainer.engine == "vmap"
+    expected = naive_private_grad(model, F.cross_entropy, tokens, y, max_grad_norm=0.05)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_dpsat_restarts_its_ascent_on_another_trainable_set_after_load(tmp_path):
+    model, loss_fn, x, y = mlp_case(batch=8)
+    model[0].requires_grad_(True)
+    kw = dict(sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0, sat_rho=0.1, seed=0,
+              dataset_size=80)
+    first = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
+                                 **kw)
+    first.step(x, y)
+    first.save(tmp_path / "ckpt.pt")
+    other, loss_fn, _, _ = mlp_case(batch=8)  # layer 0 frozen: another trainable set
+    second = dplis.PrivateTrainer(other, torch.optim.SGD(other.parameters(), lr=0.1), loss_fn,
+                                  **kw)
+    second.load(tmp_path / "ckpt.pt")
+    assert second.sat_offset() is None
+    second.step(x, y)
+    second.step(x, y)
+    assert second.sat_offset() is not None and second.accountant.steps == 3
+
+
+def test_a_gradient_left_on_a_frozen_parameter_is_never_applied():
+    model, loss_fn, x, y = mlp_case(batch=8)  # layer 0 frozen, but in the optimizer
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # e.g. a non-private backward
+    before = model[0].weight.detach().clone()
+    trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
+                                   sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0,
+                                   dataset_size=80)
+    trainer.step(x, y)
+    assert model[0].weight.grad is None and torch.equal(model[0].weight, before)

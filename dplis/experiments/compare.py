@@ -326,6 +326,10 @@ def markdown(result: dict) -> str:
                      + " | time / run (s) | × DP-SGD |")
         lines.append("|---" * (2 * len(eps) + 3) + "|")
         base = [r["seconds"] for r in rows if r["method"] == "dpsgd"]
+
+        def spread(std: float) -> str:  # one seed has no spread to show
+            return f" ± {100 * std:.1f}" if cfg["seeds"] > 1 else ""
+
         for m in cfg["methods"]:
             mrows = {r["epsilon"]: r for r in rows if r["method"] == m}
             if not mrows:
@@ -333,7 +337,7 @@ def markdown(result: dict) -> str:
             cells = []
             for e in eps:
                 r = mrows[e]
-                cell = f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}"
+                cell = f"{100 * r['mean']:.1f}{spread(r['std'])}"
                 if r["diverged"]:
                     cell += f" ({r['diverged']} diverged)"
                 cells.append(cell)
@@ -343,7 +347,7 @@ def markdown(result: dict) -> str:
                     cells.append("–")
                     continue
                 diff = round(100 * r["diff_mean"], 1) + 0.0  # + 0.0: no "-0.0"
-                cells.append(f"{diff:+.1f} ± {100 * r['diff_std']:.1f} "
+                cells.append(f"{diff:+.1f}{spread(r['diff_std'])} "
                              f"({r['wins']}/{r['paired']})")
             secs = statistics.fmean(r["seconds"] for r in mrows.values())
             ratio = f"{secs / statistics.fmean(base):.1f}" if base else "–"
