@@ -4,7 +4,7 @@ With glibc's defaults, memory freed at the end of a training step is handed back
 system (heap trimming, unmapped large blocks) and faulted in again, page by page, in the next
 step. A private step holds more at once than a non-private one (layer inputs and output
 gradients for the book-keeping, per-example convolution gradients), so it pays more such faults:
-on a 2-core VM about 1.5 k per CNN step and 3 k per transformer step, 25-30 % of the step.
+on a 2-core VM about 1.4 k per CNN step and 3 k per transformer step, a quarter of the step.
 
 ``retain_freed_memory`` raises the two thresholds that decide this, for the whole process
 and for good (glibc has no way back to its adaptive defaults): freed memory up to

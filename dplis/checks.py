@@ -9,7 +9,11 @@ import numbers
 def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{name} must be finite, got an int of {value.bit_length()} bits") \
+            from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value

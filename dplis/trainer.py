@@ -164,9 +164,12 @@ class PrivateTrainer:
         if secure_rng and seed is not None:
             raise ValueError("secure_rng=True takes no seed: its noise must not be replayable")
         self.secure_rng = bool(secure_rng)
-        self.seed = (int.from_bytes(os.urandom(7), "little") if seed is None
-                     else checks.integer("seed", seed, 0, 2**63 - 1))
         device = next(iter(self.params.values())).device
+        if seed is None:  # a random one; under torch.distributed rank 0's, shared by all
+            seed = int.from_bytes(os.urandom(7), "little")
+            if self.world_size > 1:
+                seed = int(distributed.all_gather(torch.tensor([seed]), device)[0])
+        self.seed = checks.integer("seed", seed, 0, 2**63 - 1)
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.sampler_generator = torch.Generator().manual_seed(self.seed + 1 + self.rank)
 

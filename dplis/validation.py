@@ -10,6 +10,7 @@ Embedding's max_norm renormalising the rows of the tokens it sees).
 from __future__ import annotations
 
 import copy
+import itertools
 
 from torch import nn
 
@@ -62,18 +63,39 @@ def _group_norm_for(bn: nn.Module) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, channels), channels, affine=bn.affine)
 
 
+def _replacement(module: nn.Module) -> nn.Module | None:
+    """What ``fix`` puts in place of ``module`` (None: it stays), on its device and dtype,
+    frozen if it was, in its train/eval mode."""
+    if isinstance(module, _BATCHNORM):
+        new: nn.Module = _group_norm_for(module)
+    elif isinstance(module, _INSTANCENORM) and module.track_running_stats:
+        new = type(module)(module.num_features, eps=module.eps, affine=module.affine,
+                           track_running_stats=False)
+    else:
+        return None
+    like = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if like is not None:
+        new.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
+    if any(not p.requires_grad for p in module.parameters()):
+        new.requires_grad_(False)
+    return new.train(module.training)
+
+
 def fix(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with BatchNorm -> GroupNorm and instance norms without running stats."""
+    """A copy of ``model`` with BatchNorm -> GroupNorm and instance norms without running
+    stats (the model itself replaced if it is one; a module registered under several names
+    replaced under each)."""
     model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, _BATCHNORM):
-            replacement: nn.Module = _group_norm_for(module)
-        elif isinstance(module, _INSTANCENORM) and module.track_running_stats:
-            replacement = type(module)(module.num_features, eps=module.eps, affine=module.affine,
-                                       track_running_stats=False)
-        else:
-            continue
-        replacement.to(next(module.parameters(), next(module.buffers())).device)
+    root = _replacement(model)
+    if root is not None:
+        return root
+    done: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) not in done:
+            replacement = _replacement(module)
+            if replacement is None:
+                continue
+            done[id(module)] = replacement
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, replacement)
+        setattr(model.get_submodule(parent_name), child, done[id(module)])
     return model

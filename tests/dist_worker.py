@@ -84,6 +84,8 @@ def checks(rank: int, world: int, folder: str) -> dict:
     resumed = sampler_trainer()
     resumed.load(path)
     out["resume"] = (batches(straight, 3), batches(resumed, 3))
+    # 7. no seed: rank 0 draws one for all (the ranks share perturbations)
+    out["random_seed"] = trainer_for(nn.Linear(1, 1), lambda o, t: o.sum(), seed=None).seed
     return out
 
 

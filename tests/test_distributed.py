@@ -60,6 +60,10 @@ def test_each_rank_resumes_its_own_poisson_stream(ranks):
     assert shard_positions[0] != shard_positions[1]
 
 
+def test_a_trainer_without_seed_shares_rank_0s_random_one(ranks):
+    assert ranks[0]["random_seed"] == ranks[1]["random_seed"]
+
+
 def test_noise_is_added_once(ranks):
     noise = ranks[0]["noise"]
     assert torch.equal(noise, ranks[1]["noise"])  # every rank applies the same update

@@ -192,6 +192,7 @@ def test_load_refuses_other_privacy_config_and_damaged_files(tmp_path):
     (dict(sample_rate=0.0), ValueError, "sample_rate"),
     (dict(sample_rate=1.2), ValueError, "sample_rate"),
     (dict(max_grad_norm=0), ValueError, "max_grad_norm"),
+    (dict(max_grad_norm=10**400), ValueError, "max_grad_norm must be finite"),
     (dict(noise_multiplier=-0.5), ValueError, "noise_multiplier"),
     (dict(num_perturbations=0), ValueError, "num_perturbations"),
     (dict(smoothing_std=-1.0), ValueError, "smoothing_std"),

@@ -34,3 +34,32 @@ def test_fix_makes_a_trainable_copy():
 
 def test_clean_model_has_no_problem():
     assert validation.find_problems(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))) == []
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d(6, track_running_stats=False),
+                                nn.BatchNorm2d(6, affine=False)])
+def test_fix_takes_batchnorms_without_buffers_or_parameters(bn):
+    fixed = validation.fix(nn.Sequential(nn.Conv2d(3, 6, 3), bn))
+    assert isinstance(fixed[1], nn.GroupNorm) and validation.find_problems(fixed) == []
+
+
+def test_fix_keeps_the_dtype_trainability_and_mode():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)).double()
+    model[1].requires_grad_(False)
+    model.eval()
+    fixed = validation.fix(model)
+    assert fixed[1].weight.dtype == torch.float64 and not fixed[1].weight.requires_grad
+    assert not fixed[1].training
+    assert fixed(torch.randn(2, 3, 5, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_fix_replaces_the_root_and_every_name_of_a_shared_module():
+    assert isinstance(validation.fix(nn.BatchNorm1d(4)), nn.GroupNorm)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = self.b = nn.BatchNorm1d(4)
+
+    fixed = validation.fix(Shared())
+    assert isinstance(fixed.a, nn.GroupNorm) and fixed.a is fixed.b
