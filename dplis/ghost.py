@@ -249,14 +249,16 @@ def clipped_sum(
         wrt = [c[3] for c in calls]
         records = [c[:3] for c in calls]
         del calls  # the layer outputs are freed as soon as the backward is done with them
-        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True, retain_graph=verify)
-        del wrt
-        if verify:  # autograd's gradient of Σ w_b ℓ_b, to check the per-example ones against
+        if verify:  # autograd's gradient of Σ w_b ℓ_b, to check the per-example ones against;
+            # first, while no output gradient is held yet (a lower peak)
             weighted = torch.autograd.grad((loss * weights).sum(), list(trainable.values()),
-                                           allow_unused=True)
+                                           allow_unused=True, retain_graph=True)
             for n, g in zip(trainable, weighted):
                 if g is not None:
                     batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
+            del weighted
+        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+        del wrt
         for (module, args, kwargs), dout in zip(records, found):
             if dout is not None:
                 parts = layer_grads(model, module, rules[module], plan[module], trainable,
