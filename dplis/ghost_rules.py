@@ -213,8 +213,8 @@ def linear(module: nn.Linear, args: tuple, grad: torch.Tensor) -> Contribution:
 
 @register(nn.Embedding)
 def embedding(module: nn.Embedding, args: tuple, grad: torch.Tensor) -> Contribution:
-    if module.sparse:  # max_norm and scale_grad_by_freq: ghost.refuse_unsupported
-        raise Unsupported("Embedding with sparse=True")
+    # (max_norm and sparse=True are refused by dplis.validation, scale_grad_by_freq by
+    # ghost.refuse_unsupported)
     idx = args[0].reshape(args[0].shape[0], -1)
     g = _positions(grad)
     if module.padding_idx is not None:  # torch gives the padding row no gradient
