@@ -257,7 +257,9 @@ def clipped_sum(
                 if g is not None:
                     batch_grad[n] = batch_grad.get(n, 0) + g.float() / k
             del weighted
-        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+        # no planned layer called (its parameters used outside it): nothing to record; the
+        # check then finds the gradients missing
+        found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True) if wrt else []
         del wrt
         for (module, args, kwargs), dout in zip(records, found):
             if dout is not None:

@@ -66,6 +66,7 @@ class PoissonSampler:
             )
         self.generator = generator
         self._position = 0  # batches of the current pass already yielded
+        self._pass: object | None = None  # the iterator whose pass that is
         self._resume_from = 0  # where the next pass starts (set by load_state_dict)
 
     def __len__(self) -> int:
@@ -73,6 +74,7 @@ class PoissonSampler:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         start, self._resume_from = self._resume_from, 0
+        self._pass = token = object()  # the latest pass owns the position
         finished = False
         try:
             for position in range(start, self.steps):
@@ -82,7 +84,9 @@ class PoissonSampler:
                 yield mask.nonzero().squeeze(1)
             finished = True
         finally:
-            if not finished:  # abandoned (``break``): the next pass is a full one
+            # abandoned (``break``): the next pass is a full one; an older iterator dropped
+            # while a newer pass runs leaves that pass's position alone
+            if not finished and self._pass is token:
                 self._position = 0
 
     def state_dict(self) -> dict[str, Any]:

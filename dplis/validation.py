@@ -67,17 +67,21 @@ def _replacement(module: nn.Module) -> nn.Module | None:
     """What ``fix`` puts in place of ``module`` (None: it stays), on its device and dtype,
     frozen if it was, in its train/eval mode."""
     if isinstance(module, _BATCHNORM):
-        new: nn.Module = _group_norm_for(module)
+        new: nn.Module = _group_norm_for(module)  # another normalisation: fresh affine
     elif isinstance(module, _INSTANCENORM) and module.track_running_stats:
         new = type(module)(module.num_features, eps=module.eps, affine=module.affine,
                            track_running_stats=False)
+        if module.affine:  # the same normalisation: its learned affine carries over
+            new.load_state_dict({k: module.state_dict()[k] for k in ("weight", "bias")})
     else:
         return None
     like = next(itertools.chain(module.parameters(), module.buffers()), None)
     if like is not None:
         new.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
-    if any(not p.requires_grad for p in module.parameters()):
-        new.requires_grad_(False)
+    own = dict(module.named_parameters())
+    for name, p in new.named_parameters():  # frozen where it was
+        if name in own:
+            p.requires_grad_(own[name].requires_grad)
     return new.train(module.training)
 
 

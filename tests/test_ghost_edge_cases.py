@@ -261,3 +261,26 @@ def test_a_rule_less_layer_keeps_its_keyword_arguments_unbatched(low_memory):
     step = dplis.private_step(model, F.mse_loss, x, y, max_grad_norm=0.05, engine="ghost",
                               low_memory=low_memory, **ZERO)
     assert_close(step.grads, naive_private_grad(model, F.mse_loss, x, y, max_grad_norm=0.05))
+
+
+class NoLayerCalled(nn.Module):
+    """The layer owning the parameters is never called: they are used outside it only."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.linear(x, self.lin.weight, self.lin.bias)
+
+
+def test_a_model_calling_none_of_its_layers_falls_back_to_vmap():
+    torch.manual_seed(0)
+    model = NoLayerCalled()
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    with pytest.raises(GhostUnsupported, match="do not add up"):
+        dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.1, engine="ghost",
+                           **ZERO)
+    auto = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=0.1, **ZERO)
+    assert auto.engine == "vmap"
+    assert_close(auto.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.1))

@@ -252,3 +252,18 @@ def test_loader_rejects_bad_datasets():
         poisson_batches(iter(range(3)), 0.1)
     with pytest.raises(ValueError, match="sample_rate"):
         poisson_batches(TensorDataset(torch.zeros(4, 3)), 2.0)
+
+
+def test_a_dropped_second_iterator_leaves_the_running_pass_position_alone():
+    sampler = PoissonSampler(100, 0.1, steps=5, generator=gen(4))
+    running = iter(sampler)
+    next(running), next(running)
+    peek = iter(sampler)
+    next(peek)  # a second pass starts (it owns the position now) ...
+    del peek  # ... and is abandoned: the position is reset, being that pass's
+    assert sampler.state_dict()["position"] == 0
+    next(running)  # the older pass goes on and owns the position again ...
+    third = iter(sampler)
+    next(third)
+    del running  # ... but dropping it now leaves the newest pass's position alone
+    assert sampler.state_dict()["position"] == 1

@@ -63,3 +63,13 @@ def test_fix_replaces_the_root_and_every_name_of_a_shared_module():
 
     fixed = validation.fix(Shared())
     assert isinstance(fixed.a, nn.GroupNorm) and fixed.a is fixed.b
+
+
+def test_fix_freezes_only_what_was_frozen_and_keeps_an_instance_norms_affine():
+    bn = nn.BatchNorm1d(4)
+    bn.weight.requires_grad_(False)
+    norm = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+    norm.weight.data.fill_(3.0)
+    fixed = validation.fix(nn.Sequential(bn, norm))
+    assert not fixed[0].weight.requires_grad and fixed[0].bias.requires_grad
+    assert not fixed[1].track_running_stats and torch.equal(fixed[1].weight, torch.full((4,), 3.0))
