@@ -170,7 +170,9 @@ def run(args: argparse.Namespace) -> dict:
                          "cnn or mlp")
     if args.resume and not args.checkpoint:
         raise SystemExit("--resume needs --checkpoint PATH")
-    if args.resume and not os.path.isfile(args.checkpoint):
+    # (under torch.distributed every rank reads it in the collective load, which refuses a
+    # file any rank lacks on every rank: a check here, on one rank alone, would hang the rest)
+    if args.resume and world_size == 1 and not os.path.isfile(args.checkpoint):
         raise SystemExit(f"--resume: no checkpoint at {args.checkpoint}")
     train, test = load_dataset(args.dataset, args.data_dir, **kw)
     if not 1 <= args.batch_size <= len(train):

@@ -165,11 +165,18 @@ class PrivateTrainer:
             raise ValueError("secure_rng=True takes no seed: its noise must not be replayable")
         self.secure_rng = bool(secure_rng)
         device = next(iter(self.params.values())).device
-        if seed is None:  # a random one; under torch.distributed rank 0's, shared by all
-            seed = int.from_bytes(os.urandom(7), "little")
-            if self.world_size > 1:
-                seed = int(distributed.all_gather(torch.tensor([seed]), device)[0])
-        self.seed = checks.integer("seed", seed, 0, 2**63 - 1)
+        given = seed is not None
+        seed = (checks.integer("seed", seed, 0, 2**63 - 1) if given
+                else int.from_bytes(os.urandom(7), "little"))
+        if self.world_size > 1:  # the ranks draw the same perturbations: one seed for all
+            rows = distributed.all_gather(torch.tensor([seed, int(given)]), device)
+            seeds, givens = [int(r[0]) for r in rows], [bool(r[1]) for r in rows]
+            if any(givens) and (not all(givens) or len(set(seeds)) > 1):
+                shown = [s if g else None for s, g in zip(seeds, givens)]
+                raise ValueError(f"the ranks were given different seeds {shown}: give every "
+                                 "rank the same seed (or None: rank 0 draws one for all)")
+            seed = seeds[0]
+        self.seed = seed
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.sampler_generator = torch.Generator().manual_seed(self.seed + 1 + self.rank)
 
@@ -408,6 +415,10 @@ class PrivateTrainer:
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict``; a different privacy config, number of ranks or dataset
         size is refused, and a load that fails part-way is undone (nothing changes)."""
+        self._restore(state, self._checked(state))
+
+    def _checked(self, state: dict) -> torch.Tensor:
+        """This rank's sampler state from ``state``, once every check before a change passed."""
         keys = ("config", "model", "optimizer", "accountant", "generator", "sampler_generator")
         missing = [k for k in keys if k not in state]
         if missing:
@@ -424,8 +435,15 @@ class PrivateTrainer:
                              "its own Poisson stream)")
         if state.get("dataset_size") is not None:
             self._check_dataset_size(state["dataset_size"])
-        sampler = state["sampler_generators"][self.rank] if world > 1 else \
+        prev = state.get("prev_grad")
+        if prev is not None and not (isinstance(prev, torch.Tensor) and prev.dim() == 1
+                                     and prev.is_floating_point()):
+            raise ValueError("the checkpoint's prev_grad is not a flat float tensor")
+        return state["sampler_generators"][self.rank] if world > 1 else \
             state["sampler_generator"]
+
+    def _restore(self, state: dict, sampler: torch.Tensor) -> None:
+        """``_apply`` the checked ``state``; undone if it fails part-way."""
         backup = copy.deepcopy(self._local_state())
         try:
             self._apply(state, sampler)
@@ -468,16 +486,34 @@ class PrivateTrainer:
             raise error
 
     def load(self, path: str | os.PathLike) -> None:
-        """Resume from a file written by ``save``; corrupted or truncated files raise ValueError."""
+        """Resume from a file written by ``save``; corrupted or truncated files raise ValueError.
+
+        Under torch.distributed call it on every rank: each reads and checks the file, and
+        if any rank cannot, every rank raises before any changes its state."""
+        state, sampler, error = None, None, None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # torch.load raises many types for damaged files
-            raise ValueError(f"checkpoint {path} is truncated or corrupted: {e}") from e
-        if not isinstance(state, dict):
-            raise ValueError(f"checkpoint {path} does not hold a PrivateTrainer state")
-        self.load_state_dict(state)
+            state = _read(path)
+            sampler = self._checked(state)
+        except Exception as e:  # under torch.distributed every rank must hear of it
+            error = e
+        if self.world_size > 1:
+            distributed.agree(error, self.generator.device)
+        elif error is not None:
+            raise error
+        self._restore(state, sampler)
+
+
+def _read(path: str | os.PathLike) -> dict:
+    """A checkpoint's state dict; a damaged file raises ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load raises many types for damaged files
+        raise ValueError(f"checkpoint {path} is truncated or corrupted: {e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} does not hold a PrivateTrainer state")
+    return state
 
 
 def _write_atomically(state: dict, path: str) -> None:
@@ -487,6 +523,8 @@ def _write_atomically(state: dict, path: str) -> None:
     try:
         with open(tmp, "xb") as f:
             torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it takes the name
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

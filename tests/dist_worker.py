@@ -84,8 +84,27 @@ def checks(rank: int, world: int, folder: str) -> dict:
     resumed = sampler_trainer()
     resumed.load(path)
     out["resume"] = (batches(straight, 3), batches(resumed, 3))
-    # 7. no seed: rank 0 draws one for all (the ranks share perturbations)
+    # 7. no seed: rank 0 draws one for all (the ranks share perturbations); different given
+    # seeds are refused on every rank
     out["random_seed"] = trainer_for(nn.Linear(1, 1), lambda o, t: o.sum(), seed=None).seed
+    try:
+        trainer_for(nn.Linear(1, 1), lambda o, t: o.sum(), seed=rank)
+        out["different_seeds"] = "no error"
+    except ValueError as e:
+        out["different_seeds"] = str(e)
+    # 8. a checkpoint only rank 1 cannot read: every rank refuses it, none changes
+    straight.save(path)  # rank 0 writes it; rank 1 reads a damaged copy of it
+    own = path if rank == 0 else os.path.join(folder, "damaged.pt")
+    if rank == 1:
+        with open(path, "rb") as src, open(own, "wb") as dst:
+            dst.write(src.read()[:100])
+    before = straight.sampler_generator.get_state()
+    try:
+        straight.load(own)
+        out["damaged"] = "no error"
+    except Exception as e:
+        out["damaged"] = type(e).__name__
+    out["damaged_unchanged"] = torch.equal(straight.sampler_generator.get_state(), before)
     return out
 
 

@@ -62,6 +62,14 @@ def test_each_rank_resumes_its_own_poisson_stream(ranks):
 
 def test_a_trainer_without_seed_shares_rank_0s_random_one(ranks):
     assert ranks[0]["random_seed"] == ranks[1]["random_seed"]
+    for r in ranks:
+        assert "different seeds [0, 1]" in r["different_seeds"]
+
+
+def test_a_checkpoint_one_rank_cannot_read_is_refused_by_every_rank(ranks):
+    """Once, the other ranks loaded it and then waited in their next collective."""
+    assert [r["damaged"] for r in ranks] == ["RuntimeError", "ValueError"]
+    assert all(r["damaged_unchanged"] for r in ranks)
 
 
 def test_noise_is_added_once(ranks):

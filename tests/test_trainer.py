@@ -365,6 +365,11 @@ def test_a_refused_or_failed_load_changes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_state_dict(state)
     assert same(before, snapshot(other)) and other.dataset_size == 90
+    state["model"] = trainer.model.state_dict()
+    state["prev_grad"] = "not a tensor"
+    with pytest.raises(ValueError, match="prev_grad is not a flat float tensor"):
+        other.load_state_dict(state)
+    assert same(before, snapshot(other))
     explicit, _, _ = make(dataset_size=None, expected_batch_size=20.0)
     with pytest.raises(ValueError, match="expected_batch_size=20.0 was given"):
         explicit.load(tmp_path / "ckpt.pt")
