@@ -306,14 +306,11 @@ class PrivateTrainer:
             result, error = self._private_step(inputs, targets, engine, verify), None
         except Exception as e:  # under torch.distributed every rank must hear of it
             result, error = None, e
-        if self.world_size > 1:
-            try:
-                distributed.agree(error, self.generator.device)
-            except Exception:
-                self.generator.set_state(state)
-                raise
-        elif error is not None:
-            raise error
+        try:
+            self._agree(error)
+        except Exception:
+            self.generator.set_state(state)
+            raise
         grads, loss = result.grads, result.loss
         if self.world_size > 1:
             flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads.values()]))
@@ -480,10 +477,7 @@ class PrivateTrainer:
                 _write_atomically(state, os.fspath(path))
             except Exception as e:  # under torch.distributed every rank must hear of it
                 error = e
-        if self.world_size > 1:
-            distributed.agree(error, self.generator.device)
-        elif error is not None:
-            raise error
+        self._agree(error)
 
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a file written by ``save``; corrupted or truncated files raise ValueError.
@@ -496,11 +490,16 @@ class PrivateTrainer:
             sampler = self._checked(state)
         except Exception as e:  # under torch.distributed every rank must hear of it
             error = e
+        self._agree(error)
+        self._restore(state, sampler)
+
+    def _agree(self, error: BaseException | None) -> None:
+        """Raise ``error``; under torch.distributed (a collective) raise on every rank if any
+        rank had one."""
         if self.world_size > 1:
             distributed.agree(error, self.generator.device)
         elif error is not None:
             raise error
-        self._restore(state, sampler)
 
 
 def _read(path: str | os.PathLike) -> dict:
