@@ -314,7 +314,8 @@ def clip_of(sq: list[torch.Tensor], batch: int, like: torch.Tensor, max_grad_nor
     norms = (torch.stack(sq).sum(0) if sq else like.new_zeros(batch, dtype=torch.float32)).sqrt()
     if not bool(torch.isfinite(norms).all()):  # the losses are the caller's to check
         bad = int((~torch.isfinite(norms)).sum())
-        raise NonFiniteError(f"{bad} per-example gradients are NaN or infinite")
+        raise NonFiniteError(f"{bad} per-example gradients are NaN or infinite, or their "
+                             "squared norm overflows float32")
     return norms, clip_factors(norms, max_grad_norm)
 
 

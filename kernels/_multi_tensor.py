@@ -26,8 +26,12 @@ position in the concatenation of the list). The kernels draw noise from
 exactly the same noise as the concatenated flat buffer.
 
 Block sizes are fixed per kernel, because the host sizes the chunk tables and
-partial buffers with them; on a GPU ``triton.autotune`` picks ``num_warps``
-(keyed on B, K, D and the mode), under the interpreter the plain kernel runs.
+partial buffers with them. On a GPU ``triton.autotune`` picks ``num_warps`` for the
+kernels whose results do not depend on it (keyed on K, D and the mode; under the
+interpreter the plain kernel runs); the norms kernel, whose ``tl.sum`` order does, runs
+with a fixed ``num_warps``. Scalar accesses (table entries, clip factors, partial sums)
+sit at grid or loop indices that are in bounds by construction; every block access is
+masked.
 
 Tensors whose rows are not contiguous are copied by ``.contiguous()`` (a
 correct, rare slow path); tensors with no elements are skipped.

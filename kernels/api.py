@@ -8,6 +8,7 @@ arguments.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,7 @@ def infer_batch_dims(grads: list[torch.Tensor], batch_dims: int | None) -> int:
         lead01 = {tuple(g.shape[:2]) for g in grads}
         one_d = any(g.dim() == 1 for g in grads)
         batch_dims = 1 if one_d or (len(lead01) > 1 and len(lead0) == 1) else 2
-    if batch_dims not in (1, 2):
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims not in (1, 2):
         raise ValueError(f"batch_dims must be 1 ([B, *P]) or 2 ([K, B, *P]), got {batch_dims}")
     lead = {tuple(g.shape[:batch_dims]) for g in grads}
     if any(g.dim() < batch_dims for g in grads) or len(lead) != 1:
@@ -64,10 +65,11 @@ def infer_batch_dims(grads: list[torch.Tensor], batch_dims: int | None) -> int:
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> float:
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number {bound}, got {type(value).__name__}")
     value = float(value)
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
+    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
         raise ValueError(f"{name} must be finite and {bound}, got {value}")
     return value
 
@@ -75,12 +77,22 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> float:
 SEED_MAX = 2**63  # seeds are ints in [0, SEED_MAX)
 
 
-def _seed(seed: int | None, device: torch.device) -> int:
+def _check_seed(seed: int | None) -> int | None:
+    """``seed`` as an int in [0, 2**63) (numpy integers too), or None; checked before
+    anything runs, so that a refused call draws nothing (``_drawn``)."""
     if seed is None:
-        return int(torch.randint(0, SEED_MAX - 1, (1,)).item())
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_MAX:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= seed < SEED_MAX:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    return seed
+    return int(seed)
+
+
+def _drawn(seed: int | None) -> int:
+    """The checked ``seed``, or a random one from torch's global RNG when it is None: drawn
+    only once the call can no longer fail before its output, so a refused call leaves the
+    global RNG as it was."""
+    return int(torch.randint(0, SEED_MAX - 1, (1,)).item()) if seed is None else seed
 
 
 def _sq_norms(grads: list[torch.Tensor], batch_dims: int, backend: str) -> torch.Tensor:
@@ -148,16 +160,16 @@ def fused_dp_step(
     max_grad_norm = _positive("max_grad_norm", max_grad_norm)
     noise_std = _positive("noise_std", noise_std, allow_zero=True)
     divisor = _positive("divisor", divisor)
-    seed = _seed(seed, grads[0].device)
+    seed = _check_seed(seed)
     be = resolve(backend, grads[0].device)
     norms = _sq_norms(grads, batch_dims, be).sqrt()
     if not bool(torch.isfinite(norms).all()):
         bad = int((~torch.isfinite(norms)).sum())
-        raise NonFiniteError(f"{bad} of {norms.numel()} per-example gradients are NaN or infinite")
+        raise NonFiniteError(f"{bad} of {norms.numel()} per-example gradients are NaN or "
+                             "infinite, or their squared norm overflows float32")
     factors = reference.clip_factors(norms, max_grad_norm)
-    out = _summer(be)(
-        grads, factors, noise_std=noise_std, divisor=divisor, seed=seed, batch_dims=batch_dims
-    )
+    out = _summer(be)(grads, factors, noise_std=noise_std, divisor=divisor, seed=_drawn(seed),
+                      batch_dims=batch_dims)
     return out, norms
 
 
@@ -186,12 +198,13 @@ def add_noise(
     tensors = _check_tensors(tensors, "tensors")
     noise_std = _positive("noise_std", noise_std, allow_zero=True)
     divisor = _positive("divisor", divisor)
-    seed = _seed(seed, tensors[0].device)
+    seed = _check_seed(seed)
     if resolve(backend, tensors[0].device) == "torch":
-        return reference.add_noise_torch(tensors, noise_std=noise_std, divisor=divisor, seed=seed)
+        return reference.add_noise_torch(tensors, noise_std=noise_std, divisor=divisor,
+                                         seed=_drawn(seed))
     ones = torch.ones(1, dtype=torch.float32, device=tensors[0].device)
     return _summer("triton")([t.unsqueeze(0) for t in tensors], ones, noise_std=noise_std,
-                             divisor=divisor, seed=seed, batch_dims=1)
+                             divisor=divisor, seed=_drawn(seed), batch_dims=1)
 
 
 def perturb(
@@ -212,9 +225,11 @@ def perturb(
         raise TypeError(f"num_perturbations must be an int, got {type(num_perturbations).__name__}")
     if num_perturbations < 1:
         raise ValueError(f"num_perturbations must be >= 1, got {num_perturbations}")
-    seed = _seed(seed, params[0].device)
+    seed = _check_seed(seed)
     if resolve(backend, params[0].device) == "triton":
         from .perturbation import perturb_triton
 
-        return perturb_triton(params, std=std, num_perturbations=num_perturbations, seed=seed)
-    return reference.perturb_torch(params, std=std, num_perturbations=num_perturbations, seed=seed)
+        return perturb_triton(params, std=std, num_perturbations=num_perturbations,
+                              seed=_drawn(seed))
+    return reference.perturb_torch(params, std=std, num_perturbations=num_perturbations,
+                                   seed=_drawn(seed))

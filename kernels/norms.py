@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor as mt
-from .backend import interpreting
 from .reference import as_kbd
 
 BLOCK_D = 4096  # columns per program: K * 4096 loads, enough bytes in flight per program
@@ -66,10 +65,8 @@ def _sq_norm_partials_kernel(
     tl.store(partial_ptr + pid, tl.sum(mean * mean, axis=0))
 
 
-_sq_norm_partials_tuned = triton.autotune(
-    configs=[triton.Config({}, num_warps=w) for w in (4, 8)],
-    key=["B", "K", "D", "MULTI"],
-)(_sq_norm_partials_kernel)
+NUM_WARPS = 4  # fixed, not autotuned: tl.sum's order of additions follows the warp layout,
+# so a per-process choice would make the norms (and clip factors) differ between processes
 
 
 def _sq_norm_partials(group: mt.Group, K: int, B: int) -> torch.Tensor:
@@ -79,11 +76,8 @@ def _sq_norm_partials(group: mt.Group, K: int, B: int) -> torch.Tensor:
     partials = torch.empty((B, n_chunks), dtype=torch.float32, device=first.device)
     D = group.numels[0] if not group.multi else 0
     args = (first, partials, tensor_table, chunk_table, B, K, D, B * D, n_chunks)
-    grid = (B * n_chunks,)
-    if interpreting():  # autotuning under the interpreter only costs time
-        _sq_norm_partials_kernel[grid](*args, MULTI=group.multi, BLOCK_D=BLOCK_D)
-    else:
-        _sq_norm_partials_tuned[grid](*args, MULTI=group.multi, BLOCK_D=BLOCK_D)
+    _sq_norm_partials_kernel[(B * n_chunks,)](*args, MULTI=group.multi, BLOCK_D=BLOCK_D,
+                                              num_warps=NUM_WARPS)
     return partials.sum(dim=1)
 
 

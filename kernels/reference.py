@@ -2,7 +2,8 @@
 
 Shapes: ``grads`` is a list of per-example gradients, one tensor per parameter,
 each ``[K, B, *P_j]`` (K perturbations, B examples) or ``[B, *P_j]`` (K = 1).
-All reductions accumulate in float32; outputs come back in the input dtype.
+All reductions accumulate in float32; outputs come back in the input dtype. Inputs are
+detached, as the Triton kernels do: no result carries an autograd graph.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def per_sample_sq_norms_torch(grads: list[torch.Tensor], batch_dims: int) -> tor
     """Σ_j ‖mean_k g_j[k, b]‖² for every example b -> float32 ``[B]``."""
     total = None
     for g in grads:
-        kbd = as_kbd(g, batch_dims)
+        kbd = as_kbd(g.detach(), batch_dims)
         mean = kbd[0] if kbd.shape[0] == 1 else kbd.float().mean(dim=0)
         wide = torch.float64 if mean.dtype == torch.float64 else torch.float32  # never narrower
         sq = torch.linalg.vector_norm(mean, dim=1, dtype=wide).float().square()
@@ -83,7 +84,7 @@ def clipped_noisy_sum_torch(
     gen = generator(factors.device, seed)
     out = []
     for g in grads:
-        kbd = as_kbd(g, batch_dims).float()
+        kbd = as_kbd(g.detach(), batch_dims).float()
         summed = torch.einsum("b,kbd->d", factors, kbd).div_(kbd.shape[0])
         noisy = _noised(summed, noise_std, divisor, gen)
         out.append(noisy.reshape(g.shape[batch_dims:]).to(g.dtype))
@@ -98,7 +99,7 @@ def add_noise_torch(tensors: list[torch.Tensor], *, noise_std: float, divisor: f
     stream), without its [K, B, D] bookkeeping.
     """
     gen = generator(tensors[0].device, seed)
-    return [_noised(t.to(torch.float32, copy=True), noise_std, divisor, gen).to(t.dtype)
+    return [_noised(t.detach().to(torch.float32, copy=True), noise_std, divisor, gen).to(t.dtype)
             for t in tensors]
 
 
@@ -121,5 +122,5 @@ def perturb_torch(
 def ghost_sq_norms_torch(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """‖Σ_p u[b, p]ᵀ v[b, p]‖² = Σ_{p,q} (u_p·u_q)(v_p·v_q) per example: u [B, P, M],
     v [B, P, N] -> float32 [B], through the two [B, P, P] Gram matrices in fp32."""
-    u, v = u.float(), v.float()
+    u, v = u.detach().float(), v.detach().float()
     return torch.bmm(u, u.transpose(1, 2)).mul_(torch.bmm(v, v.transpose(1, 2))).sum((1, 2))

@@ -484,9 +484,21 @@ def test_bad_arguments(backend):
         (dict(seed=-1), ValueError),
         (dict(seed=2**63), ValueError),
         (dict(batch_dims=3), ValueError),
+        (dict(batch_dims=2.0), ValueError),
+        (dict(batch_dims=True), ValueError),
+        (dict(max_grad_norm=None), TypeError),
+        (dict(max_grad_norm="1"), TypeError),
+        (dict(divisor=True), TypeError),
+        (dict(noise_std=False), TypeError),
+        (dict(seed=1.0), ValueError),
+        (dict(seed=True), ValueError),
     ]:
-        with pytest.raises(err):
+        with pytest.raises(err, match=next(iter(change))):
             fused_dp_step(grads, **{**ok, **change})
+    # a numpy integer is a seed like any int
+    np = pytest.importorskip("numpy")
+    assert torch.equal(fused_dp_step(grads, **{**ok, "seed": np.int64(3)})[0][0],
+                       fused_dp_step(grads, **{**ok, "seed": 3})[0][0])
     with pytest.raises(TypeError):
         fused_dp_step([1.0, 2.0], **ok)
     with pytest.raises(TypeError):
@@ -510,6 +522,56 @@ def test_bad_arguments(backend):
             seed=0,
             backend=backend,
         )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refused_call_leaves_the_global_rng_alone(backend):
+    """seed=None draws from torch's global RNG only once the call can no longer fail."""
+    grads = make_grads(2, 3, [(5,)], torch.float32, seed=1)
+    bad = [grads[0].clone()]
+    bad[0][0, 1, 2] = float("nan")
+    params = [torch.ones(3, device=DEVICE)]
+    calls = [
+        lambda: fused_dp_step(grads, max_grad_norm=1.0, noise_std=1.0, divisor=1.0,
+                              backend="nope"),
+        lambda: fused_dp_step(bad, max_grad_norm=1.0, noise_std=1.0, divisor=1.0,
+                              backend=backend),
+        lambda: add_noise([torch.ones(3, device=DEVICE)], noise_std=1.0, divisor=1.0,
+                          backend="nope"),
+        lambda: perturb(params, std=1.0, num_perturbations=2, seed=None, backend="nope"),
+    ]
+    for call in calls:
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        with pytest.raises((ValueError, NonFiniteError)):
+            call()
+        assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    fused_dp_step(grads, max_grad_norm=1.0, noise_std=1.0, divisor=1.0, backend=backend)
+    assert not torch.equal(torch.get_rng_state(), before)  # a call that runs does draw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_carry_no_autograd_graph(backend):
+    """Both paths detach their inputs: no result holds (or keeps alive) a graph."""
+    grads = [g.requires_grad_() for g in make_grads(1, 4, [(6,), (3, 2)], torch.float32)]
+    (out, _), norms = fused_dp_step(grads, max_grad_norm=1.0, noise_std=1.0, divisor=1.0,
+                                    seed=0, backend=backend)
+    (noised,) = add_noise([grads[0][0, 0]], noise_std=1.0, divisor=1.0, seed=0, backend=backend)
+    u, v = (torch.randn(2, 3, 4, device=DEVICE, requires_grad=True) for _ in range(2))
+    results = [out, norms, noised, per_sample_norms(grads, backend=backend, batch_dims=2),
+               ghost_sq_norms(u, v, backend=backend)]
+    assert not any(r.requires_grad for r in results)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter
+def test_an_overflowing_squared_norm_is_named(backend):
+    grads = [torch.full((1, 2, 4), 1e20, device=DEVICE)]  # finite; ‖g‖² overflows float32
+    with pytest.raises(NonFiniteError, match="overflows float32"):
+        fused_dp_step(grads, max_grad_norm=1.0, noise_std=0.0, divisor=1.0, seed=0,
+                      backend=backend)
 
 
 # --------------------------------------------------------------------------- compiled path
@@ -541,7 +603,7 @@ t = dict(tensor_table_ptr="*i64", chunk_table_ptr="*i64", B="i32", K="i32", D="i
          row_stride="i32", n_chunks="i32", col="i32", seed="i32", total_cols="i64",
          factors_ptr="*fp32", partial_ptr="*fp32", noise_std="fp32", divisor="fp32", std="fp32")
 direct = build(norms._sq_norm_partials_kernel, dict(t, g_ptr="*bf16"),
-               dict(MULTI=False, BLOCK_D=norms.BLOCK_D), num_warps=8)
+               dict(MULTI=False, BLOCK_D=norms.BLOCK_D), num_warps=norms.NUM_WARPS)
 assert "ld.global.v4" in direct.asm["ptx"], "direct-mode norms loads are not vectorised"
 build(norms._sq_norm_partials_kernel, dict(t, g_ptr="*fp32"), dict(MULTI=True, BLOCK_D=4096))
 for dt, multi, extra in [("fp16", False, dict(D=1, row_stride=1)), ("bf16", True, {})]:
