@@ -9,7 +9,7 @@ setup(
     packages=["dplis", "dplis.kernels", "dplis.experiments"],
     package_dir={"dplis": "dplis", "dplis.kernels": "kernels"},
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.4",  # nn.RMSNorm / F.rms_norm (the ghost engine's RMSNorm rule)
         "numpy",
         "scipy",
         "prv-accountant>=0.2",

@@ -174,7 +174,10 @@ def run(args: argparse.Namespace) -> dict:
     # file any rank lacks on every rank: a check here, on one rank alone, would hang the rest)
     if args.resume and world_size == 1 and not os.path.isfile(args.checkpoint):
         raise SystemExit(f"--resume: no checkpoint at {args.checkpoint}")
-    train, test = load_dataset(args.dataset, args.data_dir, **kw)
+    try:
+        train, test = load_dataset(args.dataset, args.data_dir, **kw)
+    except (ValueError, OSError) as e:  # no --data-dir, a missing or malformed file
+        raise SystemExit(f"--dataset {args.dataset}: {e}") from None
     if not 1 <= args.batch_size <= len(train):
         raise SystemExit(f"--batch-size must be in [1, {len(train)}], got {args.batch_size}")
     model = build_model(args.model, args.dataset, train[0][0]).to(args.device)

@@ -360,7 +360,8 @@ class PrivateTrainer:
             offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
             verify=not self._verified if verify is None else verify, compile=self.compile,
             dropout_stream=self.rank,  # the ranks share perturbations, not dropout masks
-            noise_seed=step_noise_seed(self.seed, self.accountant.steps),
+            noise_seed=None if self.secure_rng else step_noise_seed(self.seed,
+                                                                    self.accountant.steps),
             low_memory=self.low_memory)
 
     def epsilon(self, delta: float | None = None) -> float:

@@ -67,6 +67,10 @@ def test_secure_noise_statistics_and_refused_seed():
     assert not torch.equal(secure_gaussian(10, 1.0), secure_gaussian(10, 1.0))
     with pytest.raises(ValueError, match="no seed"):
         _trainer(seed=1, secure_rng=True)
+    model, loss_fn, x, y = mlp_case()
+    with pytest.raises(ValueError, match="no noise_seed"):  # the functional API too
+        dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0,
+                           secure_rng=True, noise_seed=5)
 
 
 def test_secure_mode_trains_and_adds_noise_of_the_right_size():
