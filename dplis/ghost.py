@@ -74,6 +74,61 @@ def check_weights(batch: int, device: torch.device) -> torch.Tensor:
     return torch.rand(batch, generator=gen, device=device).add_(0.5)
 
 
+def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
+                      targets: torch.Tensor) -> None:
+    """Refuse a model whose forward mixes examples (``GhostUnsupported``): the ghost engine
+    runs the batch through the model at once, so ``x - x.mean(0)``, batch statistics
+    (``F.batch_norm(training=True)``) or attention across the batch would let one example
+    move the others' gradients, past any clipping. The per-example losses of the batch must
+    equal those of its two halves run apart (no_grad, fp32; dropout streams reseeded).
+
+    Checked in the model's mode and in eval mode. A model drawing random numbers in a mode
+    (dropout in training) cannot be compared there (its masks depend on the batch shape):
+    it is checked in eval mode only, where a layer mixing examples only in training mode (a
+    hand-written batch norm) goes unseen. The caller's RNG is not touched."""
+    batch = len(targets)
+    if batch < 2:
+        return
+    per_example_loss = losses_of(loss_fn)
+    half = batch // 2
+    parts = [(tuple(t[:half] if isinstance(t, torch.Tensor) else t for t in inputs),
+              targets[:half]),
+             (tuple(t[half:] if isinstance(t, torch.Tensor) else t for t in inputs),
+              targets[half:])]
+    first = next(model.parameters(), None)
+    wide = first is None or first.dtype in (torch.float32, torch.float64)
+    rtol = 1e-4 if wide else 3e-2  # batch-size-dependent rounding (blocked matmuls)
+    devices = [first.device] if first is not None and first.device.type == "cuda" else []
+
+    def losses(xs: tuple, y: torch.Tensor, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return per_example_loss(model(*xs), y).float()
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool(((a - b).abs() <= rtol * (a.abs().max() + 1e-12)).all())
+
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            for training in dict.fromkeys([model.training, False]):
+                model.train(training)
+                whole = losses(inputs, targets, 0)
+                if not close(whole, losses(inputs, targets, 1)):  # random draws: eval only
+                    continue
+                split = torch.cat([losses(x, y, 0) for x, y in parts])
+                if not close(whole, split):
+                    raise GhostUnsupported(
+                        "the model's per-example losses change when the batch is split "
+                        f"({'training' if training else 'eval'} mode): its forward mixes "
+                        "examples (batch statistics, x - x.mean(0), attention across the "
+                        "batch), so one example would move the others' gradients past the "
+                        "clipping. The ghost engine needs each example's forward to depend on "
+                        "that example alone; engine='vmap' runs each example alone")
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def supports(model: nn.Module, trainable: dict[str, torch.Tensor], owners: dict | None = None
              ) -> bool:
     """True when every layer owning a trainable parameter has a rule (no vmap fallback)."""
@@ -213,7 +268,8 @@ def clipped_sum(
     values (``.data``: cheaper than ``functional_call``'s re-parametrisation, and tied weights
     stay tied); they get their own storage back afterwards, also on error.
     ``forward()``: the context of the model's forward and
-    loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32. ``verify``: also
+    loss (e.g. bf16 autocast); the norms and sums run outside it, in fp32. ``verify``: first
+    refuse a model whose forward mixes examples (``check_independent``), then also
     take autograd's gradient of Σ_b w_b ℓ_b (one more backward, ``check_weights``) and check
     that Σ_b w_b g_b of the per-example gradients equals it, so a parameter used outside its
     layer, or a layer input whose first dimension is not the batch, cannot go unnoticed.
@@ -222,6 +278,8 @@ def clipped_sum(
     """
     plan = plan_layers(model, trainable) if owners is None else owners
     refuse_unsupported(model, plan)
+    if verify:
+        check_independent(model, loss_fn, inputs, targets)
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
     weights = check_weights(batch, next(iter(trainable.values())).device) if verify else None

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .ghost import (
+    check_independent,
     check_sums,
     check_weights,
     clip_of,
@@ -114,6 +115,8 @@ def clipped_sum(
                          "engine (low_memory=False) for K > 1")
     plan = plan_layers(model, trainable) if owners is None else owners
     refuse_unsupported(model, plan)
+    if verify:
+        check_independent(model, loss_fn, inputs, targets)
     rules = {m: rule_for(m) for m in plan}
     batch = len(targets)
     first = next(iter(trainable.values()))

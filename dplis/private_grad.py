@@ -159,13 +159,16 @@ def _modules_restored(model: nn.Module) -> Iterator[None]:
 
 def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor],
                    plan: dict | None = None, low_memory: bool = False,
-                   num_perturbations: int = 1, compile: bool = False) -> str:
+                   num_perturbations: int = 1, compile: bool = False,
+                   precision: str = "fp32") -> str:
     """"ghost" or "vmap". "auto" means ghost, its layers without a rule through the vmap
     fallback (faster than the vmap engine on every model measured, even one without any
     rule); ``private_step`` then runs the vmap engine where ghost raises
     ``ghost.GhostUnsupported``. With ``compile``, "auto" is vmap unless every layer owning a
     trainable has a rule (compiling applies to the vmap engine); with ``low_memory`` ghost
-    (only it has that mode, for one pass: K = 1).
+    (only it has that mode, for one pass: K = 1, and in fp32: under bf16 its second
+    backward rounds differently from the first, so an example could move the sum by more
+    than C).
 
     ``plan``: ``ghost.plan_layers(model, params)`` when the caller has it already."""
     checks.choice("engine", engine, ENGINES)
@@ -178,6 +181,11 @@ def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor
             raise ValueError(f"low_memory=True takes one pass per step (num_perturbations=1), "
                              f"got num_perturbations={num_perturbations}: the norm of a "
                              "K-averaged gradient needs all K passes' activations at once")
+        if precision != "fp32":
+            raise ValueError(f"low_memory=True runs in fp32 only, got precision={precision!r}: "
+                             "its clipped sum comes from a second backward, which in bf16 "
+                             "rounds differently from the one the norms came from, so an "
+                             "example could move the sum by more than max_grad_norm")
         return "ghost"
     if engine == "auto":
         return "vmap" if checks.flag("compile", compile) and not ghost.supports(
@@ -286,7 +294,7 @@ def private_step(
     params = trainable(model)
     plan = ghost.plan_layers(model, params)
     requested, engine = engine, resolve_engine(engine, model, params, plan, low_memory, k,
-                                               compile)
+                                               compile, precision)
     compile = compile_applies(compile, requested, engine)
     if requested == "auto" and engine == "ghost" and not low_memory:
         try:  # a failing step changes nothing: the vmap engine then starts from the same state
@@ -419,7 +427,8 @@ def private_grad(
     ``loss_fn(output, target)`` is called as on a batch of one example; ``inputs`` is a tensor or
     a tuple of tensors passed to the model positionally, each [B, ...]; ``targets`` is [B, ...].
     Result = (Σ_i clip_C((1/K) Σ_k ∇ℓ(θ + u_k; x_i)) + N(0, (σC)² I)) / expected_batch_size with
-    u_k ~ N(0, smoothing_std² I) shared by the batch; ``expected_batch_size`` defaults to B.
+    u_k ~ N(0, smoothing_std² I) shared by the batch; ``expected_batch_size`` defaults to B
+    (fixed-size batches; under Poisson sampling pass q·N: the realised B is not private).
     ``generator`` makes noise, perturbations and dropout masks reproducible. On error (bad
     argument, NaN/inf loss or gradient) nothing changes, the generator included.
     ``options`` (see ``private_step``): ``engine`` ("auto" | "vmap" | "ghost"),

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.low_memory and args.method == "dplis" and args.perturbations != 1:
         raise SystemExit("--low-memory takes one pass per step: add --perturbations 1 or "
                          f"--method dpsgd (got --perturbations {args.perturbations})")
+    if args.low_memory and args.precision != "fp32":
+        raise SystemExit("--low-memory runs in fp32 only: drop --precision bf16")
     if args.low_memory and args.engine == "vmap":
         raise SystemExit("--low-memory is a mode of the ghost engine: drop --engine vmap")
     if args.model == "cnn" and args.dataset == "mnist1d":

@@ -133,13 +133,13 @@ class PrivateTrainer:
         self.num_perturbations = checks.integer("num_perturbations", num_perturbations, 1)
         self.low_memory = checks.flag("low_memory", low_memory)
         self.engine = resolve_engine(engine, model, self.params, None, self.low_memory,
-                                     self.num_perturbations, compile)
+                                     self.num_perturbations, compile, precision)
         self.compile = compile_applies(compile, engine, self.engine)
         # "auto" on ghost: the first step may find that ghost cannot handle the model and run
         # the vmap engine (GhostUnsupported); its engine is then kept for the later steps
         self._engine_arg = "auto" if engine == "auto" and self.engine == "ghost" else self.engine
         self._engine_initial = self._engine_arg  # again when the trainable set changes
-        self._verified = False  # the ghost engine's batch-gradient check: first non-empty step
+        self._verified = False  # the ghost engine's checks: first step of 2+ examples
         self.max_physical_batch_size = max_physical_batch_size
         self.perturbation_chunk_size = perturbation_chunk_size
         self.backend = backend
@@ -322,10 +322,11 @@ class PrivateTrainer:
             loss = total / count if count else float("nan")
         # released: from here the step counts, whatever happens next
         self.accountant.step(self.noise_multiplier, self.sample_rate)
-        if len(targets):  # the engine decided and the check ran: keep both for later steps
+        if len(targets) >= 2:  # the engine decided and the checks ran: kept for later steps
             self.engine = self._engine_arg = result.engine
             self._verified = True
-        elif not same:  # an empty batch checks nothing: the next non-empty step does
+        elif not same:  # a batch of 0 or 1 checks little (no split, no other example to
+            # tell apart): the next step of two or more examples checks again
             self._engine_arg, self._verified = self._engine_initial, False
         self.params = params
         private = {id(p) for p in params.values()}

@@ -284,3 +284,84 @@ def test_a_model_calling_none_of_its_layers_falls_back_to_vmap():
     auto = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=0.1, **ZERO)
     assert auto.engine == "vmap"
     assert_close(auto.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.1))
+
+
+class Mixing(nn.Module):
+    """A forward in which examples meet: ``how`` picks centring on the batch mean before the
+    first layer or between layers, batch statistics, or attention across the batch; with
+    ``dropout``, a dropout layer too (the check then compares in eval mode only)."""
+
+    def __init__(self, how: str, dropout: float = 0.0):
+        super().__init__()
+        self.how, self.l1, self.l2 = how, nn.Linear(6, 8), nn.Linear(8, 3)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        if self.how == "centre_input":
+            x = x - x.mean(0, keepdim=True)
+        elif self.how == "batch_norm":
+            x = F.batch_norm(x, None, None, training=True)
+        elif self.how == "attention":
+            x = torch.softmax(x @ x.T / 6, -1) @ x
+        h = self.drop(torch.tanh(self.l1(x)))
+        if self.how == "centre_hidden":
+            h = h - h.mean(0, keepdim=True)
+        return self.l2(h)
+
+
+def sensitivity(model, x, y, clip, **options):
+    """max over examples b of ‖S(D) − S(D without b)‖ / C for the σ = 0 clipped sum."""
+    def flat(xs, ys):
+        g = dplis.private_grad(model, F.cross_entropy, xs, ys, max_grad_norm=clip,
+                               expected_batch_size=1.0, **ZERO, **options)
+        return torch.cat([t.reshape(-1) for t in g.values()])
+
+    full = flat(x, y)
+    return max(float((full - flat(x[torch.arange(len(x)) != b], y[torch.arange(len(x)) != b]))
+                     .norm()) / clip for b in range(len(x)))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("how", ["centre_input", "centre_hidden", "batch_norm", "attention"])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_a_forward_mixing_examples_is_refused(how, dropout, low_memory):
+    """Before the check, one example moved the ghost engine's clipped sum by up to 4.4·C."""
+    torch.manual_seed(1)
+    model = Mixing(how, dropout)
+    x, y = torch.randn(6, 6) * 3, torch.randint(0, 3, (6,))
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    with pytest.raises(GhostUnsupported, match="mixes"):
+        dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.1, engine="ghost",
+                           low_memory=low_memory, **ZERO)
+    assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(),
+                                                                          rng)
+    if not low_memory and how != "batch_norm":  # low_memory is ghost only; vmap refuses
+        # batch statistics of one example itself
+        auto = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=0.1, **ZERO)
+        assert auto.engine == "vmap"
+        if dropout == 0:
+            assert sensitivity(model, x, y, 0.1) <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_examples_that_do_not_mix_pass_the_check(dropout):
+    """No false alarm: dropout (compared in eval mode) and batch-size-dependent rounding."""
+    torch.manual_seed(1)
+    model = Mixing("none", dropout)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    assert dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=0.1,
+                              **ZERO).engine == "ghost"
+
+
+def test_a_trainer_checks_again_after_a_batch_of_one():
+    """A batch of one shows no mixing: the trainer checks its first step of two or more."""
+    torch.manual_seed(1)
+    model = Mixing("centre_hidden")
+    trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                   F.cross_entropy, sample_rate=0.1, max_grad_norm=0.1,
+                                   noise_multiplier=1.0, expected_batch_size=6, seed=0)
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    trainer.step(x[:1], y[:1])
+    trainer.step(x, y)
+    assert trainer.engine == "vmap"

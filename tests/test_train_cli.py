@@ -44,6 +44,8 @@ def test_bad_flag_is_refused():
         train.main(["--method", "sgd"])
     with pytest.raises(SystemExit, match="--low-memory takes one pass per step"):
         train.main(["--low-memory", "--perturbations", "4"])
+    with pytest.raises(SystemExit, match="--low-memory runs in fp32 only"):
+        train.main(["--low-memory", "--method", "dpsgd", "--precision", "bf16"])
     with pytest.raises(SystemExit, match="--low-memory is a mode of the ghost engine"):
         train.main(["--low-memory", "--method", "dpsgd", "--engine", "vmap"])
 
