@@ -117,6 +117,46 @@ def restore_on_error(generator: torch.Generator | None) -> Iterator[None]:
         raise
 
 
+KEPT_PARAMETER_BYTES = 2**30  # verification steps copy the parameters up to this size
+
+
+@contextlib.contextmanager
+def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
+    """Refuse a step whose forward changed the model's buffers or parameters in place (a
+    running mean of the batch, ``F.embedding(..., max_norm=...)``): a value drawn from the
+    private batch with no noise, released with the model. Seen by version counters. With
+    ``keep_copies`` (verification steps) the buffers, and the parameters when they take at
+    most ``KEPT_PARAMETER_BYTES``, are copied first and put back on a change, so that the
+    refused step (or a failing one) leaves them as they were."""
+    buffers, params = list(model.named_buffers()), list(model.named_parameters())
+    before = [t._version for _, t in buffers + params]
+    kept = buffers if keep_copies else []
+    if keep_copies and sum(p.numel() * p.element_size() for _, p in params) \
+            <= KEPT_PARAMETER_BYTES:
+        kept = buffers + params
+    copies = [(t, t.detach().clone()) for _, t in kept]
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        changed = [n for (n, t), v in zip(buffers + params, before) if t._version != v]
+        if changed:
+            with torch.no_grad():
+                for t, copy in copies:
+                    t.copy_(copy)
+    if changed and not failed:
+        restored = {n for n, _ in kept}
+        lost = [n for n in changed if n not in restored]
+        raise ValueError(
+            f"the model changed {changed} in place during its forward: a value computed from "
+            "the private batch without noise (e.g. a running mean of the batch, or "
+            "F.embedding(..., max_norm=...)), which a private step cannot release. Move such "
+            "updates out of forward, or compute them on a copy"
+            + (f"; {lost} now hold that value: restore or re-initialise them" if lost
+               else "; they are restored"))
+
+
 def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, targets, forward,
                        compile):
     """[k, B, D] flat gradients and [k, B] losses at the k parameter points ``thetas`` [k, D]
@@ -356,7 +396,7 @@ def private_step(
         return total, norms, losses
 
     noise_std = 0.0 if secure_rng else sigma * max_grad_norm
-    with restore_on_error(generator):
+    with state_kept(model, verify), restore_on_error(generator):
         drawn, perturb_seed, dropout_seed = draw_seeds(generator, 3)
         noise_seed = drawn if noise_seed is None else noise_seed
         thetas = None if direct else theta.unsqueeze(0).expand(k, -1)

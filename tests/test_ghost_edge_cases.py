@@ -365,3 +365,54 @@ def test_a_trainer_checks_again_after_a_batch_of_one():
     trainer.step(x[:1], y[:1])
     trainer.step(x, y)
     assert trainer.engine == "vmap"
+
+
+class RunningCentre(nn.Module):
+    """A hand-written running mean of the batch, updated in forward (not refused by model
+    validation, which knows torch's batch norms only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(6))
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.lin(x - self.running_mean)
+
+
+class RenormEmbedding(nn.Module):
+    """``F.embedding(..., max_norm=1)`` renormalises the batch's rows of the weight in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(12, 4) * 3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.head(F.embedding(tokens, self.weight, max_norm=1.0).mean(1))
+
+
+@pytest.mark.parametrize("engine", ["auto", "ghost", "vmap"])
+@pytest.mark.parametrize("case", ["buffer", "parameter"])
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap, renorm
+def test_a_forward_changing_the_model_in_place_is_refused_and_undone(case, engine):
+    """Before, the ghost engine let the batch's mean into the buffer (and the batch's rows of
+    the weight renormalised) with no noise; now the step raises and leaves both as they were."""
+    torch.manual_seed(0)
+    if case == "buffer":
+        model, x = RunningCentre(), torch.randn(6, 6) * 5
+    else:
+        model, x = RenormEmbedding(), torch.randint(0, 12, (6, 3))
+    y = torch.randint(0, 3, (6,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                   F.cross_entropy, sample_rate=0.1, max_grad_norm=1.0,
+                                   noise_multiplier=1.0, expected_batch_size=6, seed=0,
+                                   engine=engine)
+    with pytest.raises((ValueError, RuntimeError)):
+        trainer.step(x, y)
+    assert trainer.accountant.steps == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
