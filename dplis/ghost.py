@@ -236,6 +236,31 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
 
 
 @contextlib.contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """On CUDA, TF32 off (cuBLAS matmuls, cuDNN convolutions) while the block runs, restored
+    after: a layer's per-example norms and its share of the clipped sum come from different
+    products (Gram matrices or a grouped convolution; one weighted matmul or convolution), and
+    TF32's rounding (about 1e-3, cuDNN's default for convolutions) would let an example move
+    the sum by more than C. Nothing to do on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: the legacy flags must not be mixed in
+        flags = [(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
+    else:
+        flags = [(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)]
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    try:
+        for obj, name, value in flags:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for (obj, name, _), value in zip(flags, saved):
+            setattr(obj, name, value)
+
+
+@contextlib.contextmanager
 def parameters_restored(trainable: dict[str, torch.Tensor]) -> Iterator[None]:
     """Give the trainable parameters back their own storage when the block ends (also on
     error); inside, a pass points them at other values with ``.data``: no copy, and no
@@ -282,7 +307,8 @@ def clipped_sum(
         check_independent(model, loss_fn, inputs, targets)
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
-    weights = check_weights(batch, next(iter(trainable.values())).device) if verify else None
+    device = next(iter(trainable.values())).device
+    weights = check_weights(batch, device) if verify else None
     budget = Budget()
     grads = {n: ParamGrad(p.shape, 1.0 / k, backend, budget) for n, p in trainable.items()}
     batch_grad: dict[str, torch.Tensor] = {}
@@ -340,21 +366,23 @@ def clipped_sum(
                     p.data = value
             losses.append(one_pass())
             if done < k:  # parameters formed explicitly are formed now: one pass held at a time
-                for g in grads.values():
-                    g.settle(k / done)
+                with exact_fp32(device):
+                    for g in grads.values():
+                        g.settle(k / done)
     if k > 1 and versions(tensors) != inputs_seen:
         raise ValueError("the model changed its input in place during a forward (e.g. "
                          "x.mul_(2)): the K perturbed passes would not see the same input and "
                          "the recorded activations would be overwritten. Compute on a copy "
                          "in the model (x = x * 2 instead of x.mul_(2))")
     losses = torch.stack(losses)
-    norms, c = clip_of([g.finish() for g in grads.values() if not g.empty], batch, losses,
-                       max_grad_norm)
-    if verify:
-        sums = torch.split(_clipped_sums(grads, weights),
-                           [g.shape.numel() for g in grads.values()])
-        check_sums(dict(zip(grads, sums)), batch_grad)
-    return _clipped_sums(grads, c), norms, losses
+    with exact_fp32(device):  # the norms and the sum from the same factors, in IEEE fp32
+        norms, c = clip_of([g.finish() for g in grads.values() if not g.empty], batch, losses,
+                           max_grad_norm)
+        if verify:
+            sums = torch.split(_clipped_sums(grads, weights),
+                               [g.shape.numel() for g in grads.values()])
+            check_sums(dict(zip(grads, sums)), batch_grad)
+        return _clipped_sums(grads, c), norms, losses
 
 
 def one_tensor(model: nn.Module, module: nn.Module, output: object) -> None:

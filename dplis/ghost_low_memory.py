@@ -37,6 +37,7 @@ from .ghost import (
     check_sums,
     check_weights,
     clip_of,
+    exact_fp32,
     layer_grads,
     one_tensor,
     parameters_restored,
@@ -175,7 +176,8 @@ def clipped_sum(
         state["uses"] = uses
         return losses
 
-    with parameters_restored(trainable):
+    # IEEE fp32 throughout (CUDA): the second backward must round as the first did
+    with exact_fp32(first.device), parameters_restored(trainable):
         if thetas[0] is not None:
             for p, value in zip(trainable.values(), thetas[0].values()):
                 p.data = value

@@ -236,3 +236,29 @@ def test_without_explicit_budget_every_parameter_takes_the_ghost_norm(budget, mo
     want = dplis.private_grad(model, loss_fn, x, y, engine="vmap",
                               generator=torch.Generator().manual_seed(1), **kw)
     assert_close(got, {n: t.double() for n, t in want.items()})
+
+
+@pytest.mark.parametrize("user", ["default", "tf32"])
+def test_exact_fp32_turns_tf32_off_on_cuda_and_back(user):
+    """The norms and the clipped sum come from different products: under TF32 (cuDNN's
+    default for convolutions) an example could move the sum by more than C. The flags are
+    process-wide settings, readable and writable without a GPU."""
+    from dplis.ghost import exact_fp32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: the legacy allow_tf32 flags")
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        if user == "tf32":
+            matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+        before = matmul.fp32_precision, conv.fp32_precision
+        with exact_fp32(torch.device("cpu")):
+            assert (matmul.fp32_precision, conv.fp32_precision) == before
+        with pytest.raises(RuntimeError, match="boom"), exact_fp32(torch.device("cuda")):
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+            raise RuntimeError("boom")
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+    assert not torch.cuda.is_initialized()
