@@ -128,31 +128,31 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
     ``keep_copies`` (verification steps) the buffers, and the parameters when they take at
     most ``KEPT_PARAMETER_BYTES``, are copied first and put back on a change, so that the
     refused step (or a failing one) leaves them as they were."""
-    buffers, params = list(model.named_buffers()), list(model.named_parameters())
-    before = [t._version for _, t in buffers + params]
+    buffers, params = list(model.buffers()), list(model.parameters())
+    before = [t._version for t in buffers + params]
     kept = buffers if keep_copies else []
-    if keep_copies and sum(p.numel() * p.element_size() for _, p in params) \
-            <= KEPT_PARAMETER_BYTES:
+    if keep_copies and sum(p.numel() * p.element_size() for p in params) <= KEPT_PARAMETER_BYTES:
         kept = buffers + params
-    copies = [(t, t.detach().clone()) for _, t in kept]
+    copies = [(t, t.detach().clone()) for t in kept]
     failed = True
     try:
         yield
         failed = False
     finally:
-        changed = [n for (n, t), v in zip(buffers + params, before) if t._version != v]
+        changed = [t for t, v in zip(buffers + params, before) if t._version != v]
         if changed:
             with torch.no_grad():
                 for t, copy in copies:
                     t.copy_(copy)
     if changed and not failed:
-        restored = {n for n, _ in kept}
-        lost = [n for n in changed if n not in restored]
+        names = {id(t): n for n, t in (*model.named_buffers(), *model.named_parameters())}
+        restored = {id(t) for t in kept}
+        lost = [names[id(t)] for t in changed if id(t) not in restored]
         raise ValueError(
-            f"the model changed {changed} in place during its forward: a value computed from "
-            "the private batch without noise (e.g. a running mean of the batch, or "
-            "F.embedding(..., max_norm=...)), which a private step cannot release. Move such "
-            "updates out of forward, or compute them on a copy"
+            f"the model changed {[names[id(t)] for t in changed]} in place during its "
+            "forward: a value computed from the private batch without noise (e.g. a running "
+            "mean of the batch, or F.embedding(..., max_norm=...)), which a private step "
+            "cannot release. Move such updates out of forward, or compute them on a copy"
             + (f"; {lost} now hold that value: restore or re-initialise them" if lost
                else "; they are restored"))
 
