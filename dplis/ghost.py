@@ -75,58 +75,99 @@ def check_weights(batch: int, device: torch.device) -> torch.Tensor:
 
 
 def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
-                      targets: torch.Tensor) -> None:
+                      targets: torch.Tensor, plan: dict,
+                      forward: Callable[[], contextlib.AbstractContextManager]) -> None:
     """Refuse a model whose forward mixes examples (``GhostUnsupported``): the ghost engine
     runs the batch through the model at once, so ``x - x.mean(0)``, batch statistics
     (``F.batch_norm(training=True)``) or attention across the batch would let one example
-    move the others' gradients, past any clipping. The per-example losses of the batch must
-    equal those of its two halves run apart (no_grad, fp32; dropout streams reseeded).
+    move the others' gradients, past any clipping. Every input and output of the planned
+    layers and every per-example loss must be the same for the whole batch as for its two
+    halves run apart (no gradient, in ``forward()``; relative tolerance 1e-4 of each
+    tensor's largest value, 3e-2 under autocast or for 16-bit parameters). Layer values, not
+    only losses: a zero-initialised head gives every example the same loss at first.
 
-    Checked in the model's mode and in eval mode. A model drawing random numbers in a mode
-    (dropout in training) cannot be compared there (its masks depend on the batch shape):
-    it is checked in eval mode only, where a layer mixing examples only in training mode (a
-    hand-written batch norm) goes unseen. The caller's RNG is not touched."""
+    Run with each module in its own mode. A model that draws random numbers there (dropout
+    in training) cannot be compared (its masks depend on the batch's shape): it is compared
+    in eval mode instead, if it runs there; a layer mixing examples in training mode only
+    then goes unseen. The caller's RNG is untouched (the check's own streams are forked)."""
     batch = len(targets)
     if batch < 2:
         return
     per_example_loss = losses_of(loss_fn)
-    half = batch // 2
-    parts = [(tuple(t[:half] if isinstance(t, torch.Tensor) else t for t in inputs),
-              targets[:half]),
-             (tuple(t[half:] if isinstance(t, torch.Tensor) else t for t in inputs),
-              targets[half:])]
     first = next(model.parameters(), None)
-    wide = first is None or first.dtype in (torch.float32, torch.float64)
-    rtol = 1e-4 if wide else 3e-2  # batch-size-dependent rounding (blocked matmuls)
-    devices = [first.device] if first is not None and first.device.type == "cuda" else []
+    device = first.device if first is not None else targets.device
+    gen = (torch.cuda.default_generators[device.index if device.index is not None
+                                         else torch.cuda.current_device()]
+           if device.type == "cuda" else torch.random.default_generator)
+    narrow = any(p.dtype not in (torch.float32, torch.float64) for p in model.parameters()
+                 if p.requires_grad)
 
-    def losses(xs: tuple, y: torch.Tensor, seed: int) -> torch.Tensor:
-        torch.manual_seed(seed)
-        return per_example_loss(model(*xs), y).float()
+    def split(lo: int, hi: int) -> tuple[tuple, torch.Tensor]:
+        """Copies (a model changing its input in place changes neither the caller's batch
+        nor another run's)."""
+        return (tuple(t[lo:hi].clone() if isinstance(t, torch.Tensor) else t for t in inputs),
+                targets[lo:hi].clone())
 
-    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return bool(((a - b).abs() <= rtol * (a.abs().max() + 1e-12)).all())
+    def run(xs: tuple, y: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+        """The planned layers' floating inputs and outputs, then the losses; the rtol."""
+        seen: list[torch.Tensor] = []
+
+        def record(module, args, kwargs, out):
+            seen.extend(t for t in (*args, *kwargs.values(), out)
+                        if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+        hooks = [m.register_forward_hook(record, with_kwargs=True) for m in plan]
+        try:
+            with forward():
+                wide = not (narrow or torch.is_autocast_enabled(device.type))
+                seen.append(per_example_loss(model(*xs), y))
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen, 1e-4 if wide else 3e-2
+
+    def mixes() -> bool | None:
+        """Whether whole and halves differ; None when they cannot be compared."""
+        gen.manual_seed(0)
+        state = gen.get_state()
+        whole, rtol = run(*split(0, batch))
+        if not torch.equal(gen.get_state(), state):
+            return None  # it drew random numbers
+        a, _ = run(*split(0, batch // 2))
+        b, _ = run(*split(batch // 2, batch))
+        if len(a) != len(whole) or len(b) != len(whole):
+            return True  # another sequence of layer calls
+        for w, x, y in zip(whole, a, b):
+            if min(w.dim(), x.dim(), y.dim()) == 0 or w.shape[0] != batch \
+                    or x.shape[1:] != w.shape[1:] or y.shape[1:] != w.shape[1:] \
+                    or len(x) + len(y) != batch:
+                continue  # not batch-first (a shared table): nothing per example to compare
+            w, joined = w.float(), torch.cat([x, y]).float()
+            if float((w - joined).abs().max()) > rtol * float(w.abs().max()):
+                return True
+        return False
 
     modes = [(m, m.training) for m in model.modules()]
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            for training in dict.fromkeys([model.training, False]):
-                model.train(training)
-                whole = losses(inputs, targets, 0)
-                if not close(whole, losses(inputs, targets, 1)):  # random draws: eval only
-                    continue
-                split = torch.cat([losses(x, y, 0) for x, y in parts])
-                if not close(whole, split):
-                    raise GhostUnsupported(
-                        "the model's per-example losses change when the batch is split "
-                        f"({'training' if training else 'eval'} mode): its forward mixes "
-                        "examples (batch statistics, x - x.mean(0), attention across the "
-                        "batch), so one example would move the others' gradients past the "
-                        "clipping. The ghost engine needs each example's forward to depend on "
-                        "that example alone; engine='vmap' runs each example alone")
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
+                                                else []):
+        try:
+            verdict, mode = mixes(), "its own"
+            if verdict is None and any(m.training for m in model.modules()):
+                model.eval()
+                try:
+                    verdict, mode = mixes(), "eval"
+                except Exception:  # a model whose eval forward differs in kind: not compared
+                    verdict = None
+        finally:
+            for m, training in modes:
+                m.training = training
+    if verdict:
+        raise GhostUnsupported(
+            f"the model's per-example values change when the batch is split ({mode} mode): "
+            "its forward mixes examples (batch statistics, x - x.mean(0), attention across "
+            "the batch), so one example would move the others' gradients past the clipping. "
+            "The ghost engine needs each example's forward to depend on that example alone; "
+            "engine='vmap' runs each example alone")
 
 
 def supports(model: nn.Module, trainable: dict[str, torch.Tensor], owners: dict | None = None
@@ -246,10 +287,12 @@ def exact_fp32(device: torch.device) -> Iterator[None]:
         yield
         return
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: the legacy flags must not be mixed in
-        flags = [(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
-    else:
-        flags = [(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)]
+    try:  # the API the process set TF32 with: torch >= 2.9 refuses a mix of the two
+        legacy = isinstance(matmul.allow_tf32, bool)
+    except RuntimeError:  # set through the newer fp32_precision settings
+        legacy = False
+    flags = ([(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)] if legacy else
+             [(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")])
     saved = [getattr(obj, name) for obj, name, _ in flags]
     try:
         for obj, name, value in flags:
@@ -304,7 +347,7 @@ def clipped_sum(
     plan = plan_layers(model, trainable) if owners is None else owners
     refuse_unsupported(model, plan)
     if verify:
-        check_independent(model, loss_fn, inputs, targets)
+        check_independent(model, loss_fn, inputs, targets, plan, forward)
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
     device = next(iter(trainable.values())).device

@@ -117,7 +117,7 @@ def clipped_sum(
     plan = plan_layers(model, trainable) if owners is None else owners
     refuse_unsupported(model, plan)
     if verify:
-        check_independent(model, loss_fn, inputs, targets)
+        check_independent(model, loss_fn, inputs, targets, plan, forward)
     rules = {m: rule_for(m) for m in plan}
     batch = len(targets)
     first = next(iter(trainable.values()))

@@ -122,39 +122,56 @@ KEPT_PARAMETER_BYTES = 2**30  # verification steps copy the parameters up to thi
 
 @contextlib.contextmanager
 def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
-    """Refuse a step whose forward changed the model's buffers or parameters in place (a
-    running mean of the batch, ``F.embedding(..., max_norm=...)``): a value drawn from the
-    private batch with no noise, released with the model. Seen by version counters. With
-    ``keep_copies`` (verification steps) the buffers, and the parameters when they take at
-    most ``KEPT_PARAMETER_BYTES``, are copied first and put back on a change, so that the
-    refused step (or a failing one) leaves them as they were."""
-    buffers, params = list(model.buffers()), list(model.parameters())
-    before = [t._version for t in buffers + params]
-    kept = buffers if keep_copies else []
-    if keep_copies and sum(p.numel() * p.element_size() for p in params) <= KEPT_PARAMETER_BYTES:
-        kept = buffers + params
-    copies = [(t, t.detach().clone()) for t in kept]
+    """Refuse a step whose forward changed the model's buffers or parameters (a running mean
+    of the batch, ``F.embedding(..., max_norm=...)``): a value drawn from the private batch
+    with no noise, released with the model. Seen at every step by each module's entries
+    (a buffer rebound to a new tensor) and version counters (an in-place change); with
+    ``keep_copies`` (verification steps) also by value (a write through ``.data``), the
+    buffers, and the parameters when they take at most ``KEPT_PARAMETER_BYTES``, being copied
+    first. A change is undone (entries put back, copies written back) and raises ValueError,
+    naming what still holds the batch's value when no copy could restore it; a failing body's
+    own error passes through when everything was restored."""
+    entries = [(module, kind, name, t) for module in model.modules()
+               for kind in ("_buffers", "_parameters")
+               for name, t in getattr(module, kind).items() if t is not None]
+    versions = [t._version for *_, t in entries]
+    copies: dict[int, torch.Tensor] = {}
+    if keep_copies:
+        small = sum(p.numel() * p.element_size() for p in model.parameters()) \
+            <= KEPT_PARAMETER_BYTES
+        for _, kind, _, t in entries:
+            if id(t) not in copies and (kind == "_buffers" or small):
+                copies[id(t)] = t.detach().clone()
     failed = True
     try:
         yield
         failed = False
     finally:
-        changed = [t for t, v in zip(buffers + params, before) if t._version != v]
-        if changed:
-            with torch.no_grad():
-                for t, copy in copies:
-                    t.copy_(copy)
-    if changed and not failed:
-        names = {id(t): n for n, t in (*model.named_buffers(), *model.named_parameters())}
-        restored = {id(t) for t in kept}
-        lost = [names[id(t)] for t in changed if id(t) not in restored]
-        raise ValueError(
-            f"the model changed {[names[id(t)] for t in changed]} in place during its "
-            "forward: a value computed from the private batch without noise (e.g. a running "
-            "mean of the batch, or F.embedding(..., max_norm=...)), which a private step "
-            "cannot release. Move such updates out of forward, or compute them on a copy"
-            + (f"; {lost} now hold that value: restore or re-initialise them" if lost
-               else "; they are restored"))
+        changed, lost = [], []
+        for (module, kind, name, t), version in zip(entries, versions):
+            rebound = getattr(module, kind).get(name) is not t
+            written = t._version != version
+            if rebound or written or (id(t) in copies and not torch.equal(t, copies[id(t)])):
+                changed.append((module, name))
+                with torch.no_grad():
+                    getattr(module, kind)[name] = t
+                    if id(t) in copies:
+                        t.copy_(copies[id(t)])
+                    elif written:
+                        lost.append((module, name))
+        if changed and (not failed or lost):
+            names = {id(m): n for n, m in model.named_modules()}
+
+            def label(pairs: list) -> list[str]:
+                return [f"{names[id(m)]}.{n}".lstrip(".") for m, n in pairs]
+
+            raise ValueError(
+                f"the model changed {label(changed)} during its forward: a value computed from "
+                "the private batch without noise (e.g. a running mean of the batch, or "
+                "F.embedding(..., max_norm=...)), which a private step cannot release. Move "
+                "such updates out of forward, or compute them on a copy"
+                + (f"; {label(lost)} still hold that value: restore or re-initialise them"
+                   if lost else "; they are restored"))
 
 
 def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, targets, forward,

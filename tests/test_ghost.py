@@ -238,27 +238,43 @@ def test_without_explicit_budget_every_parameter_takes_the_ghost_norm(budget, mo
     assert_close(got, {n: t.double() for n, t in want.items()})
 
 
-@pytest.mark.parametrize("user", ["default", "tf32"])
+EXACT_FP32_SCRIPT = r"""
+import sys, torch
+from dplis.ghost import exact_fp32
+m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+if sys.argv[1] == "legacy":
+    torch.set_float32_matmul_precision("high")
+elif sys.argv[1] == "new":
+    m.fp32_precision, c.conv.fp32_precision = "tf32", "tf32"
+legacy = sys.argv[1] != "new"
+def read():
+    return (m.allow_tf32, c.allow_tf32) if legacy else (m.fp32_precision, c.conv.fp32_precision)
+before = read()
+with exact_fp32(torch.device("cpu")):
+    assert read() == before
+try:
+    with exact_fp32(torch.device("cuda")):
+        assert read() == ((False, False) if legacy else ("ieee", "ieee")), read()
+        torch.mm(torch.ones(2, 2), torch.ones(2, 2))  # a matmul inside: no API-mix error
+        raise KeyError("boom")
+except KeyError:
+    pass
+assert read() == before, (read(), before)
+assert not torch.cuda.is_initialized()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("user", ["default", "legacy", "new"])
 def test_exact_fp32_turns_tf32_off_on_cuda_and_back(user):
     """The norms and the clipped sum come from different products: under TF32 (cuDNN's
     default for convolutions) an example could move the sum by more than C. The flags are
-    process-wide settings, readable and writable without a GPU."""
-    from dplis.ghost import exact_fp32
+    process-wide (hence a fresh process per case), readable and writable without a GPU;
+    torch refuses reads that mix its legacy and newer TF32 settings, so the block uses the
+    ones the process used."""
+    import subprocess
+    import sys
 
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    if not hasattr(matmul, "fp32_precision"):
-        pytest.skip("torch < 2.9: the legacy allow_tf32 flags")
-    saved = matmul.fp32_precision, conv.fp32_precision
-    try:
-        if user == "tf32":
-            matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
-        before = matmul.fp32_precision, conv.fp32_precision
-        with exact_fp32(torch.device("cpu")):
-            assert (matmul.fp32_precision, conv.fp32_precision) == before
-        with pytest.raises(RuntimeError, match="boom"), exact_fp32(torch.device("cuda")):
-            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
-            raise RuntimeError("boom")
-        assert (matmul.fp32_precision, conv.fp32_precision) == before
-    finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
-    assert not torch.cuda.is_initialized()
+    proc = subprocess.run([sys.executable, "-c", EXACT_FP32_SCRIPT, user], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

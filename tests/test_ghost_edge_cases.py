@@ -416,3 +416,110 @@ def test_a_forward_changing_the_model_in_place_is_refused_and_undone(case, engin
         trainer.step(x, y)
     assert trainer.accountant.steps == 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class StandardisedZeroHead(nn.Module):
+    """A frozen layer, features standardised over the batch, a zero-initialised head: every
+    loss is log C at first whatever the batch, so only the layers' values show the mixing."""
+
+    def __init__(self):
+        super().__init__()
+        self.base, self.head = nn.Linear(6, 8).requires_grad_(False), nn.Linear(8, 3)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        h = self.base(x)
+        return self.head((h - h.mean(0)) / (h.std(0) + 1e-5))
+
+
+def test_mixing_under_a_zero_initialised_head_is_seen_in_the_layer_values():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(GhostUnsupported, match="mixes"):
+        dplis.private_grad(StandardisedZeroHead(), F.cross_entropy, x, y, max_grad_norm=1.0,
+                           engine="ghost", **ZERO)
+
+
+class TrainingOnlyAuxHead(nn.Module):
+    """An auxiliary head in training mode only (Inception-style): eval output differs in kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(self.body(x)))
+        return torch.stack([self.head(h), self.aux(h)], 1) if self.training else self.head(h)
+
+
+def aux_loss(out, y):
+    return F.cross_entropy(out[:, 0], y) + 0.4 * F.cross_entropy(out[:, 1], y)
+
+
+class HandWrittenNorm(nn.Module):
+    """Batch statistics in training mode, stored ones in eval mode (frozen in eval below)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+
+    def forward(self, x):
+        return x - (x.mean(0) if self.training else self.mean)
+
+
+def test_no_false_alarm_on_modes_eval_shapes_and_autocast():
+    """The check runs each module in its own mode, skips an eval forward of another kind, and
+    runs in the step's precision (a frozen bf16 base under bf16 autocast)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    assert dplis.private_step(TrainingOnlyAuxHead(), aux_loss, x, y, max_grad_norm=1.0,
+                              **ZERO).engine == "ghost"
+    frozen = nn.Sequential(nn.Linear(5, 8), HandWrittenNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    frozen[1].eval()  # pre-trained statistics, as when fine-tuning
+    assert dplis.private_step(frozen, F.cross_entropy, x, y, max_grad_norm=1.0,
+                              **ZERO).engine == "ghost"
+    assert frozen.training and not frozen[1].training
+    base = nn.Sequential(nn.Linear(5, 8), nn.GELU()).to(torch.bfloat16).requires_grad_(False)
+    mixed = nn.Sequential(base, nn.LayerNorm(8), nn.Linear(8, 3))
+    assert dplis.private_step(mixed, F.cross_entropy, x, y, max_grad_norm=1.0,
+                              precision="bf16", **ZERO).engine == "ghost"
+
+
+def test_the_check_reseeds_no_device_but_the_models(monkeypatch):
+    torch.manual_seed(0)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.3), nn.Linear(8, 3))
+    dplis.private_step(model, F.cross_entropy, torch.randn(8, 5), torch.randint(0, 3, (8,)),
+                       max_grad_norm=1.0, generator=torch.Generator().manual_seed(0), **ZERO)
+    assert calls == []
+
+
+class Rebinding(nn.Module):
+    """A running mean kept by rebinding the buffer, or by writing through ``.data`` (which
+    has its own version counter)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.lin = how, nn.Linear(6, 3)
+        self.register_buffer("running_mean", torch.zeros(6))
+
+    def forward(self, x):
+        if self.how == "rebind":
+            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean(0).detach()
+        else:
+            self.running_mean.data.mul_(0.9).add_(0.1 * x.mean(0).detach())
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("how", ["rebind", "data"])
+def test_a_buffer_rebound_or_written_through_data_is_refused_and_restored(how):
+    torch.manual_seed(0)
+    model = Rebinding(how)
+    buffer = model.running_mean
+    with pytest.raises(ValueError, match="running_mean"):
+        dplis.private_grad(model, F.cross_entropy, torch.randn(6, 6) * 5,
+                           torch.randint(0, 3, (6,)), max_grad_norm=1.0, engine="ghost", **ZERO)
+    assert model.running_mean is buffer and not model.running_mean.any()
