@@ -81,10 +81,13 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     runs the batch through the model at once, so ``x - x.mean(0)``, batch statistics
     (``F.batch_norm(training=True)``) or attention across the batch would let one example
     move the others' gradients, past any clipping. Every input and output of the planned
-    layers and every per-example loss must be the same for the whole batch as for its two
-    halves run apart (no gradient, in ``forward()``; relative tolerance 1e-4 of each
-    tensor's largest value, 3e-2 under autocast or for 16-bit parameters). Layer values, not
-    only losses: a zero-initialised head gives every example the same loss at first.
+    layers and every per-example loss of the batch's second half must be the same run with
+    the whole batch as run alone (no gradient, in ``forward()``; relative tolerance 1e-4 of
+    each tensor's largest value, 3e-2 under autocast or for 16-bit parameters). Layer values,
+    not only losses: a zero-initialised head gives every example the same loss at first. The
+    half's values are kept, the whole batch's compared as they come: a peak of about half
+    the batch's layer values. (The second half: what an earlier example can reach, as in
+    attention over the batch dimension by mistake, shows there.)
 
     Run with each module in its own mode. A model that draws random numbers there (dropout
     in training) cannot be compared (its masks depend on the batch's shape): it is compared
@@ -94,6 +97,7 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     if batch < 2:
         return
     per_example_loss = losses_of(loss_fn)
+    half = batch // 2
     first = next(model.parameters(), None)
     device = first.device if first is not None else targets.device
     gen = (torch.cuda.default_generators[device.index if device.index is not None
@@ -102,50 +106,51 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     narrow = any(p.dtype not in (torch.float32, torch.float64) for p in model.parameters()
                  if p.requires_grad)
 
-    def split(lo: int, hi: int) -> tuple[tuple, torch.Tensor]:
-        """Copies (a model changing its input in place changes neither the caller's batch
-        nor another run's)."""
-        return (tuple(t[lo:hi].clone() if isinstance(t, torch.Tensor) else t for t in inputs),
-                targets[lo:hi].clone())
-
-    def run(xs: tuple, y: torch.Tensor) -> tuple[list[torch.Tensor], float]:
-        """The planned layers' floating inputs and outputs, then the losses; the rtol."""
-        seen: list[torch.Tensor] = []
+    def run(lo: int, sink: Callable[[torch.Tensor], None]) -> float:
+        """Examples lo.. (copies: a model changing its input in place changes neither the
+        caller's batch nor another run); each planned layer's floating inputs and outputs,
+        then the losses, go to ``sink`` in call order. Returns the rtol."""
+        xs = tuple(t[lo:].clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
         def record(module, args, kwargs, out):
-            seen.extend(t for t in (*args, *kwargs.values(), out)
-                        if isinstance(t, torch.Tensor) and t.is_floating_point())
+            for t in (*args, *kwargs.values(), out):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    sink(t)
 
         hooks = [m.register_forward_hook(record, with_kwargs=True) for m in plan]
         try:
             with forward():
                 wide = not (narrow or torch.is_autocast_enabled(device.type))
-                seen.append(per_example_loss(model(*xs), y))
+                sink(per_example_loss(model(*xs), targets[lo:].clone()))
         finally:
             for h in hooks:
                 h.remove()
-        return seen, 1e-4 if wide else 3e-2
+        return 1e-4 if wide else 3e-2
 
     def mixes() -> bool | None:
-        """Whether whole and halves differ; None when they cannot be compared."""
+        """Whether the second half's values differ; None when they cannot be compared."""
         gen.manual_seed(0)
         state = gen.get_state()
-        whole, rtol = run(*split(0, batch))
+        alone: list[torch.Tensor] = []
+        rtol = run(half, lambda t: alone.append(t.clone()))  # (later in-place ops: copies)
         if not torch.equal(gen.get_state(), state):
             return None  # it drew random numbers
-        a, _ = run(*split(0, batch // 2))
-        b, _ = run(*split(batch // 2, batch))
-        if len(a) != len(whole) or len(b) != len(whole):
-            return True  # another sequence of layer calls
-        for w, x, y in zip(whole, a, b):
-            if min(w.dim(), x.dim(), y.dim()) == 0 or w.shape[0] != batch \
-                    or x.shape[1:] != w.shape[1:] or y.shape[1:] != w.shape[1:] \
-                    or len(x) + len(y) != batch:
-                continue  # not batch-first (a shared table): nothing per example to compare
-            w, joined = w.float(), torch.cat([x, y]).float()
-            if float((w - joined).abs().max()) > rtol * float(w.abs().max()):
-                return True
-        return False
+        seen = {"calls": 0, "differ": False}
+
+        def compare(t: torch.Tensor) -> None:
+            i = seen["calls"]
+            seen["calls"] += 1
+            if i >= len(alone) or seen["differ"]:
+                return
+            a = alone[i]
+            if min(t.dim(), a.dim()) == 0 or t.shape[0] != batch or a.shape[0] != batch - half \
+                    or a.shape[1:] != t.shape[1:]:
+                return  # not batch-first (a shared table): nothing per example to compare
+            w = t[half:].float()
+            seen["differ"] = float((w - a.float()).abs().max()) > rtol * float(w.abs().max())
+
+        run(0, compare)
+        return seen["differ"] or seen["calls"] != len(alone)  # or other layer calls
 
     modes = [(m, m.training) for m in model.modules()]
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda"

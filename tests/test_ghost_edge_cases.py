@@ -303,6 +303,10 @@ class Mixing(nn.Module):
             x = F.batch_norm(x, None, None, training=True)
         elif self.how == "attention":
             x = torch.softmax(x @ x.T / 6, -1) @ x
+        elif self.how == "causal_over_batch":  # a causal mask on the batch dimension
+            scores = (x @ x.T / 6).masked_fill(torch.ones(len(x), len(x)).triu(1).bool(),
+                                               float("-inf"))
+            x = torch.softmax(scores, -1) @ x
         h = self.drop(torch.tanh(self.l1(x)))
         if self.how == "centre_hidden":
             h = h - h.mean(0, keepdim=True)
@@ -322,7 +326,8 @@ def sensitivity(model, x, y, clip, **options):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("how", ["centre_input", "centre_hidden", "batch_norm", "attention"])
+@pytest.mark.parametrize("how", ["centre_input", "centre_hidden", "batch_norm", "attention",
+                                 "causal_over_batch"])
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_a_forward_mixing_examples_is_refused(how, dropout, low_memory):
     """Before the check, one example moved the ghost engine's clipped sum by up to 4.4·C."""

@@ -202,6 +202,12 @@ def test_peak_memory_stays_near_the_non_private_step():
     assert bookkeeping > base + 6 * layer_output, (base, bookkeeping)  # 6+ held gradients
     assert low < 1.3 * base, (base, low)
     assert low < base + 2 * layer_output, (base, low)
+    # a verification step (a trainer's first): the independence check keeps half the batch's
+    # layer values at most, the weighted check runs before any output gradient is held
+    verified = peak_tensor_bytes(lambda: dplis.private_grad(
+        model, F.cross_entropy, tokens, y, max_grad_norm=1.0, noise_multiplier=1.0,
+        engine="ghost", low_memory=True))
+    assert verified < 1.3 * base, (base, verified)
 
 
 def test_trainer_with_low_memory_takes_the_same_steps():
