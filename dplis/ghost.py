@@ -79,20 +79,19 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
                       forward: Callable[[], contextlib.AbstractContextManager]) -> None:
     """Refuse a model whose forward mixes examples (``GhostUnsupported``): the ghost engine
     runs the batch through the model at once, so ``x - x.mean(0)``, batch statistics
-    (``F.batch_norm(training=True)``) or attention across the batch would let one example
-    move the others' gradients, past any clipping. Every input and output of the planned
-    layers and every per-example loss of the batch's second half must be the same run with
-    the whole batch as run alone (no gradient, in ``forward()``; relative tolerance 1e-4 of
-    each tensor's largest value, 3e-2 under autocast or for 16-bit parameters). Layer values,
-    not only losses: a zero-initialised head gives every example the same loss at first. The
-    half's values are kept, the whole batch's compared as they come: a peak of about half
-    the batch's layer values. (The second half: what an earlier example can reach, as in
-    attention over the batch dimension by mistake, shows there.)
+    (``F.batch_norm(training=True)``), ``x / x.abs().max()`` or attention across the batch
+    would let one example move the others' gradients, past any clipping.
 
-    Run with each module in its own mode. A model that draws random numbers there (dropout
-    in training) cannot be compared (its masks depend on the batch's shape): it is compared
-    in eval mode instead, if it runs there; a layer mixing examples in training mode only
-    then goes unseen. The caller's RNG is untouched (the check's own streams are forked)."""
+    Three forwards of the same shape (no gradient, in ``forward()``, each from the same RNG
+    seed, every module in its own mode): the batch; the batch with its second half replaced
+    by copies of first-half examples; the batch with its first half replaced by copies of
+    second-half examples. Each example kept in place must come out the same: every floating
+    input and output of the planned layers and its loss. With the same shapes every op runs
+    the same way (blocking, dropout masks), so an example that depends on itself alone gets
+    identical values; each row is compared through a random projection (memory O(B) per
+    tensor) within 1e-6 of the projection of its magnitudes. Layer values, not only losses:
+    a zero-initialised head gives every example the same loss at first. Both halves: mixing
+    may reach either one. The caller's RNG is untouched (the check's streams are forked)."""
     batch = len(targets)
     if batch < 2:
         return
@@ -103,76 +102,65 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     gen = (torch.cuda.default_generators[device.index if device.index is not None
                                          else torch.cuda.current_device()]
            if device.type == "cuda" else torch.random.default_generator)
-    narrow = any(p.dtype not in (torch.float32, torch.float64) for p in model.parameters()
-                 if p.requires_grad)
+    draws: dict[int, torch.Tensor] = {}
 
-    def run(lo: int, sink: Callable[[torch.Tensor], None]) -> float:
-        """Examples lo.. (copies: a model changing its input in place changes neither the
-        caller's batch nor another run); each planned layer's floating inputs and outputs,
-        then the losses, go to ``sink`` in call order. Returns the rtol."""
-        xs = tuple(t[lo:].clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+    def direction(n: int) -> torch.Tensor:
+        if n not in draws:
+            draws[n] = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(device)
+        return draws[n]
+
+    def projected(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of batch-first t [B, ..., L]: (Σ t·r, Σ |t|·|r|) with r = r_M ⊗ r_L."""
+        x = t.detach().float().reshape(batch, -1, t.shape[-1] if t.dim() > 1 else 1)
+        r_m, r_l = direction(x.shape[1]), direction(x.shape[2])
+        return (x @ r_l) @ r_m, (x.abs() @ r_l.abs()) @ r_m.abs()
+
+    def run(index: torch.Tensor) -> list:
+        """The rows' projections of every batch-first floating tensor the planned layers
+        take or give, then of the losses, for the batch ``inputs[index]``."""
+        seen: list = []
 
         def record(module, args, kwargs, out):
             for t in (*args, *kwargs.values(), out):
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    sink(t)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() \
+                        and t.shape[0] == batch and t.numel():
+                    seen.append(projected(t))
 
+        xs = tuple(t[index.to(t.device)] if isinstance(t, torch.Tensor) else t for t in inputs)
         hooks = [m.register_forward_hook(record, with_kwargs=True) for m in plan]
+        gen.manual_seed(0)
         try:
             with forward():
-                wide = not (narrow or torch.is_autocast_enabled(device.type))
-                sink(per_example_loss(model(*xs), targets[lo:].clone()))
+                losses = per_example_loss(model(*xs), targets[index.to(targets.device)])
         finally:
             for h in hooks:
                 h.remove()
-        return 1e-4 if wide else 3e-2
+        return seen + [projected(losses)]
 
-    def mixes() -> bool | None:
-        """Whether the second half's values differ; None when they cannot be compared."""
-        gen.manual_seed(0)
-        state = gen.get_state()
-        alone: list[torch.Tensor] = []
-        rtol = run(half, lambda t: alone.append(t.clone()))  # (later in-place ops: copies)
-        if not torch.equal(gen.get_state(), state):
-            return None  # it drew random numbers
-        seen = {"calls": 0, "differ": False}
-
-        def compare(t: torch.Tensor) -> None:
-            i = seen["calls"]
-            seen["calls"] += 1
-            if i >= len(alone) or seen["differ"]:
-                return
-            a = alone[i]
-            if min(t.dim(), a.dim()) == 0 or t.shape[0] != batch or a.shape[0] != batch - half \
-                    or a.shape[1:] != t.shape[1:]:
-                return  # not batch-first (a shared table): nothing per example to compare
-            w = t[half:].float()
-            seen["differ"] = float((w - a.float()).abs().max()) > rtol * float(w.abs().max())
-
-        run(0, compare)
-        return seen["differ"] or seen["calls"] != len(alone)  # or other layer calls
-
-    modes = [(m, m.training) for m in model.modules()]
+    rows = torch.arange(batch)
+    firsts = torch.cat([rows[:half], rows[:half].repeat(batch)[:batch - half]])
+    seconds = torch.cat([rows[half:].repeat(batch)[:half], rows[half:]])
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
                                                 else []):
-        try:
-            verdict, mode = mixes(), "its own"
-            if verdict is None and any(m.training for m in model.modules()):
-                model.eval()
-                try:
-                    verdict, mode = mixes(), "eval"
-                except Exception:  # a model whose eval forward differs in kind: not compared
-                    verdict = None
-        finally:
-            for m, training in modes:
-                m.training = training
+        whole = run(rows)
+        verdict = None
+        for index, kept in ((firsts, slice(0, half)), (seconds, slice(half, batch))):
+            other = run(index)
+            if len(other) != len(whole):
+                verdict = "runs other layer calls"
+                break
+            if any(bool(((f[kept] - g[kept]).abs() > 1e-6 * s[kept] + 1e-30).any())
+                   for (f, s), (g, _) in zip(whole, other)):
+                verdict = "changes its values"
+                break
     if verdict:
         raise GhostUnsupported(
-            f"the model's per-example values change when the batch is split ({mode} mode): "
-            "its forward mixes examples (batch statistics, x - x.mean(0), attention across "
-            "the batch), so one example would move the others' gradients past the clipping. "
-            "The ghost engine needs each example's forward to depend on that example alone; "
-            "engine='vmap' runs each example alone")
+            f"the model {verdict} for some examples when the rest of the batch is replaced: "
+            "its forward mixes examples (batch statistics, x - x.mean(0), x / x.abs().max(), "
+            "attention across the batch, control flow over the batch), so one example would "
+            "move the others' gradients past the clipping. The ghost engine needs each "
+            "example's forward to depend on that example alone; engine='vmap' runs each "
+            "example alone")
 
 
 def supports(model: nn.Module, trainable: dict[str, torch.Tensor], owners: dict | None = None

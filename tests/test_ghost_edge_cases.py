@@ -303,6 +303,10 @@ class Mixing(nn.Module):
             x = F.batch_norm(x, None, None, training=True)
         elif self.how == "attention":
             x = torch.softmax(x @ x.T / 6, -1) @ x
+        elif self.how == "peak_norm":  # the batch's largest value, wherever it sits
+            x = x / x.abs().max()
+        elif self.how == "sampled_centred":  # random draws (VAE-style) in every mode
+            x = x - x.mean(0) + 0.1 * torch.randn_like(x)
         elif self.how == "causal_over_batch":  # a causal mask on the batch dimension
             scores = (x @ x.T / 6).masked_fill(torch.ones(len(x), len(x)).triu(1).bool(),
                                                float("-inf"))
@@ -327,7 +331,7 @@ def sensitivity(model, x, y, clip, **options):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("how", ["centre_input", "centre_hidden", "batch_norm", "attention",
-                                 "causal_over_batch"])
+                                 "causal_over_batch", "peak_norm", "sampled_centred"])
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_a_forward_mixing_examples_is_refused(how, dropout, low_memory):
     """Before the check, one example moved the ghost engine's clipped sum by up to 4.4·C."""
@@ -341,11 +345,18 @@ def test_a_forward_mixing_examples_is_refused(how, dropout, low_memory):
                            low_memory=low_memory, **ZERO)
     assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(),
                                                                           rng)
-    if not low_memory and how != "batch_norm":  # low_memory is ghost only; vmap refuses
-        # batch statistics of one example itself
+    if how == "peak_norm":  # the batch's peak in the first half, then in the second
+        for b in (0, len(x) - 1):
+            peaked = x.clone()
+            peaked[b, 0] = 100.0
+            with pytest.raises(GhostUnsupported, match="mixes"):
+                dplis.private_grad(model, F.cross_entropy, peaked, y, max_grad_norm=0.1,
+                                   engine="ghost", low_memory=low_memory, **ZERO)
+    if not low_memory and how != "batch_norm":  # low_memory is ghost only; the vmap engine
+        # refuses batch statistics of one example itself
         auto = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=0.1, **ZERO)
         assert auto.engine == "vmap"
-        if dropout == 0:
+        if dropout == 0 and how != "sampled_centred":
             assert sensitivity(model, x, y, 0.1) <= 1 + 1e-5
 
 
@@ -486,6 +497,13 @@ def test_no_false_alarm_on_modes_eval_shapes_and_autocast():
     assert dplis.private_step(frozen, F.cross_entropy, x, y, max_grad_norm=1.0,
                               **ZERO).engine == "ghost"
     assert frozen.training and not frozen[1].training
+    class NoModeSwitch(nn.Linear):  # loralib merges its update into the weight in eval()
+        def train(self, mode=True):
+            raise AssertionError("the check must not switch modes")
+
+    with_dropout = nn.Sequential(NoModeSwitch(5, 8), nn.Dropout(0.3), nn.Linear(8, 3))
+    assert dplis.private_step(with_dropout, F.cross_entropy, x, y, max_grad_norm=1.0,
+                              **ZERO).engine == "ghost"
     base = nn.Sequential(nn.Linear(5, 8), nn.GELU()).to(torch.bfloat16).requires_grad_(False)
     mixed = nn.Sequential(base, nn.LayerNorm(8), nn.Linear(8, 3))
     assert dplis.private_step(mixed, F.cross_entropy, x, y, max_grad_norm=1.0,
@@ -528,3 +546,63 @@ def test_a_buffer_rebound_or_written_through_data_is_refused_and_restored(how):
         dplis.private_grad(model, F.cross_entropy, torch.randn(6, 6) * 5,
                            torch.randint(0, 3, (6,)), max_grad_norm=1.0, engine="ghost", **ZERO)
     assert model.running_mean is buffer and not model.running_mean.any()
+
+
+class StateInForward(nn.Module):
+    """``how``: "register" a buffer from the batch in forward; "fill" a ``None`` buffer;
+    "cache" a rotary-style table rebuilt in place with a plain length attribute (data
+    independent, refused alike); "nan" a constant NaN buffer, which must pass."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.lin = how, nn.Linear(6, 3)
+        self.register_buffer("slot", torch.full((6,), float("nan")) if how == "nan" else None)
+        self.register_buffer("table", torch.zeros(6))
+        self.cached = 0
+
+    def forward(self, x):
+        if self.how == "register" and "mu" not in self._buffers:
+            self.register_buffer("mu", x.mean(0).detach())
+        elif self.how == "fill":
+            self.slot = x.mean(0).detach()
+        elif self.how == "cache":
+            self.cached = x.shape[1]
+            self.table.copy_(torch.arange(6.0))
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("how", ["register", "fill", "cache", "nan"])
+def test_state_added_filled_or_cached_in_forward(how):
+    torch.manual_seed(0)
+    model = StateInForward(how)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    run = lambda: dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0,  # noqa: E731
+                                     engine="ghost", **ZERO)
+    if how == "nan":  # NaN equals NaN: nothing changed
+        run()
+        return
+    with pytest.raises(ValueError, match="during its forward"):
+        run()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and model.slot is None and model.cached == 0
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+class WritesThenFails(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.register_buffer("seen", torch.zeros(6))
+
+    def forward(self, x):
+        self.seen.add_(x.mean(0).detach())
+        raise RuntimeError("boom")
+
+
+def test_a_failing_forward_that_wrote_state_names_it_chained_to_its_error():
+    model = WritesThenFails()
+    with pytest.raises(ValueError, match="still hold") as info:
+        dplis.private_grad(model, F.cross_entropy, torch.randn(4, 6), torch.randint(0, 3, (4,)),
+                           max_grad_norm=1.0, engine="ghost", verify=False, **ZERO)
+    assert isinstance(info.value.__cause__, RuntimeError)
