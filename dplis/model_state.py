@@ -1,0 +1,104 @@
+"""The model's state across a private step: a forward must not write the batch into it.
+
+``state_kept`` wraps every engine's step: buffers or parameters added, removed, rebound or
+changed in place during the forward carry a value computed from the private batch without
+noise, which the step would release with the model; they are refused and, on verification
+steps, restored from copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+KEPT_PARAMETER_BYTES = 2**30  # verification steps copy the parameters up to this size
+_TENSOR_DICTS = ("_buffers", "_parameters")
+_MISSING = object()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(torch.equal(a, b) or (a.is_floating_point()
+                                      and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
+
+
+@contextlib.contextmanager
+def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
+    """Refuse a step whose forward changed the model's buffers or parameters (a running mean
+    of the batch, ``F.embedding(..., max_norm=...)``): a value drawn from the private batch
+    with no noise, released with the model. Seen at every step: an entry added, removed or
+    rebound in a module's buffers or parameters (``register_buffer`` in forward, a ``None``
+    buffer filled), an in-place change (version counters). With ``keep_copies``
+    (verification steps) also by value (a write through ``.data``), the buffers, and the
+    parameters when they take at most ``KEPT_PARAMETER_BYTES``, being copied first, and the
+    modules' other attributes (a cache length) kept. A change is undone (entries and
+    attributes put back, copies written back) and raises ValueError, chained to the body's
+    own error if it failed, naming what still holds the batch's value when no copy could
+    restore it."""
+    modules = list(model.modules())
+    entries = [{kind: dict(getattr(m, kind)) for kind in _TENSOR_DICTS} for m in modules]
+    versions = {id(t): t._version for e in entries for d in e.values() for t in d.values()
+                if t is not None}
+    copies: dict[int, torch.Tensor] = {}
+    attributes: list[dict] = []
+    if keep_copies:
+        small = sum(p.numel() * p.element_size() for p in model.parameters()) \
+            <= KEPT_PARAMETER_BYTES
+        for e in entries:
+            for kind, d in e.items():
+                for t in d.values():
+                    if t is not None and id(t) not in copies and (kind == "_buffers" or small):
+                        copies[id(t)] = t.detach().clone()
+        attributes = [{k: v for k, v in vars(m).items() if k not in _TENSOR_DICTS}
+                      for m in modules]
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as e:
+        error = e
+    changed, lost = [], []
+    for m, e in zip(modules, entries):
+        for kind, before in e.items():
+            now = getattr(m, kind)
+            names = {n for n in (*before, *now) if now.get(n, _MISSING) is not before.get(
+                n, _MISSING)}
+            names |= {n for n, t in before.items() if t is not None and (
+                t._version != versions[id(t)]
+                or (id(t) in copies and not _same(t, copies[id(t)])))}
+            for n in names:
+                changed.append((m, n))
+                t = before.get(n)
+                if t is not None and id(t) in copies:
+                    with torch.no_grad():
+                        t.copy_(copies[id(t)])
+                elif t is not None and t._version != versions[id(t)]:
+                    lost.append((m, n))
+            if names:
+                now.clear()
+                now.update(before)
+    if changed and attributes:
+        for m, kept in zip(modules, attributes):
+            for k in [k for k in vars(m) if k not in kept and k not in _TENSOR_DICTS]:
+                delattr(m, k)
+            vars(m).update(kept)
+    if changed:
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def label(pairs: list) -> list[str]:
+            return sorted({f"{names[id(m)]}.{n}".lstrip(".") for m, n in pairs})
+
+        raise ValueError(
+            f"the model changed {label(changed)} during its forward: a value computed from "
+            "the private batch without noise (e.g. a running mean of the batch, or "
+            "F.embedding(..., max_norm=...)), which a private step cannot release; updates "
+            "that do not depend on the data (a cache of rotary tables) are refused alike. "
+            "Move such updates out of forward, or compute them on a copy"
+            + (f"; {label(lost)} still hold that value: restore or re-initialise them"
+               if lost else "; they are restored")) from error
+    if error is not None:
+        raise error
