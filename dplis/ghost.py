@@ -33,6 +33,7 @@ from .ghost_rules import Factor, Unsupported, rule_for
 from .kernels import NonFiniteError
 from .kernels.reference import clip_factors
 from .losses import per_example as losses_of
+from .model_state import replayable
 
 
 class GhostUnsupported(ValueError):
@@ -82,27 +83,32 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     (``F.batch_norm(training=True)``), ``x / x.abs().max()`` or attention across the batch
     would let one example move the others' gradients, past any clipping.
 
-    Three forwards of the same shape (no gradient, in ``forward()``, each from the same RNG
-    seed, every module in its own mode): the batch; the batch with its second half replaced
-    by copies of first-half examples; the batch with its first half replaced by copies of
-    second-half examples. Each example kept in place must come out the same: every floating
-    input and output of the planned layers and its loss. With the same shapes every op runs
-    the same way (blocking, dropout masks), so an example that depends on itself alone gets
-    identical values; each row is compared through a random projection (memory O(B) per
-    tensor) within 1e-6 of the projection of its magnitudes. Layer values, not only losses:
-    a zero-initialised head gives every example the same loss at first. Both halves: mixing
-    may reach either one. The caller's RNG is untouched (the check's streams are forked)."""
+    Forwards of the same shape (no gradient, in ``forward()``, every module in its own mode,
+    each from the same state: torch's, Python's and numpy's RNGs, the modules' generators
+    and plain attributes, see ``model_state.replayable``): the batch, then the batch with
+    the examples outside a kept half replaced by copies of kept ones, for four halves: the
+    first, the second, a seeded random half and its complement (mixing within blocks that
+    do not cross the middle shows in the random ones). Each kept example must come out the
+    same: every floating input and output of the planned layers, and its loss. With the
+    same shapes every op runs the same way (blocking, dropout masks), so an example that
+    depends on itself alone gets identical values; rows are compared through a random
+    projection (memory O(B) per tensor) within 1e-6 of the projection of their magnitudes.
+    A mismatch under autocast is compared again in fp32 (a model may take another dtype
+    path for a batch, e.g. Hugging Face dropping an all-ones attention mask). Layer values,
+    not only losses: a zero-initialised head gives every example the same loss at first.
+    Checked on verification steps: mixing that only some batches show (an expert's capacity
+    overflowing) can appear later."""
     batch = len(targets)
     if batch < 2:
         return
     per_example_loss = losses_of(loss_fn)
-    half = batch // 2
     first = next(model.parameters(), None)
     device = first.device if first is not None else targets.device
     gen = (torch.cuda.default_generators[device.index if device.index is not None
                                          else torch.cuda.current_device()]
            if device.type == "cuda" else torch.random.default_generator)
     draws: dict[int, torch.Tensor] = {}
+    reset = replayable(model)
 
     def direction(n: int) -> torch.Tensor:
         if n not in draws:
@@ -115,9 +121,10 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
         r_m, r_l = direction(x.shape[1]), direction(x.shape[2])
         return (x @ r_l) @ r_m, (x.abs() @ r_l.abs()) @ r_m.abs()
 
-    def run(index: torch.Tensor) -> list:
+    def run(index: torch.Tensor, context: Callable) -> tuple[list, bool]:
         """The rows' projections of every batch-first floating tensor the planned layers
-        take or give, then of the losses, for the batch ``inputs[index]``."""
+        take or give, then of the losses, for the batch ``inputs[index]``; and whether
+        autocast was on."""
         seen: list = []
 
         def record(module, args, kwargs, out):
@@ -128,31 +135,50 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
 
         xs = tuple(t[index.to(t.device)] if isinstance(t, torch.Tensor) else t for t in inputs)
         hooks = [m.register_forward_hook(record, with_kwargs=True) for m in plan]
+        reset()
         gen.manual_seed(0)
         try:
-            with forward():
+            with context():
+                autocast = torch.is_autocast_enabled(device.type)
                 losses = per_example_loss(model(*xs), targets[index.to(targets.device)])
         finally:
             for h in hooks:
                 h.remove()
-        return seen + [projected(losses)]
+        return seen + [projected(losses)], autocast
 
     rows = torch.arange(batch)
-    firsts = torch.cat([rows[:half], rows[:half].repeat(batch)[:batch - half]])
-    seconds = torch.cat([rows[half:].repeat(batch)[:half], rows[half:]])
+    shuffled = torch.randperm(batch, generator=torch.Generator().manual_seed(batch))
+    halves = [rows < batch // 2, rows >= batch // 2]
+    halves += [torch.isin(rows, shuffled[:batch // 2]), torch.isin(rows, shuffled[batch // 2:])]
+
+    def mixing(context: Callable) -> tuple[str | None, bool]:
+        whole, autocast = run(rows, context)
+        for keep in halves:
+            kept = rows[keep]
+            index = rows.clone()
+            index[~keep] = kept[torch.arange(int((~keep).sum())) % len(kept)]
+            try:
+                other, _ = run(index, context)
+            except Exception as e:
+                raise GhostUnsupported(
+                    "the model failed on the ghost engine's independence check, a batch of "
+                    f"the same shape with some examples replaced by copies of others: {e}. "
+                    "Use engine='vmap'") from e
+            if len(other) != len(whole):
+                return "runs other layer calls", autocast
+            if any(bool(((f[keep] - g[keep]).abs() > 1e-6 * s[keep] + 1e-30).any())
+                   for (f, s), (g, _) in zip(whole, other)):
+                return "changes its values", autocast
+        return None, autocast
+
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
                                                 else []):
-        whole = run(rows)
-        verdict = None
-        for index, kept in ((firsts, slice(0, half)), (seconds, slice(half, batch))):
-            other = run(index)
-            if len(other) != len(whole):
-                verdict = "runs other layer calls"
-                break
-            if any(bool(((f[kept] - g[kept]).abs() > 1e-6 * s[kept] + 1e-30).any())
-                   for (f, s), (g, _) in zip(whole, other)):
-                verdict = "changes its values"
-                break
+        try:
+            verdict, autocast = mixing(forward)
+            if verdict and autocast:  # another dtype path for a batch: compared in fp32
+                verdict, _ = mixing(contextlib.nullcontext)
+        finally:
+            reset()
     if verdict:
         raise GhostUnsupported(
             f"the model {verdict} for some examples when the rest of the batch is replaced: "

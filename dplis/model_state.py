@@ -3,14 +3,16 @@
 ``state_kept`` wraps every engine's step: buffers or parameters added, removed, rebound or
 changed in place during the forward carry a value computed from the private batch without
 noise, which the step would release with the model; they are refused and, on verification
-steps, restored from copies.
+steps, restored from copies. ``replayable`` lets a check run a forward several times alike.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,9 +22,11 @@ _MISSING = object()
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal shapes and values, NaN equal to NaN."""
-    if a.shape != b.shape or a.dtype != b.dtype:
+    """Equal shapes and values, NaN equal to NaN (sparse layouts compared dense)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.layout != b.layout:
         return False
+    if a.layout != torch.strided:
+        a, b = a.to_dense(), b.to_dense()
     return bool(torch.equal(a, b) or (a.is_floating_point()
                                       and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
 
@@ -102,3 +106,29 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
                if lost else "; they are restored")) from error
     if error is not None:
         raise error
+
+
+def replayable(model: nn.Module) -> Callable[[], None]:
+    """Capture what a forward may advance besides torch's global generators — Python's and
+    numpy's global RNGs, ``torch.Generator`` objects the modules hold, the modules' plain
+    attributes (a call counter) — and return a function that puts it all back: called
+    before each of several forwards they run alike, and after the last, the caller's state
+    is as it was."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    modules = list(model.modules())
+    attributes = [{k: v for k, v in vars(m).items() if k not in _TENSOR_DICTS}
+                  for m in modules]
+    generators = [(g, g.get_state()) for kept in attributes for g in kept.values()
+                  if isinstance(g, torch.Generator)]
+
+    def reset() -> None:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        for g, state in generators:
+            g.set_state(state)
+        for m, kept in zip(modules, attributes):
+            for k in [k for k in vars(m) if k not in kept and k not in _TENSOR_DICTS]:
+                delattr(m, k)
+            vars(m).update(kept)
+
+    return reset

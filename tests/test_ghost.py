@@ -216,8 +216,8 @@ def test_perturbed_passes_give_the_parameters_back_exactly_even_on_error():
             raise RuntimeError("boom")
         return loss_fn(out, t)
 
-    with pytest.raises(RuntimeError, match="boom"):
-        dplis.private_grad(model, fails_on_second_pass, inputs, targets, **kw)
+    with pytest.raises(RuntimeError, match="boom"):  # (unverified: the passes' calls alone)
+        dplis.private_grad(model, fails_on_second_pass, inputs, targets, verify=False, **kw)
     assert len(calls) == 2
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -606,3 +606,87 @@ def test_a_failing_forward_that_wrote_state_names_it_chained_to_its_error():
         dplis.private_grad(model, F.cross_entropy, torch.randn(4, 6), torch.randint(0, 3, (4,)),
                            max_grad_norm=1.0, engine="ghost", verify=False, **ZERO)
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+class LayerDrop(nn.Module):
+    """Skips its layer at random, from Python's RNG, a generator of its own and a counter:
+    value-independent randomness outside torch's global generators."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.gen, self.calls = torch.Generator().manual_seed(5), 0
+
+    def forward(self, x):
+        import random
+
+        self.calls += 1
+        h = x if random.random() < 0.5 else torch.tanh(self.lin(x))
+        return self.out(h + 0.1 * torch.randn(h.shape, generator=self.gen))
+
+
+def test_randomness_outside_torchs_generators_is_replayed_and_left_as_it_was():
+    import random
+
+    torch.manual_seed(0)
+    model = LayerDrop()
+    random.seed(3)
+    before = (random.random(), model.gen.get_state())
+    random.seed(3)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    step = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=1.0, **ZERO)
+    assert step.engine == "ghost"
+    # the step's own forward advanced them once; the check's forwards left no trace
+    random.seed(3)
+    assert model.calls == 1 and random.random() == before[0]
+
+
+class Pairs(nn.Module):
+    """Attention within consecutive pairs of examples: blocks that never cross the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        p = x.reshape(-1, 2, 6)
+        mixed = torch.softmax(p @ p.transpose(1, 2), -1) @ p
+        return self.lin(mixed.reshape(-1, 6))
+
+
+def test_mixing_within_blocks_is_caught_by_the_random_halves():
+    torch.manual_seed(0)
+    with pytest.raises(GhostUnsupported, match="mixes"):
+        dplis.private_grad(Pairs(), F.cross_entropy, torch.randn(8, 6),
+                           torch.randint(0, 3, (8,)), max_grad_norm=1.0, engine="ghost", **ZERO)
+
+
+class NeedsSortedLengths(nn.Module):
+    """Refuses a batch whose first input is not sorted (packed sequences' enforce_sorted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if not bool((x[:-1, 0] >= x[1:, 0]).all()):
+            raise RuntimeError("lengths array must be sorted")
+        return self.lin(x)
+
+
+def test_a_model_failing_on_the_checks_batches_is_named():
+    x = torch.randn(8, 6)
+    x = x[x[:, 0].argsort(descending=True)]
+    with pytest.raises(GhostUnsupported, match="independence check") as info:
+        dplis.private_grad(NeedsSortedLengths(), F.cross_entropy, x, torch.randint(0, 3, (8,)),
+                           max_grad_norm=1.0, engine="ghost", **ZERO)
+    assert "sorted" in str(info.value.__cause__)
+
+
+def test_a_sparse_buffer_is_compared_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    model.register_buffer("table", torch.eye(3).to_sparse())
+    assert dplis.private_step(model, F.cross_entropy, torch.randn(4, 6),
+                              torch.randint(0, 3, (4,)), max_grad_norm=1.0,
+                              **ZERO).engine == "ghost"
