@@ -21,6 +21,19 @@ _TENSOR_DICTS = ("_buffers", "_parameters")
 _MISSING = object()
 
 
+def _attributes(modules: list[nn.Module]) -> list[dict]:
+    """Each module's plain attributes (all but its parameter and buffer tables), shallow."""
+    return [{k: v for k, v in vars(m).items() if k not in _TENSOR_DICTS} for m in modules]
+
+
+def _put_back(modules: list[nn.Module], attributes: list[dict]) -> None:
+    """Give each module the plain attributes ``_attributes`` took (added ones removed)."""
+    for m, kept in zip(modules, attributes):
+        for k in [k for k in vars(m) if k not in kept and k not in _TENSOR_DICTS]:
+            delattr(m, k)
+        vars(m).update(kept)
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes and values, NaN equal to NaN (sparse layouts compared dense)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.layout != b.layout:
@@ -58,8 +71,7 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
                 for t in d.values():
                     if t is not None and id(t) not in copies and (kind == "_buffers" or small):
                         copies[id(t)] = t.detach().clone()
-        attributes = [{k: v for k, v in vars(m).items() if k not in _TENSOR_DICTS}
-                      for m in modules]
+        attributes = _attributes(modules)
     error: BaseException | None = None
     try:
         yield
@@ -86,10 +98,7 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
                 now.clear()
                 now.update(before)
     if changed and attributes:
-        for m, kept in zip(modules, attributes):
-            for k in [k for k in vars(m) if k not in kept and k not in _TENSOR_DICTS]:
-                delattr(m, k)
-            vars(m).update(kept)
+        _put_back(modules, attributes)
     if changed:
         names = {id(m): n for n, m in model.named_modules()}
 
@@ -116,8 +125,7 @@ def replayable(model: nn.Module) -> Callable[[], None]:
     is as it was."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     modules = list(model.modules())
-    attributes = [{k: v for k, v in vars(m).items() if k not in _TENSOR_DICTS}
-                  for m in modules]
+    attributes = _attributes(modules)
     generators = [(g, g.get_state()) for kept in attributes for g in kept.values()
                   if isinstance(g, torch.Generator)]
 
@@ -126,9 +134,6 @@ def replayable(model: nn.Module) -> Callable[[], None]:
         np.random.set_state(numpy_state)
         for g, state in generators:
             g.set_state(state)
-        for m, kept in zip(modules, attributes):
-            for k in [k for k in vars(m) if k not in kept and k not in _TENSOR_DICTS]:
-                delattr(m, k)
-            vars(m).update(kept)
+        _put_back(modules, attributes)
 
     return reset
