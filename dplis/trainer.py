@@ -325,8 +325,8 @@ class PrivateTrainer:
         if len(targets) >= 2:  # the engine decided and the checks ran: kept for later steps
             self.engine = self._engine_arg = result.engine
             self._verified = True
-        elif not same:  # a batch of 0 or 1 checks little (no split, no other example to
-            # tell apart): the next step of two or more examples checks again
+        elif not same:  # a batch of 0 or 1 checks little (no other example to tell it
+            # apart from): the next step of two or more examples checks again
             self._engine_arg, self._verified = self._engine_initial, False
         self.params = params
         private = {id(p) for p in params.values()}
