@@ -20,12 +20,14 @@ per-example gradients of their own parameters by ``vmap(vjp)`` of that layer alo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call, vjp, vmap
 
 from .ghost_grad import Budget, ParamGrad
@@ -265,15 +267,62 @@ def versions(tensors: tuple) -> tuple[int, ...]:
     return tuple(t._version for t in tensors if isinstance(t, torch.Tensor))
 
 
+@dataclasses.dataclass
+class _Call:
+    """One recorded call of a planned layer: what its rule reads and where its output's
+    gradient comes from (``target``, see ``_gradient_target``; ``shape``: the output's,
+    when ``target`` is the edge of its base), ``held`` the tensors whose ``seen`` versions
+    an in-place op must not change."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    target: object
+    shape: torch.Size | None
+    held: tuple
+    seen: tuple[int, ...]
+
+
+def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size | None]:
+    """What to ask autograd for a layer output's gradient, so that the output itself is not
+    held through the backward (autograd frees it once no backward needs it: a transformer's
+    logits, the MLP's hidden layer), and the shape to view that gradient as:
+
+    - the edge into the node that made it;
+    - for ``nn.Linear`` on inputs of three or more dims (its output a view of a 2-d matmul
+      result no one else sees), the edge of that result, viewed back to the output's shape;
+    - any other view, the tensor itself: an in-place op on a view replaces the node it
+      came from, while the base's node keeps every gradient that reaches the view;
+    - anything else as it is: a tensor that needs no gradient gets none, and ``one_tensor``
+      refuses a non-tensor.
+    """
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        return out, None
+    if not out._is_view():
+        return get_gradient_edge(out), None
+    base = out._base
+    if (type(module).forward is nn.Linear.forward and base.numel() == out.numel()
+            and base.is_contiguous() and out.is_contiguous()):
+        return get_gradient_edge(base), out.shape
+    return out, None
+
+
+def _differentiable(target: object) -> bool:
+    return isinstance(target, GradientEdge) or (isinstance(target, torch.Tensor)
+                                                and target.requires_grad)
+
+
 @contextlib.contextmanager
-def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
-    """Record (module, args, kwargs, output, versions) of every call of the planned layers.
+def _recording(plan: dict, isolate: bool) -> Iterator[list[_Call]]:
+    """Record every call of the planned layers (``_Call``).
 
     ``isolate``: the layer gets copies of its tensor inputs and the rest of the model a copy
     of its output, so an in-place op elsewhere (``ReLU(inplace=True)``) cannot change what
-    was recorded; used only when such an op was seen, as it costs a copy per layer.
+    was recorded; used only when such an op was seen, as it costs a copy per layer. (An
+    in-place op on an output recorded by an edge changes nothing: the edge's gradient is
+    that of the value the layer returned.)
     """
-    calls: list[tuple] = []
+    calls: list[_Call] = []
 
     def copy(t):
         return t.clone() if isolate and isinstance(t, torch.Tensor) else t
@@ -282,7 +331,9 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[tuple]]:
         return tuple(copy(a) for a in args), kwargs
 
     def after(module, args, kwargs, out):
-        calls.append((module, args, kwargs, out, versions((*args, out))))
+        target, shape = _gradient_target(module, out)
+        held = (*args, target) if isinstance(target, torch.Tensor) else args
+        calls.append(_Call(module, args, kwargs, target, shape, held, versions(held)))
         return copy(out) if isolate else None
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
@@ -388,13 +439,16 @@ def clipped_sum(
         gradient parts go to ``grads`` (autograd's batch gradient / k to ``batch_grad``)."""
         calls, loss = run(isolate=False)
         # a later in-place op changed a record: run again, the layers isolated
-        if any(versions((*args, out)) != seen for _, args, _, out, seen in calls):
+        if any(versions(c.held) != c.seen for c in calls):
             calls, loss = run(isolate=True)
-        for module, _, _, output, _ in calls:
-            one_tensor(model, module, output)
-        wrt = [c[3] for c in calls]
-        records = [c[:3] for c in calls]
-        del calls  # the layer outputs are freed as soon as the backward is done with them
+        for c in calls:
+            if not isinstance(c.target, GradientEdge):
+                one_tensor(model, c.module, c.target)
+        asked = [c for c in calls if _differentiable(c.target)]
+        wrt = [c.target for c in asked]
+        for c in calls:  # the rules read inputs only
+            c.target = c.held = None
+        del calls
         if verify:  # autograd's gradient of Σ w_b ℓ_b, to check the per-example ones against;
             # first, while no output gradient is held yet (a lower peak)
             weighted = torch.autograd.grad((loss * weights).sum(), list(trainable.values()),
@@ -407,8 +461,10 @@ def clipped_sum(
         # check then finds the gradients missing
         found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True) if wrt else []
         del wrt
-        for (module, args, kwargs), dout in zip(records, found):
+        for c, dout in zip(asked, found):
             if dout is not None:
+                module, args, kwargs = c.module, c.args, c.kwargs
+                dout = dout if c.shape is None else dout.view(c.shape)
                 parts = layer_grads(model, module, rules[module], plan[module], trainable,
                                     args, kwargs, dout, batch)
                 if _reads(args, model_inputs):  # the same input in every perturbed pass

@@ -1,5 +1,7 @@
 """Ghost engine specifics: memory, K as extra positions, sequence layers, padding, fallbacks."""
 
+import weakref
+
 import pytest
 import torch
 from helpers import OutsideUse, Twice, gpt_case, transformer_case
@@ -9,6 +11,7 @@ from torch.nn import functional as F
 
 import dplis
 from dplis.memory import peak_tensor_bytes
+from dplis.models import TinyTransformer, lm_loss
 from dplis.reference import naive_private_grad
 
 
@@ -24,6 +27,30 @@ def test_ghost_peak_memory_is_far_below_the_materialised_gradient():
     # a few parameter-sized buffers (θ, the clipped sum, the noise, the output), whatever B is
     assert 2 * dim * 4 < peak < 6 * dim * 4, (peak, dim * 4)
     assert peak < 0.1 * materialised
+
+
+def test_transformer_step_peak_memory_is_within_1_3x_of_the_non_private_step():
+    """The bench's GPT-style model and batch (64): book-keeping holds every layer's input and
+    output gradient until the norms, but no layer output (autograd frees those it no longer
+    needs), so its tensor peak stays near the non-private step's; also on a verification
+    step (independence check, weighted batch gradient). Measured tensor memory, not time."""
+    torch.manual_seed(0)
+    model = TinyTransformer(256, 32, dim=64, heads=4, layers=2, causal=True, tied=True)
+    data = torch.randint(0, 256, (64, 33))
+    x, y = data[:, :-1], data[:, 1:]
+
+    def nonprivate():
+        lm_loss(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+
+    def private(verify):
+        return lambda: dplis.private_grad(model, lm_loss, x, y, max_grad_norm=1.0,
+                                          noise_multiplier=1.0, engine="ghost", verify=verify)
+
+    base = peak_tensor_bytes(nonprivate)
+    for verify in (False, True):
+        peak = peak_tensor_bytes(private(verify))
+        assert peak < 1.3 * base, (verify, base, peak)
 
 
 class Padded(nn.Module):
@@ -174,6 +201,113 @@ def test_in_place_activations_do_not_corrupt_the_recorded_outputs():
     fast = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3,
                               noise_multiplier=0.0, engine="ghost")
     assert_close(fast, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
+
+
+class Residual(nn.Module):
+    """LayerNorm -> Linear on [B, T, d] (its output a view of a 2-d matmul) -> GELU ->
+    Linear, plus a residual: the shapes of a transformer's MLP block."""
+
+    def __init__(self, d: int = 6, hidden: int = 40):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+        return h.mean(1) if h.dim() == 3 else h
+
+
+@pytest.mark.parametrize("sequence", [False, True])
+def test_layer_outputs_are_not_held_through_the_backward(sequence):
+    """The engine asks autograd for the gradient at the node that made each layer output,
+    not at the output tensor: an output no backward needs is freed as in a non-private step
+    (fc1's, once GELU's backward used it; a transformer's logits). Checked when the
+    gradient reaches the LayerNorm's output, after fc1's backward."""
+    torch.manual_seed(0)
+    model = Residual()
+    x = torch.randn(5, 7, 6) if sequence else torch.randn(5, 6)
+    y = torch.randint(0, 6, (5,))
+    alive = {}
+
+    def keep(module, args, out):
+        alive["fc1"] = weakref.ref(out.untyped_storage())
+
+    def probe(module, args, out):
+        def reached(grad):
+            alive["at_ln"] = alive["fc1"]() is not None
+
+        out.register_hook(reached)
+
+    hooks = [model.fc1.register_forward_hook(keep), model.ln.register_forward_hook(probe)]
+    got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
+                             noise_multiplier=0.0, engine="ghost", verify=False)
+    for h in hooks:
+        h.remove()
+    assert alive["at_ln"] is False
+    assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2))
+
+
+class ChangedOutputs(nn.Module):
+    """Layer outputs changed in place after the layers returned them: a sequence Linear's
+    (a view of its matmul) by a slice update and ReLU(inplace=True), and a custom layer's
+    view output (no rule: the vmap fallback) by a slice update."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.scale, self.fc2 = nn.Linear(4, 6), Scale(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h[:, 0] += 1.0
+        h = self.scale(F.relu(h, inplace=True))
+        h[:, :, 1] *= 2.0
+        return self.fc2(h).mean(1)
+
+
+class Scale(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return (x * self.w).view(x.shape)  # a view of the product
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_in_place_changes_of_layer_outputs_leave_the_gradients_exact(k):
+    torch.manual_seed(0)
+    model = ChangedOutputs()
+    x, y = torch.randn(4, 5, 4), torch.randint(0, 3, (4,))
+    kw = dict(max_grad_norm=0.3, smoothing_std=0.01 if k > 1 else 0.0, num_perturbations=k)
+    got = dplis.private_grad(model, F.cross_entropy, x, y, noise_multiplier=0.0,
+                             engine="ghost", generator=torch.Generator().manual_seed(3), **kw)
+    want = dplis.private_grad(model, F.cross_entropy, x, y, noise_multiplier=0.0,
+                              engine="vmap", generator=torch.Generator().manual_seed(3), **kw)
+    assert_close(got, {n: t.double() for n, t in want.items()})
+    if k == 1:
+        assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
+
+
+def test_a_layer_run_without_gradient_gets_a_zero_gradient_as_under_vmap():
+    """A trainable layer called under torch.no_grad() gets no gradient from autograd; the
+    ghost engine used to stop with autograd's "does not require grad" error."""
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                h = self.a(x)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model = Frozen()
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5,
+                             noise_multiplier=0.0, engine="ghost")
+    assert not got["a.weight"].any() and not got["a.bias"].any()
+    assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5))
 
 
 def test_a_parameter_used_outside_its_layer_is_caught_not_silently_wrong():
