@@ -293,8 +293,8 @@ def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size
       result no one else sees), the edge of that result, viewed back to the output's shape;
     - any other view, the tensor itself: an in-place op on a view replaces the node it
       came from, while the base's node keeps every gradient that reaches the view;
-    - anything else as it is: a tensor that needs no gradient gets none, and ``one_tensor``
-      refuses a non-tensor.
+    - anything else as it is, for ``one_tensor`` to refuse (not one tensor, or one that
+      needs no gradient).
     """
     if not isinstance(out, torch.Tensor) or not out.requires_grad:
         return out, None
@@ -305,11 +305,6 @@ def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size
             and base.is_contiguous() and out.is_contiguous()):
         return get_gradient_edge(base), out.shape
     return out, None
-
-
-def _differentiable(target: object) -> bool:
-    return isinstance(target, GradientEdge) or (isinstance(target, torch.Tensor)
-                                                and target.requires_grad)
 
 
 @contextlib.contextmanager
@@ -328,11 +323,11 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[_Call]]:
         return t.clone() if isolate and isinstance(t, torch.Tensor) else t
 
     def before(module, args, kwargs):
-        return tuple(copy(a) for a in args), kwargs
+        return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
 
     def after(module, args, kwargs, out):
         target, shape = _gradient_target(module, out)
-        held = (*args, target) if isinstance(target, torch.Tensor) else args
+        held = (*args, *kwargs.values(), *([target] if isinstance(target, torch.Tensor) else []))
         calls.append(_Call(module, args, kwargs, target, shape, held, versions(held)))
         return copy(out) if isolate else None
 
@@ -444,11 +439,9 @@ def clipped_sum(
         for c in calls:
             if not isinstance(c.target, GradientEdge):
                 one_tensor(model, c.module, c.target)
-        asked = [c for c in calls if _differentiable(c.target)]
-        wrt = [c.target for c in asked]
+        wrt = [c.target for c in calls]
         for c in calls:  # the rules read inputs only
             c.target = c.held = None
-        del calls
         if verify:  # autograd's gradient of Σ w_b ℓ_b, to check the per-example ones against;
             # first, while no output gradient is held yet (a lower peak)
             weighted = torch.autograd.grad((loss * weights).sum(), list(trainable.values()),
@@ -461,7 +454,7 @@ def clipped_sum(
         # check then finds the gradients missing
         found = torch.autograd.grad(loss.sum(), wrt, allow_unused=True) if wrt else []
         del wrt
-        for c, dout in zip(asked, found):
+        for c, dout in zip(calls, found):
             if dout is not None:
                 module, args, kwargs = c.module, c.args, c.kwargs
                 dout = dout if c.shape is None else dout.view(c.shape)
@@ -504,11 +497,20 @@ def clipped_sum(
 
 
 def one_tensor(model: nn.Module, module: nn.Module, output: object) -> None:
-    """Refuse a layer whose output is not one tensor (its output gradient is what we use)."""
+    """Refuse a layer whose output is not one tensor that needs a gradient (its output
+    gradient is what the rules use). A trainable layer run without gradient may be one a
+    reentrant checkpoint (``checkpoint(..., use_reentrant=True)``) runs again in the backward,
+    whose gradient no ``autograd.grad`` reaches: refused rather than given zeros."""
     if not isinstance(output, torch.Tensor):
         raise GhostUnsupported(f"the ghost engine needs layer {_label(model, module)} to "
                                f"return one tensor, got {type(output).__name__}. Use "
                                "engine='vmap'")
+    if not output.requires_grad:
+        raise GhostUnsupported(f"layer {_label(model, module)} has trainable parameters but "
+                               "ran without gradient (under torch.no_grad(), or inside a "
+                               "reentrant activation checkpoint, whose backward autograd.grad "
+                               "cannot reach): freeze its parameters, use "
+                               "checkpoint(..., use_reentrant=False), or engine='vmap'")
 
 
 def clip_of(sq: list[torch.Tensor], batch: int, like: torch.Tensor, max_grad_norm: float
