@@ -293,8 +293,8 @@ def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size
       result no one else sees), the edge of that result, viewed back to the output's shape;
     - any other view, the tensor itself: an in-place op on a view replaces the node it
       came from, while the base's node keeps every gradient that reaches the view;
-    - anything else as it is, for ``one_tensor`` to refuse (not one tensor, or one that
-      needs no gradient).
+    - anything else as it is: ``one_tensor`` refuses a non-tensor, and a tensor that needs
+      no gradient gets none (``refuse_reentrant`` first).
     """
     if not isinstance(out, torch.Tensor) or not out.requires_grad:
         return out, None
@@ -308,7 +308,7 @@ def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size
 
 
 @contextlib.contextmanager
-def _recording(plan: dict, isolate: bool) -> Iterator[list[_Call]]:
+def _recording(model: nn.Module, plan: dict, isolate: bool) -> Iterator[list[_Call]]:
     """Record every call of the planned layers (``_Call``).
 
     ``isolate``: the layer gets copies of its tensor inputs and the rest of the model a copy
@@ -319,17 +319,34 @@ def _recording(plan: dict, isolate: bool) -> Iterator[list[_Call]]:
     """
     calls: list[_Call] = []
 
-    def copy(t):
-        return t.clone() if isolate and isinstance(t, torch.Tensor) else t
+    def copy(obj):
+        """A copy of every tensor in ``obj`` (lists, tuples, dicts rebuilt around them)."""
+        if isinstance(obj, torch.Tensor):
+            return obj.clone()
+        if isinstance(obj, (list, tuple)):
+            items = [copy(item) for item in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        if isinstance(obj, dict):
+            return {k: copy(v) for k, v in obj.items()}
+        return obj
 
     def before(module, args, kwargs):
-        return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
+        return copy(args), copy(kwargs)
 
     def after(module, args, kwargs, out):
+        inputs = (*tensors_in(args), *tensors_in(kwargs))
+        # the copies are new (version 0): one written since is the layer writing into its
+        # own input, which the copy would keep from the rest of the model (e.g. a running
+        # sum passed to every layer): the isolated run would not be the model's
+        if isolate and any(t._version for t in inputs):
+            raise GhostUnsupported(
+                f"layer {_label(model, module)} writes into one of its tensor inputs in "
+                "place, which a later op also changes: the ghost engine cannot keep a record "
+                "of that input without changing the model. Use engine='vmap'")
         target, shape = _gradient_target(module, out)
-        held = (*args, *kwargs.values(), *([target] if isinstance(target, torch.Tensor) else []))
+        held = (*inputs, *([target] if isinstance(target, torch.Tensor) else []))
         calls.append(_Call(module, args, kwargs, target, shape, held, versions(held)))
-        return copy(out) if isolate else None
+        return out.clone() if isolate and isinstance(out, torch.Tensor) else None
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
     if isolate:
@@ -426,7 +443,7 @@ def clipped_sum(
     model_inputs = {t.untyped_storage().data_ptr() for t in tensors}
 
     def run(isolate: bool) -> tuple[list, torch.Tensor]:
-        with forward(), _recording(plan, isolate) as calls:
+        with forward(), _recording(model, plan, isolate) as calls:
             return calls, per_example_loss(model(*inputs), targets)
 
     def one_pass() -> torch.Tensor:
@@ -439,6 +456,13 @@ def clipped_sum(
         for c in calls:
             if not isinstance(c.target, GradientEdge):
                 one_tensor(model, c.module, c.target)
+        # a call that ran without gradient gets none (after a look for reentrant checkpoints)
+        for c in calls:
+            if not isinstance(c.target, GradientEdge) and not c.target.requires_grad:
+                refuse_reentrant(model, loss, c.module)
+                break
+        calls = [c for c in calls if isinstance(c.target, GradientEdge)
+                 or c.target.requires_grad]
         wrt = [c.target for c in calls]
         for c in calls:  # the rules read inputs only
             c.target = c.held = None
@@ -497,20 +521,44 @@ def clipped_sum(
 
 
 def one_tensor(model: nn.Module, module: nn.Module, output: object) -> None:
-    """Refuse a layer whose output is not one tensor that needs a gradient (its output
-    gradient is what the rules use). A trainable layer run without gradient may be one a
-    reentrant checkpoint (``checkpoint(..., use_reentrant=True)``) runs again in the backward,
-    whose gradient no ``autograd.grad`` reaches: refused rather than given zeros."""
+    """Refuse a layer whose output is not one tensor (its output gradient is what we use)."""
     if not isinstance(output, torch.Tensor):
         raise GhostUnsupported(f"the ghost engine needs layer {_label(model, module)} to "
                                f"return one tensor, got {type(output).__name__}. Use "
                                "engine='vmap'")
-    if not output.requires_grad:
-        raise GhostUnsupported(f"layer {_label(model, module)} has trainable parameters but "
-                               "ran without gradient (under torch.no_grad(), or inside a "
-                               "reentrant activation checkpoint, whose backward autograd.grad "
-                               "cannot reach): freeze its parameters, use "
-                               "checkpoint(..., use_reentrant=False), or engine='vmap'")
+
+
+def refuse_reentrant(model: nn.Module, loss: torch.Tensor, module: nn.Module) -> None:
+    """``module`` (a planned layer) ran without gradient: under ``torch.no_grad()`` its
+    parameters get no gradient from that call, as autograd says, but inside a reentrant
+    activation checkpoint (``checkpoint(..., use_reentrant=True)``; a ``*Checkpoint*``
+    autograd function in the loss's graph) it runs again in a backward no ``autograd.grad``
+    reaches, and its true gradient would silently become zero: refused."""
+    seen, nodes = set(), [loss.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        if "Checkpoint" in type(node).__name__:
+            raise GhostUnsupported(
+                f"layer {_label(model, module)} ran without gradient inside a reentrant "
+                f"activation checkpoint ({type(node).__name__}), whose backward "
+                "autograd.grad cannot reach: use checkpoint(..., use_reentrant=False), or "
+                "engine='vmap'")
+        seen.add(node)
+        nodes.extend(n for n, _ in node.next_functions)
+
+
+def tensors_in(obj: object) -> Iterator[torch.Tensor]:
+    """The tensors in ``obj``, also inside lists, tuples and dicts (a layer's inputs)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from tensors_in(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from tensors_in(item)
 
 
 def clip_of(sq: list[torch.Tensor], batch: int, like: torch.Tensor, max_grad_norm: float

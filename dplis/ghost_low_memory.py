@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from .ghost import (
+    GhostUnsupported,
+    _label,
     check_independent,
     check_sums,
     check_weights,
@@ -42,7 +44,10 @@ from .ghost import (
     one_tensor,
     parameters_restored,
     plan_layers,
+    refuse_reentrant,
     refuse_unsupported,
+    tensors_in,
+    versions,
 )
 from .ghost_grad import Budget, ParamGrad
 from .ghost_rules import rule_for
@@ -71,25 +76,45 @@ class _Tap(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
-             arrived: Callable) -> Iterator[Counter]:
+             arrived: Callable) -> Iterator[tuple[Counter, list]]:
     """While open, every call of a planned layer returns its output through a ``_Tap`` whose
     backward calls ``arrived(module, args, kwargs, grad)``. Yields the uses of each trainable
-    parameter (one per owning attribute per call), counted as the forward runs. The inputs
-    a layer read need no copy: its own backward saved them, and autograd refuses a backward
-    through inputs changed in place."""
+    parameter (one per owning attribute per call), counted as the forward runs, and the
+    calls (module, whether its output needs a gradient, tensor inputs, their versions) for
+    ``_check_calls``. The inputs a
+    layer read need no copy: its own backward saved them, and autograd refuses a backward
+    through inputs changed in place; one it did not save (a keyword bias) is checked."""
     uses: Counter = Counter()
+    calls: list = []
 
     def after(module, args, kwargs, out):
         one_tensor(model, module, out)
         uses.update(plan[module].values())
+        inputs = (*tensors_in(args), *tensors_in(kwargs))
+        calls.append((module, out.requires_grad, inputs, versions(inputs)))
         return _Tap.apply(out, probe, lambda g: arrived(module, args, kwargs, g), copy)
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
     try:
-        yield uses
+        yield uses, calls
     finally:
         for h in hooks:
             h.remove()
+
+
+def _check_calls(model: nn.Module, losses: torch.Tensor, calls: list) -> None:
+    """After the forward: an input changed in place since its layer read it would give the
+    rules another value than the layer used (refused: book-keeping runs such a model on
+    copies); a layer run without gradient gets none (``refuse_reentrant`` first)."""
+    for module, _, inputs, seen in calls:
+        if versions(inputs) != seen:
+            raise GhostUnsupported(f"an input of layer {_label(model, module)} was changed in "
+                                   "place after the layer read it: low-memory ghost clipping "
+                                   "would read the changed value. Use low_memory=False")
+    for module, needs_grad, _, _ in calls:
+        if not needs_grad:
+            refuse_reentrant(model, losses, module)
+            break
 
 
 def clipped_sum(
@@ -171,8 +196,9 @@ def clipped_sum(
     per_example_loss = losses_of(loss_fn)
 
     def run(copy: bool) -> torch.Tensor:
-        with forward(), _tapping(plan, probe, copy, model, arrived) as uses:
+        with forward(), _tapping(plan, probe, copy, model, arrived) as (uses, calls):
             losses = per_example_loss(model(*inputs), targets)
+        _check_calls(model, losses, calls)
         state["uses"] = uses
         return losses
 

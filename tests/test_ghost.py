@@ -290,7 +290,8 @@ def test_in_place_changes_of_layer_outputs_leave_the_gradients_exact(k):
 
 
 class NoGrad(nn.Module):
-    """A trainable layer run under torch.no_grad(): autograd gives it no gradient."""
+    """A trainable layer run under torch.no_grad() (a frozen-for-now encoder): autograd
+    gives it no gradient."""
 
     def __init__(self):
         super().__init__()
@@ -300,6 +301,55 @@ class NoGrad(nn.Module):
         with torch.no_grad():
             h = self.a(x)
         return self.b(h)
+
+
+class SelfConditioned(nn.Module):
+    """One layer called twice: once without gradient (a self-conditioning pass), once with."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            prev = self.fc(x)
+        return self.head(torch.tanh(self.fc(x + 0.1 * prev)))
+
+
+class Gate(nn.Module):
+    """A parameterised gate, off: it returns its input (no gradient needed) unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.head = Gate(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gate(x))
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("case", [NoGrad, SelfConditioned, Gated])
+def test_a_trainable_layer_run_without_gradient_gets_none_from_that_call(case, low_memory):
+    """Its output needs no gradient, so its parameters get none from that call, as autograd
+    says (the old code stopped with autograd's "does not require grad" error)."""
+    torch.manual_seed(0)
+    model = case()
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5,
+                             noise_multiplier=0.0, engine="ghost", low_memory=low_memory)
+    assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5))
+    if case is not SelfConditioned:
+        frozen = "a" if case is NoGrad else "gate"
+        assert not any(g.any() for n, g in got.items() if n.startswith(frozen))
 
 
 class Reentrant(nn.Module):
@@ -320,25 +370,16 @@ class Reentrant(nn.Module):
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
-@pytest.mark.parametrize("case", [NoGrad, Reentrant])
-def test_a_trainable_layer_run_without_gradient_is_refused_not_given_zeros(case, low_memory):
-    """Its output needs no gradient: under torch.no_grad() the true gradient is zero, but
-    inside a reentrant checkpoint it is not, and neither the engine nor the batch-gradient
-    check can see it (autograd.grad does not reach that backward): refused, naming the
-    layer. The old code stopped with autograd's "does not require grad" error."""
+def test_a_layer_inside_a_reentrant_checkpoint_is_refused_not_given_zeros(low_memory):
+    """Neither the engine nor the batch-gradient check can see its gradient (autograd.grad
+    does not reach that backward): refused, naming the layer, rather than given zeros."""
     torch.manual_seed(0)
-    model = case()
-    x, y = torch.randn(6, 4 if case is NoGrad else 5), torch.randint(0, 2, (6,))
-    with pytest.raises(GhostUnsupported, match=r"layer (a|mid) \(Linear\) has trainable "
-                       "parameters but ran without gradient"):
+    model = Reentrant()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with pytest.raises(GhostUnsupported, match=r"layer mid \(Linear\) ran without gradient "
+                       "inside a reentrant activation checkpoint"):
         dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5,
-                           noise_multiplier=0.0, engine="ghost", low_memory=low_memory,
-                           verify=False)
-    if case is NoGrad and not low_memory:  # "auto" then runs vmap: zeros, as autograd says
-        got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5,
-                                 noise_multiplier=0.0)
-        assert not got["a.weight"].any() and not got["a.bias"].any()
-        assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5))
+                           noise_multiplier=0.0, engine="ghost", low_memory=low_memory)
 
 
 class KeywordInput(nn.Module):
@@ -364,6 +405,84 @@ def test_a_keyword_input_changed_in_place_after_the_call_is_isolated():
     got = dplis.private_grad(model, F.cross_entropy, x, y, engine="ghost", verify=False, **kw)
     want = dplis.private_grad(model, F.cross_entropy, x, y, engine="vmap", **kw)
     assert_close(got, {n: t.double() for n, t in want.items()}, rtol=5e-3, atol=5e-4)
+
+
+class Shift(nn.Module):
+    """No rule (the vmap fallback): x @ w plus a shift autograd never saves, given by
+    keyword, alone or in a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4) * 0.5)
+
+    def forward(self, x, shift=None, extra=None):
+        return torch.sin(x @ self.w + (shift if shift is not None else extra[0]))
+
+
+class ChangedShift(nn.Module):
+    def __init__(self, nested: bool):
+        super().__init__()
+        self.layer, self.head, self.nested = Shift(), nn.Linear(4, 3), nested
+
+    def forward(self, x):
+        b = torch.full((4,), 0.3)
+        h = self.layer(x, extra=[b]) if self.nested else self.layer(x, shift=b)
+        b.mul_(5)  # changed in place after the layer read it
+        return self.head(h + b)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_keyword_inputs_changed_in_place_are_isolated_or_refused(nested):
+    """Book-keeping runs the layers on copies of such inputs (also inside lists);
+    low-memory clipping, which reads them in its backward, refuses the model."""
+    torch.manual_seed(0)
+    model = ChangedShift(nested)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    kw = dict(max_grad_norm=0.5, noise_multiplier=0.0, engine="ghost", verify=False)
+    got = dplis.private_grad(model, F.cross_entropy, x, y, **kw)
+    assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5))
+    with pytest.raises(GhostUnsupported, match=r"an input of layer layer \(Shift\) was "
+                       "changed in place after the layer read it"):
+        dplis.private_grad(model, F.cross_entropy, x, y, low_memory=True, **kw)
+
+
+class Accumulate(nn.Module):
+    """A layer adding its output into a running sum it is given (the model reads the sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(1 + 0.1 * torch.randn(4))
+
+    def forward(self, x, acc):
+        y = torch.tanh(x * self.s)
+        acc.add_(y)
+        return y
+
+
+class RunningSum(nn.Module):
+    def __init__(self, keyword: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(Accumulate() for _ in range(2))
+        self.head, self.keyword = nn.Linear(4, 3), keyword
+
+    def forward(self, x):
+        acc, h = torch.zeros_like(x), x
+        for layer in self.layers:
+            h = layer(h, acc=acc) if self.keyword else layer(h, acc)
+        return self.head(acc)
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_a_layer_writing_into_its_own_input_is_refused_not_isolated_away(keyword):
+    """Copies of the running sum would keep the layers' writes from the model (the head
+    would read zeros) and the check would compare that other model with itself: refused."""
+    torch.manual_seed(0)
+    model = RunningSum(keyword)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for low_memory in (False, True):
+        with pytest.raises(GhostUnsupported, match=r"layers\.0 \(Accumulate\)"):
+            dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5,
+                               noise_multiplier=0.0, engine="ghost", low_memory=low_memory)
 
 
 def test_a_parameter_used_outside_its_layer_is_caught_not_silently_wrong():
