@@ -263,16 +263,19 @@ def _reads(args: tuple, storages: set[int]) -> bool:
 
 
 def versions(tensors: tuple) -> tuple[int, ...]:
-    """Version counters of the tensors among ``tensors`` (in-place detection)."""
-    return tuple(t._version for t in tensors if isinstance(t, torch.Tensor))
+    """Version counters of the tensors among ``tensors`` (in-place detection; inference
+    tensors have none)."""
+    return tuple(t._version for t in tensors
+                 if isinstance(t, torch.Tensor) and not t.is_inference())
 
 
 @dataclasses.dataclass
 class _Call:
     """One recorded call of a planned layer: what its rule reads and where its output's
-    gradient comes from (``target``, see ``_gradient_target``; ``shape``: the output's,
-    when ``target`` is the edge of its base), ``held`` the tensors whose ``seen`` versions
-    an in-place op must not change."""
+    gradient comes from (``target``, see ``_gradient_target``: None for an output that
+    needed no gradient when the layer returned it; ``shape``: the output's, when ``target``
+    is the edge of its base), ``held`` the tensors whose ``seen`` versions an in-place op
+    must not change."""
 
     module: nn.Module
     args: tuple
@@ -293,11 +296,13 @@ def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size
       result no one else sees), the edge of that result, viewed back to the output's shape;
     - any other view, the tensor itself: an in-place op on a view replaces the node it
       came from, while the base's node keeps every gradient that reaches the view;
-    - anything else as it is: ``one_tensor`` refuses a non-tensor, and a tensor that needs
-      no gradient gets none (``refuse_reentrant`` first).
+    - None for a tensor that needs no gradient (the call gets none, after
+      ``refuse_hidden_backward``), and anything else as it is, for ``one_tensor`` to refuse.
     """
-    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+    if not isinstance(out, torch.Tensor):
         return out, None
+    if not out.requires_grad:
+        return None, None
     if not out._is_view():
         return get_gradient_edge(out), None
     base = out._base
@@ -311,42 +316,37 @@ def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size
 def _recording(model: nn.Module, plan: dict, isolate: bool) -> Iterator[list[_Call]]:
     """Record every call of the planned layers (``_Call``).
 
-    ``isolate``: the layer gets copies of its tensor inputs and the rest of the model a copy
-    of its output, so an in-place op elsewhere (``ReLU(inplace=True)``) cannot change what
-    was recorded; used only when such an op was seen, as it costs a copy per layer. (An
-    in-place op on an output recorded by an edge changes nothing: the edge's gradient is
-    that of the value the layer returned.)
+    ``isolate``: the layer gets copies of its tensor inputs (positional and keyword) and the
+    rest of the model a copy of its output, so an in-place op elsewhere
+    (``ReLU(inplace=True)``) cannot change what was recorded; used only when such an op was
+    seen, as it costs a copy per layer. (An in-place op on an output recorded by an edge
+    changes nothing: the edge's gradient is that of the value the layer returned.)
     """
     calls: list[_Call] = []
 
-    def copy(obj):
-        """A copy of every tensor in ``obj`` (lists, tuples, dicts rebuilt around them)."""
-        if isinstance(obj, torch.Tensor):
-            return obj.clone()
-        if isinstance(obj, (list, tuple)):
-            items = [copy(item) for item in obj]
-            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        if isinstance(obj, dict):
-            return {k: copy(v) for k, v in obj.items()}
-        return obj
+    def copy(t):
+        return t.clone() if isinstance(t, torch.Tensor) else t
 
     def before(module, args, kwargs):
-        return copy(args), copy(kwargs)
+        return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
 
     def after(module, args, kwargs, out):
-        inputs = (*tensors_in(args), *tensors_in(kwargs))
         # the copies are new (version 0): one written since is the layer writing into its
         # own input, which the copy would keep from the rest of the model (e.g. a running
         # sum passed to every layer): the isolated run would not be the model's
-        if isolate and any(t._version for t in inputs):
+        copies = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if isolate and any(versions(copies)):
             raise GhostUnsupported(
                 f"layer {_label(model, module)} writes into one of its tensor inputs in "
                 "place, which a later op also changes: the ghost engine cannot keep a record "
                 "of that input without changing the model. Use engine='vmap'")
         target, shape = _gradient_target(module, out)
-        held = (*inputs, *([target] if isinstance(target, torch.Tensor) else []))
+        # tensors inside lists and dicts are watched, not copied (the layer may fill the
+        # container for the model to read): changed in place, they are refused
+        held = (*tensors_in(args), *tensors_in(kwargs),
+                *([target] if isinstance(target, torch.Tensor) else []))
         calls.append(_Call(module, args, kwargs, target, shape, held, versions(held)))
-        return out.clone() if isolate and isinstance(out, torch.Tensor) else None
+        return copy(out) if isolate else None
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
     if isolate:
@@ -453,16 +453,20 @@ def clipped_sum(
         # a later in-place op changed a record: run again, the layers isolated
         if any(versions(c.held) != c.seen for c in calls):
             calls, loss = run(isolate=True)
+            changed = next((c for c in calls if versions(c.held) != c.seen), None)
+            if changed is not None:  # a tensor inside a list or dict, not copied
+                raise GhostUnsupported(
+                    f"an input of layer {_label(model, changed.module)} inside a list or "
+                    "dict was changed in place after the layer read it: the ghost engine "
+                    "would read the changed value. Use engine='vmap'")
         for c in calls:
-            if not isinstance(c.target, GradientEdge):
+            if c.target is not None and not isinstance(c.target, GradientEdge):
                 one_tensor(model, c.module, c.target)
-        # a call that ran without gradient gets none (after a look for reentrant checkpoints)
-        for c in calls:
-            if not isinstance(c.target, GradientEdge) and not c.target.requires_grad:
-                refuse_reentrant(model, loss, c.module)
-                break
-        calls = [c for c in calls if isinstance(c.target, GradientEdge)
-                 or c.target.requires_grad]
+        # a call that needed no gradient gets none (unless some backward may run it again)
+        silent = next((c for c in calls if c.target is None), None)
+        if silent is not None:
+            refuse_hidden_backward(model, loss, silent.module)
+        calls = [c for c in calls if c.target is not None]
         wrt = [c.target for c in calls]
         for c in calls:  # the rules read inputs only
             c.target = c.held = None
@@ -528,23 +532,27 @@ def one_tensor(model: nn.Module, module: nn.Module, output: object) -> None:
                                "engine='vmap'")
 
 
-def refuse_reentrant(model: nn.Module, loss: torch.Tensor, module: nn.Module) -> None:
+def refuse_hidden_backward(model: nn.Module, loss: torch.Tensor, module: nn.Module,
+                           allowed: tuple[type, ...] = ()) -> None:
     """``module`` (a planned layer) ran without gradient: under ``torch.no_grad()`` its
-    parameters get no gradient from that call, as autograd says, but inside a reentrant
-    activation checkpoint (``checkpoint(..., use_reentrant=True)``; a ``*Checkpoint*``
-    autograd function in the loss's graph) it runs again in a backward no ``autograd.grad``
-    reaches, and its true gradient would silently become zero: refused."""
+    parameters get no gradient from that call, as autograd says. But inside a custom
+    autograd function (a reentrant checkpoint, ``checkpoint(..., use_reentrant=True)``;
+    a reversible layer, as in Reformer) it may run again in that function's own backward,
+    which no ``autograd.grad`` reaches, and its true gradient would silently become zero:
+    refused when the loss's graph holds such a function (other than ``allowed``)."""
     seen, nodes = set(), [loss.grad_fn]
     while nodes:
         node = nodes.pop()
         if node is None or node in seen:
             continue
-        if "Checkpoint" in type(node).__name__:
+        if (isinstance(node, torch.autograd.function.BackwardCFunction)
+                and getattr(node, "_forward_cls", None) not in allowed):
             raise GhostUnsupported(
-                f"layer {_label(model, module)} ran without gradient inside a reentrant "
-                f"activation checkpoint ({type(node).__name__}), whose backward "
-                "autograd.grad cannot reach: use checkpoint(..., use_reentrant=False), or "
-                "engine='vmap'")
+                f"layer {_label(model, module)} ran without gradient, and the loss depends "
+                f"on a custom autograd function ({type(node).__name__}) that may run it "
+                "again in its own backward (a reentrant activation checkpoint, a reversible "
+                "layer), which autograd.grad cannot reach: use checkpoint(..., "
+                "use_reentrant=False), or engine='vmap'")
         seen.add(node)
         nodes.extend(n for n, _ in node.next_functions)
 

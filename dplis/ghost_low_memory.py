@@ -44,7 +44,7 @@ from .ghost import (
     one_tensor,
     parameters_restored,
     plan_layers,
-    refuse_reentrant,
+    refuse_hidden_backward,
     refuse_unsupported,
     tensors_in,
     versions,
@@ -105,16 +105,15 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
 def _check_calls(model: nn.Module, losses: torch.Tensor, calls: list) -> None:
     """After the forward: an input changed in place since its layer read it would give the
     rules another value than the layer used (refused: book-keeping runs such a model on
-    copies); a layer run without gradient gets none (``refuse_reentrant`` first)."""
+    copies); a layer run without gradient gets none (``refuse_hidden_backward`` first)."""
     for module, _, inputs, seen in calls:
         if versions(inputs) != seen:
             raise GhostUnsupported(f"an input of layer {_label(model, module)} was changed in "
                                    "place after the layer read it: low-memory ghost clipping "
                                    "would read the changed value. Use low_memory=False")
-    for module, needs_grad, _, _ in calls:
-        if not needs_grad:
-            refuse_reentrant(model, losses, module)
-            break
+    silent = next((module for module, needs_grad, _, _ in calls if not needs_grad), None)
+    if silent is not None:
+        refuse_hidden_backward(model, losses, silent, allowed=(_Tap,))
 
 
 def clipped_sum(

@@ -369,17 +369,108 @@ class Reentrant(nn.Module):
         return self.head(h)
 
 
+class Recompute(torch.autograd.Function):
+    """A hand-written recompute (as in reversible layers): ``fn`` runs without gradient in
+    the forward and again, with gradient, in this function's backward."""
+
+    @staticmethod
+    def forward(ctx, fn, x):
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.saved_tensors[0].detach().requires_grad_()
+        with torch.enable_grad():
+            torch.autograd.backward(ctx.fn(x), grad)
+        return None, x.grad
+
+
+class Recomputed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.c = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.c(Recompute.apply(lambda t: torch.tanh(self.mid(t)), self.a(x)))
+
+
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_a_layer_inside_a_reentrant_checkpoint_is_refused_not_given_zeros(low_memory):
-    """Neither the engine nor the batch-gradient check can see its gradient (autograd.grad
-    does not reach that backward): refused, naming the layer, rather than given zeros."""
+@pytest.mark.parametrize("case", [Reentrant, Recomputed])
+def test_a_layer_run_again_in_a_custom_backward_is_refused_not_given_zeros(case, low_memory):
+    """A layer inside a reentrant checkpoint or a hand-written recompute runs without
+    gradient, and its true gradient comes from a backward no autograd.grad reaches (neither
+    the engine's nor the batch-gradient check's): refused, naming the layer, rather than
+    given zeros, before any backward (no parameter gets a .grad)."""
     torch.manual_seed(0)
-    model = Reentrant()
+    model = case()
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
-    with pytest.raises(GhostUnsupported, match=r"layer mid \(Linear\) ran without gradient "
-                       "inside a reentrant activation checkpoint"):
+    with pytest.raises(GhostUnsupported, match=r"layer mid \(Linear\) ran without gradient, "
+                       "and the loss depends on a custom autograd function"):
         dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5,
                            noise_multiplier=0.0, engine="ghost", low_memory=low_memory)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class LaterRequiresGrad(nn.Module):
+    """A layer run without gradient whose output is made to require grad afterwards: autograd
+    gives the layer nothing, whatever the output's flag says at the end of the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x)
+        return self.c(torch.tanh(h.requires_grad_()))
+
+
+class Collect(nn.Module):
+    """No rule; appends a feature to a list it is given, which the model reads later."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x, feats):
+        out = (x * self.w).view(x.shape)
+        feats.append(out * 1.0)
+        return out
+
+
+class Collecting(nn.Module):
+    """The Collect layer's output is changed in place, so book-keeping runs isolated: the
+    list must still be the model's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.collect, self.c = nn.Linear(4, 8), Collect(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        feats = []
+        h = self.collect(self.a(x), feats=feats)
+        h[:, 1] *= 2.0
+        return self.c(torch.tanh(h + feats[0]))
+
+
+@pytest.mark.parametrize(("case", "low_memory"), [(LaterRequiresGrad, False),
+                                                  (LaterRequiresGrad, True),
+                                                  (Collecting, False)])
+def test_calls_are_judged_as_the_layer_made_them_and_containers_stay_the_models(case,
+                                                                                 low_memory):
+    """(Collecting is not run with low_memory=True: its feature leaves the layer before the
+    tap on the layer's output sees it, a path that mode misses; its check refuses it.)"""
+    torch.manual_seed(0)
+    model = case()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for verify in (False, True):
+        got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0,
+                                 noise_multiplier=0.0, engine="ghost", verify=verify,
+                                 low_memory=low_memory)
+        assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0))
 
 
 class KeywordInput(nn.Module):
@@ -433,14 +524,20 @@ class ChangedShift(nn.Module):
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_keyword_inputs_changed_in_place_are_isolated_or_refused(nested):
-    """Book-keeping runs the layers on copies of such inputs (also inside lists);
-    low-memory clipping, which reads them in its backward, refuses the model."""
+    """Book-keeping runs the layers on copies of such inputs, but not of tensors inside a
+    list (the layer may fill the list for the model): those are refused; low-memory
+    clipping, which reads inputs in its backward, refuses both."""
     torch.manual_seed(0)
     model = ChangedShift(nested)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     kw = dict(max_grad_norm=0.5, noise_multiplier=0.0, engine="ghost", verify=False)
-    got = dplis.private_grad(model, F.cross_entropy, x, y, **kw)
-    assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5))
+    if nested:
+        with pytest.raises(GhostUnsupported, match=r"an input of layer layer \(Shift\) "
+                           "inside a list or dict was changed in place"):
+            dplis.private_grad(model, F.cross_entropy, x, y, **kw)
+    else:
+        got = dplis.private_grad(model, F.cross_entropy, x, y, **kw)
+        assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5))
     with pytest.raises(GhostUnsupported, match=r"an input of layer layer \(Shift\) was "
                        "changed in place after the layer read it"):
         dplis.private_grad(model, F.cross_entropy, x, y, low_memory=True, **kw)
