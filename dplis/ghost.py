@@ -130,6 +130,7 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
         seen: list = []
 
         def record(module, args, kwargs, out):
+            refuse_transformed(model, module, out)
             for t in (*args, *kwargs.values(), out):
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() \
                         and t.shape[0] == batch and t.numel():
@@ -340,6 +341,7 @@ def _recording(model: nn.Module, plan: dict, isolate: bool) -> Iterator[list[_Ca
                 f"layer {_label(model, module)} writes into one of its tensor inputs in "
                 "place, which a later op also changes: the ghost engine cannot keep a record "
                 "of that input without changing the model. Use engine='vmap'")
+        refuse_transformed(model, module, out)
         target, shape = _gradient_target(module, out)
         # tensors inside lists and dicts are watched, not copied (the layer may fill the
         # container for the model to read): changed in place, they are refused
@@ -532,6 +534,19 @@ def one_tensor(model: nn.Module, module: nn.Module, output: object) -> None:
                                "engine='vmap'")
 
 
+def refuse_transformed(model: nn.Module, module: nn.Module, output: object) -> None:
+    """Refuse a layer called inside a ``torch.func`` transform (``torch.vmap`` in the
+    model's forward): its output is a functorch wrapper, whose ``requires_grad`` says
+    nothing of the gradient the layer gets, and its per-example gradients are not the
+    rules' to take."""
+    if isinstance(output, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(
+            output):
+        raise GhostUnsupported(f"layer {_label(model, module)} is called inside a torch.func "
+                               "transform (torch.vmap, torch.func.grad) in the model's "
+                               "forward: the ghost engine cannot take its per-example "
+                               "gradients. Use engine='vmap'")
+
+
 def refuse_hidden_backward(model: nn.Module, loss: torch.Tensor, module: nn.Module,
                            allowed: tuple[type, ...] = ()) -> None:
     """``module`` (a planned layer) ran without gradient: under ``torch.no_grad()`` its
@@ -552,7 +567,7 @@ def refuse_hidden_backward(model: nn.Module, loss: torch.Tensor, module: nn.Modu
                 f"on a custom autograd function ({type(node).__name__}) that may run it "
                 "again in its own backward (a reentrant activation checkpoint, a reversible "
                 "layer), which autograd.grad cannot reach: use checkpoint(..., "
-                "use_reentrant=False), or engine='vmap'")
+                "use_reentrant=False), or engine='vmap' (with low_memory=False)")
         seen.add(node)
         nodes.extend(n for n, _ in node.next_functions)
 

@@ -45,6 +45,7 @@ from .ghost import (
     parameters_restored,
     plan_layers,
     refuse_hidden_backward,
+    refuse_transformed,
     refuse_unsupported,
     tensors_in,
     versions,
@@ -89,6 +90,7 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
 
     def after(module, args, kwargs, out):
         one_tensor(model, module, out)
+        refuse_transformed(model, module, out)
         uses.update(plan[module].values())
         inputs = (*tensors_in(args), *tensors_in(kwargs))
         calls.append((module, out.requires_grad, inputs, versions(inputs)))

@@ -473,6 +473,36 @@ def test_calls_are_judged_as_the_layer_made_them_and_containers_stay_the_models(
         assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0))
 
 
+class Vmapped(nn.Module):
+    """A layer also applied per position through torch.vmap in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x[:, 0]))
+        per_position = torch.vmap(lambda r: torch.tanh(self.a(r)), in_dims=1, out_dims=1)
+        return self.b(h + per_position(x).mean(1))
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_layer_called_inside_vmap_in_the_forward_is_refused(verify, low_memory):
+    """Its output is a functorch wrapper that says requires_grad=False: it was once taken
+    for a call without gradient and given none. "auto" runs the vmap engine."""
+    torch.manual_seed(0)
+    model = Vmapped()
+    x, y = torch.randn(6, 4, 5), torch.randint(0, 3, (6,))
+    kw = dict(max_grad_norm=0.5, noise_multiplier=0.0, verify=verify)
+    with pytest.raises(GhostUnsupported, match=r"layer a \(Linear\) is called inside a "
+                       "torch.func transform"):
+        dplis.private_grad(model, F.cross_entropy, x, y, engine="ghost", low_memory=low_memory,
+                           **kw)
+    if not low_memory:
+        assert dplis.private_step(model, F.cross_entropy, x, y, **kw).engine == "vmap"
+
+
 class KeywordInput(nn.Module):
     """A Linear called with its input by keyword, the input then changed in place (under
     bf16 autocast the Linear saved its own bf16 copy, so autograd does not object)."""
