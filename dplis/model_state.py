@@ -52,17 +52,19 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
     rebound in a module's buffers or parameters (``register_buffer`` in forward, a ``None``
     buffer filled), an in-place change (version counters). With ``keep_copies``
     (verification steps) also by value (a write through ``.data``), the buffers, and the
-    parameters when they take at most ``KEPT_PARAMETER_BYTES``, being copied first, and the
-    modules' other attributes (a cache length) kept. A change is undone (entries and
-    attributes put back, copies written back) and raises ValueError, chained to the body's
-    own error if it failed, naming what still holds the batch's value when no copy could
-    restore it."""
+    parameters when they take at most ``KEPT_PARAMETER_BYTES``, being copied first. A change
+    is undone (entries put back, copies written back) and raises ValueError, chained to the
+    body's own error if it failed, naming what still holds the batch's value when no copy
+    could restore it. The modules' plain attributes (a call counter, a cache length) are
+    rebound as they were when the body fails or a change is refused, so that a refused
+    step, or an engine tried and given up, leaves them as it found them (a shallow copy: an
+    object changed in place, such as a list appended to, stays changed)."""
     modules = list(model.modules())
     entries = [{kind: dict(getattr(m, kind)) for kind in _TENSOR_DICTS} for m in modules]
     versions = {id(t): t._version for e in entries for d in e.values() for t in d.values()
                 if t is not None}
     copies: dict[int, torch.Tensor] = {}
-    attributes: list[dict] = []
+    attributes = _attributes(modules)
     if keep_copies:
         small = sum(p.numel() * p.element_size() for p in model.parameters()) \
             <= KEPT_PARAMETER_BYTES
@@ -71,7 +73,6 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
                 for t in d.values():
                     if t is not None and id(t) not in copies and (kind == "_buffers" or small):
                         copies[id(t)] = t.detach().clone()
-        attributes = _attributes(modules)
     error: BaseException | None = None
     try:
         yield
@@ -97,7 +98,7 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
             if names:
                 now.clear()
                 now.update(before)
-    if changed and attributes:
+    if changed or error is not None:
         _put_back(modules, attributes)
     if changed:
         names = {id(m): n for n, m in model.named_modules()}

@@ -503,6 +503,68 @@ def test_a_layer_called_inside_vmap_in_the_forward_is_refused(verify, low_memory
         assert dplis.private_step(model, F.cross_entropy, x, y, **kw).engine == "vmap"
 
 
+class Doubled(torch.autograd.Function):
+    """A custom autograd function that runs no layer again."""
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+    generate_vmap_rule = True
+
+
+class Counting(nn.Module):
+    """A forward counter it reads (a warm-up schedule), a layer run without gradient and a
+    custom autograd function: the ghost engine refuses it (``refuse_hidden_backward``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.l0, self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.l0(x) * (1.0 if self.calls == 1 else 3.0)
+        with torch.no_grad():
+            g = self.l1(h)
+        return self.l2(Doubled.apply(h) + g)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_refused_ghost_step_puts_plain_attributes_back(verify):
+    """The forward advanced the counter before the refusal: put back, so that "auto" (the
+    vmap engine after the ghost attempt) takes the step engine="vmap" takes."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    torch.manual_seed(1)
+    model = Counting()
+    with pytest.raises(GhostUnsupported, match="custom autograd function"):
+        dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=1.0,
+                           noise_multiplier=1.0, engine="ghost", verify=verify)
+    assert model.calls == 0
+    steps = {}
+    for engine in ("auto", "vmap"):
+        torch.manual_seed(1)
+        model = Counting()
+        trainer = dplis.PrivateTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.5), F.cross_entropy,
+            sample_rate=0.01, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=6,
+            seed=0, engine=engine)
+        steps[engine] = ([trainer.step(x, y) for _ in range(2)], model.calls, trainer.engine,
+                         [p.detach().clone() for p in model.parameters()])
+    (loss_a, calls_a, engine_a, params_a), (loss_v, calls_v, _, params_v) = steps.values()
+    assert (loss_a, calls_a, engine_a) == (loss_v, calls_v, "vmap")
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_v))
+
+
 class KeywordInput(nn.Module):
     """A Linear called with its input by keyword, the input then changed in place (under
     bf16 autocast the Linear saved its own bf16 copy, so autograd does not object)."""
