@@ -335,8 +335,7 @@ def _recording(model: nn.Module, plan: dict, isolate: bool) -> Iterator[list[_Ca
         # the copies are new (version 0): one written since is the layer writing into its
         # own input, which the copy would keep from the rest of the model (e.g. a running
         # sum passed to every layer): the isolated run would not be the model's
-        copies = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        if isolate and any(versions(copies)):
+        if isolate and any(versions((*args, *kwargs.values()))):
             raise GhostUnsupported(
                 f"layer {_label(model, module)} writes into one of its tensor inputs in "
                 "place, which a later op also changes: the ghost engine cannot keep a record "

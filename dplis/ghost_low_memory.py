@@ -82,9 +82,9 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
     backward calls ``arrived(module, args, kwargs, grad)``. Yields the uses of each trainable
     parameter (one per owning attribute per call), counted as the forward runs, and the
     calls (module, whether its output needs a gradient, tensor inputs, their versions) for
-    ``_check_calls``. The inputs a
-    layer read need no copy: its own backward saved them, and autograd refuses a backward
-    through inputs changed in place; one it did not save (a keyword bias) is checked."""
+    ``_check_calls``. The inputs a layer read need no copy: its own backward saved them,
+    and autograd refuses a backward through inputs changed in place; one it did not save (a
+    keyword bias) is checked."""
     uses: Counter = Counter()
     calls: list = []
 
