@@ -293,8 +293,9 @@ def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size
     logits, the MLP's hidden layer), and the shape to view that gradient as:
 
     - the edge into the node that made it;
-    - for ``nn.Linear`` on inputs of three or more dims (its output a view of a 2-d matmul
-      result no one else sees), the edge of that result, viewed back to the output's shape;
+    - for ``nn.Linear`` on inputs of three or more dims, or GPT-2's ``Conv1D`` (the output
+      a view of a 2-d matmul result no one else sees, ``_local_matmul``), the edge of that
+      result, viewed back to the output's shape;
     - any other view, the tensor itself: an in-place op on a view replaces the node it
       came from, while the base's node keeps every gradient that reaches the view;
     - None for a tensor that needs no gradient (the call gets none, after
@@ -307,10 +308,24 @@ def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size
     if not out._is_view():
         return get_gradient_edge(out), None
     base = out._base
-    if (type(module).forward is nn.Linear.forward and base.numel() == out.numel()
-            and base.is_contiguous() and out.is_contiguous()):
+    if (_local_matmul(module) and base.numel() == out.numel() and base.is_contiguous()
+            and out.is_contiguous()):
         return get_gradient_edge(base), out.shape
     return out, None
+
+
+_LOCAL_MATMUL_CLASSES = ("transformers.pytorch_utils.Conv1D",)  # GPT-2's: addmm, then view
+
+
+def _local_matmul(module: nn.Module) -> bool:
+    """Whether ``module`` runs a forward that returns a view of a matmul result it made
+    itself, seen by no one else: ``nn.Linear``'s (on inputs of three or more dims), or
+    Hugging Face GPT-2's ``Conv1D`` (not overridden by a subclass)."""
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return True
+    return any(f"{c.__module__}.{c.__qualname__}" in _LOCAL_MATMUL_CLASSES
+               and forward is c.forward for c in type(module).__mro__)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
 """Hugging Face GPT-2 and LLaMA (tiny configs, tied embeddings, random init, no download)."""
 
+import weakref
+
 import pytest
 import torch
 from test_private_grad import assert_close
@@ -62,6 +64,36 @@ def test_gpt2_private_grad_matches_reference(low_memory):
                               noise_multiplier=0.0, low_memory=low_memory)
     assert_close(fast, naive_private_grad(model, lm_loss, (tokens, mask), targets,
                                           max_grad_norm=0.1))
+
+
+def test_gpt2_conv1d_outputs_are_not_held_through_the_backward():
+    """Conv1D returns a view of the matmul result it made: the engine asks for the gradient
+    at that result, so the output is freed once the activation's backward used it (checked
+    when the gradient reaches the LayerNorm before it), and the gradients stay exact."""
+    torch.manual_seed(0)
+    model = gpt2()
+    tokens, mask, targets = batch()
+    block = model.lm.transformer.h[0]
+    alive = {}
+
+    def keep(module, args, out):
+        alive["c_fc"] = weakref.ref(out.untyped_storage())
+
+    def probe(module, args, out):
+        def reached(grad):
+            alive["at_ln_2"] = alive["c_fc"]() is not None
+
+        out.register_hook(reached)
+
+    hooks = [block.mlp.c_fc.register_forward_hook(keep),
+             block.ln_2.register_forward_hook(probe)]
+    got = dplis.private_grad(model, lm_loss, (tokens, mask), targets, max_grad_norm=0.05,
+                             noise_multiplier=0.0, engine="ghost", verify=False)
+    for h in hooks:
+        h.remove()
+    assert alive["at_ln_2"] is False
+    assert_close(got, naive_private_grad(model, lm_loss, (tokens, mask), targets,
+                                         max_grad_norm=0.05))
 
 
 def test_gpt2_trains_with_the_trainer():
