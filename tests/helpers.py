@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -94,3 +98,26 @@ class Twice(nn.Module):
 
 
 CASES = {"mlp": mlp_case, "cnn": cnn_case, "embed": embed_case, "gpt": gpt_case}
+
+
+@contextlib.contextmanager
+def freed_before(watched: nn.Module, reached: nn.Module) -> Iterator[dict]:
+    """While open, record whether ``watched``'s output storage is already freed when the
+    backward computes the gradient of ``reached``'s output: the yielded dict's "freed"."""
+    seen: dict = {}
+
+    def keep(module, args, out):
+        seen["output"] = weakref.ref(out.untyped_storage())
+
+    def probe(module, args, out):
+        def reached_now(grad):
+            seen["freed"] = seen["output"]() is None
+
+        out.register_hook(reached_now)
+
+    hooks = [watched.register_forward_hook(keep), reached.register_forward_hook(probe)]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()

@@ -1,10 +1,8 @@
 """Ghost engine specifics: memory, K as extra positions, sequence layers, padding, fallbacks."""
 
-import weakref
-
 import pytest
 import torch
-from helpers import OutsideUse, Twice, gpt_case, transformer_case
+from helpers import OutsideUse, Twice, freed_before, gpt_case, transformer_case
 from test_private_grad import assert_close
 from torch import nn
 from torch.nn import functional as F
@@ -228,23 +226,10 @@ def test_layer_outputs_are_not_held_through_the_backward(sequence):
     model = Residual()
     x = torch.randn(5, 7, 6) if sequence else torch.randn(5, 6)
     y = torch.randint(0, 6, (5,))
-    alive = {}
-
-    def keep(module, args, out):
-        alive["fc1"] = weakref.ref(out.untyped_storage())
-
-    def probe(module, args, out):
-        def reached(grad):
-            alive["at_ln"] = alive["fc1"]() is not None
-
-        out.register_hook(reached)
-
-    hooks = [model.fc1.register_forward_hook(keep), model.ln.register_forward_hook(probe)]
-    got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
-                             noise_multiplier=0.0, engine="ghost", verify=False)
-    for h in hooks:
-        h.remove()
-    assert alive["at_ln"] is False
+    with freed_before(model.fc1, model.ln) as seen:
+        got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
+                                 noise_multiplier=0.0, engine="ghost", verify=False)
+    assert seen["freed"] is True
     assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2))
 
 

@@ -1,9 +1,8 @@
 """Hugging Face GPT-2 and LLaMA (tiny configs, tied embeddings, random init, no download)."""
 
-import weakref
-
 import pytest
 import torch
+from helpers import freed_before
 from test_private_grad import assert_close
 
 import dplis
@@ -74,24 +73,10 @@ def test_gpt2_conv1d_outputs_are_not_held_through_the_backward():
     model = gpt2()
     tokens, mask, targets = batch()
     block = model.lm.transformer.h[0]
-    alive = {}
-
-    def keep(module, args, out):
-        alive["c_fc"] = weakref.ref(out.untyped_storage())
-
-    def probe(module, args, out):
-        def reached(grad):
-            alive["at_ln_2"] = alive["c_fc"]() is not None
-
-        out.register_hook(reached)
-
-    hooks = [block.mlp.c_fc.register_forward_hook(keep),
-             block.ln_2.register_forward_hook(probe)]
-    got = dplis.private_grad(model, lm_loss, (tokens, mask), targets, max_grad_norm=0.05,
-                             noise_multiplier=0.0, engine="ghost", verify=False)
-    for h in hooks:
-        h.remove()
-    assert alive["at_ln_2"] is False
+    with freed_before(block.mlp.c_fc, block.ln_2) as seen:
+        got = dplis.private_grad(model, lm_loss, (tokens, mask), targets, max_grad_norm=0.05,
+                                 noise_multiplier=0.0, engine="ghost", verify=False)
+    assert seen["freed"] is True
     assert_close(got, naive_private_grad(model, lm_loss, (tokens, mask), targets,
                                          max_grad_norm=0.05))
 
