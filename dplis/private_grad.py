@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from . import checks, compiled, ghost, ghost_low_memory, kernels
+from . import checks, compiled, ghost, ghost_low_memory, kernels, recurrent
 from .kernels import NonFiniteError
 from .model_state import state_kept
 from .secure_noise import secure_gaussian
@@ -137,7 +137,7 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
     def batched(ths: torch.Tensor, xs: tuple, y: torch.Tensor):
         return vmap(per_example, in_dims=(0, None, None), randomness="different")(ths, xs, y)
 
-    with _modules_restored(model):
+    with _modules_restored(model), recurrent.vmap_ready(model):
         if compile:
             return compiled.run_padded(batched, thetas, inputs, targets)
         return batched(thetas, inputs, targets)
