@@ -103,7 +103,7 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     batch = len(targets)
     if batch < 2:
         return
-    per_example_loss = losses_of(loss_fn)
+    per_example_loss = batch_losses(loss_fn)
     first = next(model.parameters(), None)
     device = first.device if first is not None else targets.device
     gen = (torch.cuda.default_generators[device.index if device.index is not None
@@ -218,6 +218,27 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
     except Exception as e:  # any layer vmap/vjp cannot handle: say which one
         raise GhostUnsupported(f"the ghost engine cannot compute per-example gradients of "
                                f"layer {label()}: {e}. Use engine='vmap'") from e
+
+
+def batch_losses(loss_fn: Callable) -> Callable[[object, torch.Tensor], torch.Tensor]:
+    """``losses.per_example(loss_fn)`` for the ghost engine, which takes the B per-example
+    losses from one batch output: an output that is not one tensor with the batch first
+    (a dict, a tuple, sequence-first logits) is refused (``GhostUnsupported``) before the
+    loss sees it; the vmap engine gives ``loss_fn`` each example's output as the model
+    returns it."""
+    per_example = losses_of(loss_fn)
+
+    def losses(output: object, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.dim() == 0 \
+                or output.shape[0] != len(targets):
+            got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor)
+                   else f"a {type(output).__name__}")
+            raise GhostUnsupported(
+                f"the model returns {got}; the ghost engine takes the per-example losses from "
+                f"one tensor whose first dimension is the batch ({len(targets)}). Use "
+                "engine='vmap'")
+        return per_example(output, targets)
+    return losses
 
 
 def _label(model: nn.Module, module: nn.Module) -> str:
@@ -454,7 +475,7 @@ def clipped_sum(
     grads = {n: ParamGrad(p.shape, 1.0 / k, backend, budget) for n, p in trainable.items()}
     batch_grad: dict[str, torch.Tensor] = {}
     losses = []
-    per_example_loss = losses_of(loss_fn)
+    per_example_loss = batch_losses(loss_fn)
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     model_inputs = {t.untyped_storage().data_ptr() for t in tensors}
 

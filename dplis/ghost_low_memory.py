@@ -35,6 +35,7 @@ from torch import nn
 from .ghost import (
     GhostUnsupported,
     _label,
+    batch_losses,
     check_independent,
     check_sums,
     check_weights,
@@ -52,7 +53,6 @@ from .ghost import (
 )
 from .ghost_grad import Budget, ParamGrad
 from .ghost_rules import rule_for
-from .losses import per_example as losses_of
 
 
 class _Tap(torch.autograd.Function):
@@ -194,7 +194,7 @@ def clipped_sum(
             if name in grads and state["uses"][name] == 0:
                 done(name)
 
-    per_example_loss = losses_of(loss_fn)
+    per_example_loss = batch_losses(loss_fn)
 
     def run(copy: bool) -> torch.Tensor:
         with forward(), _tapping(plan, probe, copy, model, arrived) as (uses, calls):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from . import checks, compiled, ghost, ghost_low_memory, kernels, recurrent
+from . import checks, compiled, diagnose, ghost, ghost_low_memory, kernels, recurrent
 from .kernels import NonFiniteError
 from .model_state import state_kept
 from .secure_noise import secure_gaussian
@@ -83,6 +83,15 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("the model has no trainable parameter (requires_grad=True)")
+    for n, p in params.items():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(f"parameter {n} belongs to a lazy module that has not run yet: "
+                             "call the model once on a batch (its shapes are set then) "
+                             "before the private step")
+        if p.is_complex():
+            raise TypeError(f"parameter {n} is complex ({p.dtype}): per-example clipping "
+                            "here takes real parameters; hold the real and imaginary parts as "
+                            "two real parameters (torch.view_as_complex in forward)")
     kinds = {(p.dtype, p.device) for p in params.values()}
     if len(kinds) > 1:
         raise ValueError(f"trainable parameters must share one dtype and device, got {kinds}")
@@ -138,9 +147,16 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
         return vmap(per_example, in_dims=(0, None, None), randomness="different")(ths, xs, y)
 
     with _modules_restored(model), recurrent.vmap_ready(model):
-        if compile:
-            return compiled.run_padded(batched, thetas, inputs, targets)
-        return batched(thetas, inputs, targets)
+        try:
+            if compile:
+                return compiled.run_padded(batched, thetas, inputs, targets)
+            return batched(thetas, inputs, targets)
+        except Exception as e:  # torch's vmap errors name no layer: say which one ran
+            layer = diagnose.running_module(e, model)
+            if layer is not None:
+                diagnose.add_note(e, f"dplis: raised inside layer {layer} while the vmap "
+                                     "engine ran the model under torch.vmap")
+            raise
 
 
 @contextlib.contextmanager
@@ -300,8 +316,13 @@ def private_step(
     if requested == "auto" and engine == "ghost" and not low_memory:
         try:  # a failing step changes nothing: the vmap engine then starts from the same state
             return private_step(**{**call, "engine": "ghost", "compile": False})
-        except ghost.GhostUnsupported:
-            return private_step(**{**call, "engine": "vmap", "compile": False})
+        except ghost.GhostUnsupported as unsupported:
+            try:
+                return private_step(**{**call, "engine": "vmap", "compile": False})
+            except Exception as e:
+                diagnose.add_note(e, "dplis: engine='auto' ran the vmap engine because the "
+                                     f"ghost engine could not: {unsupported}")
+                raise
     first = next(iter(params.values()))
     device, dtype = first.device, first.dtype
     forward = forward_context(checks.choice("precision", precision, PRECISIONS), device)

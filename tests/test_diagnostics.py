@@ -1,0 +1,104 @@
+"""Errors that say what was wrong and where: model outputs the ghost engine cannot slice,
+torch.vmap failures named by layer, parameters no engine can take."""
+
+import pytest
+import torch
+from test_private_grad import assert_close
+from torch import nn
+from torch.nn import functional as F
+
+import dplis
+from dplis.ghost import GhostUnsupported
+from dplis.reference import naive_private_grad
+
+ZERO = dict(noise_multiplier=0.0, max_grad_norm=0.3)
+
+
+class DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return {"logits": self.lin(x)}
+
+
+class SequenceFirst(nn.Module):
+    """[B, T, 6] -> [T, B, 3]: the loss reads the batch from dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(x).transpose(0, 1)
+
+
+CASES = {
+    "dict": (DictOutput, lambda o, y: F.cross_entropy(o["logits"], y), (5, 6),
+             r"returns a dict; the ghost engine takes the per-example losses from one tensor "
+             r"whose first dimension is the batch \(5\)"),
+    "sequence-first": (SequenceFirst, lambda o, y: F.cross_entropy(o.mean(0), y), (5, 4, 6),
+                       r"returns a tensor of shape \(4, 5, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ghost_refuses_an_output_it_cannot_take_per_example_losses_from(case):
+    """It used to fail inside the loss (AttributeError: 'dict' object has no attribute
+    'unsqueeze'; a vmap size error), which "auto" did not take as a reason to run vmap."""
+    make, loss, shape, message = CASES[case]
+    torch.manual_seed(0)
+    model, x, y = make(), torch.randn(*shape), torch.randint(0, 3, (5,))
+    for low_memory in (False, True):
+        with pytest.raises(GhostUnsupported, match=message):
+            dplis.private_step(model, loss, x, y, engine="ghost", low_memory=low_memory, **ZERO)
+    step = dplis.private_step(model, loss, x, y, **ZERO)
+    assert step.engine == "vmap"
+    assert_close(step.grads, naive_private_grad(model, loss, x, y, max_grad_norm=0.3))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * float(x.sum() > 0)  # data-dependent Python control flow: vmap cannot
+
+
+class AttentionWithGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)  # returns a tuple
+        self.gate, self.head = Gate(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.gate(self.att(x, x, x)[0].mean(1)))
+
+
+def test_a_vmap_failure_names_the_layer_and_auto_says_why_ghost_was_not_used():
+    torch.manual_seed(0)
+    model, x, y = AttentionWithGate(), torch.randn(5, 4, 8), torch.randint(0, 3, (5,))
+    with pytest.raises(RuntimeError, match="calling .item") as raised:
+        dplis.private_step(model, F.cross_entropy, x, y, **ZERO)
+    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "raised inside layer gate (Gate) while the vmap engine ran the model" in notes
+    assert "engine='auto' ran the vmap engine because the ghost engine could not: the ghost " \
+           "engine needs layer att (MultiheadAttention) to return one tensor" in notes
+    with pytest.raises(RuntimeError) as raised:
+        dplis.private_step(model, F.cross_entropy, x, y, engine="vmap", **ZERO)
+    assert raised.value.__notes__ == [
+        "dplis: raised inside layer gate (Gate) while the vmap engine ran the model under "
+        "torch.vmap"]
+
+
+def test_lazy_and_complex_parameters_are_refused_naming_the_parameter():
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    lazy = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match="parameter 0.weight belongs to a lazy module that has "
+                                         "not run yet: call the model once"):
+        dplis.private_step(lazy, F.cross_entropy, x, y, **ZERO)
+    lazy(x)  # shapes set: now it runs
+    assert_close(dplis.private_step(lazy, F.cross_entropy, x, y, **ZERO).grads,
+                 naive_private_grad(lazy, F.cross_entropy, x, y, max_grad_norm=0.3))
+    with pytest.warns(UserWarning, match="Complex modules"):
+        complex_model = nn.Linear(4, 3).to(torch.complex64)
+    with pytest.raises(TypeError, match=r"parameter weight is complex \(torch.complex64\)"):
+        dplis.private_step(complex_model, F.cross_entropy, x.to(torch.complex64), y, **ZERO)
