@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from .ghost_grad import Budget, ParamGrad
 from .ghost_rules import Factor, Unsupported, rule_for
@@ -117,16 +118,20 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
             draws[n] = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(device)
         return draws[n]
 
-    def projected(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row of batch-first t [B, ..., L]: (Σ t·r, Σ |t|·|r|) with r = r_M ⊗ r_L."""
+    def projected(t: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Per row of batch-first t [B, ..., L]: (Σ t·r, Σ |t|·|r|) with r = r_M ⊗ r_L, and
+        what t is."""
         x = t.detach().float().reshape(batch, -1, t.shape[-1] if t.dim() > 1 else 1)
         r_m, r_l = direction(x.shape[1]), direction(x.shape[2])
-        return (x @ r_l) @ r_m, (x.abs() @ r_l.abs()) @ r_m.abs()
+        return (x @ r_l) @ r_m, (x.abs() @ r_l.abs()) @ r_m.abs(), where
 
-    def run(index: torch.Tensor, context: Callable) -> tuple[list, bool]:
+    def run(index: torch.Tensor, context: Callable, seed: int | None = None,
+            no_dropout: bool = False) -> tuple[list, bool]:
         """The rows' projections of every batch-first floating tensor the planned layers
         take or give, then of the losses, for the batch ``inputs[index]``; and whether
-        autocast was on."""
+        autocast was on. ``seed``: torch's, Python's, numpy's and the modules' generators
+        reseeded (default: torch's seeded 0, the others as they were); ``no_dropout``: the
+        dropout modules in eval mode (put back by the next ``reset``)."""
         seen: list = []
 
         def record(module, args, kwargs, out):
@@ -134,12 +139,16 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
             for t in (*args, *kwargs.values(), out):
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() \
                         and t.shape[0] == batch and t.numel():
-                    seen.append(projected(t))
+                    side = "output" if t is out else "input"
+                    seen.append(projected(t, f"the {side} of layer {_label(model, module)}"))
 
         xs = tuple(t[index.to(t.device)] if isinstance(t, torch.Tensor) else t for t in inputs)
         hooks = [m.register_forward_hook(record, with_kwargs=True) for m in plan]
-        reset()
-        gen.manual_seed(0)
+        reset(seed)
+        gen.manual_seed(seed or 0)
+        for m in model.modules() if no_dropout else ():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.training = False
         try:
             with context():
                 autocast = torch.is_autocast_enabled(device.type)
@@ -147,12 +156,31 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
         finally:
             for h in hooks:
                 h.remove()
-        return seen + [projected(losses)], autocast
+        return seen + [projected(losses, "the loss")], autocast
 
     rows = torch.arange(batch)
     shuffled = torch.randperm(batch, generator=torch.Generator().manual_seed(batch))
     halves = [rows < batch // 2, rows >= batch // 2]
     halves += [torch.isin(rows, shuffled[:batch // 2]), torch.isin(rows, shuffled[batch // 2:])]
+
+    def differ(whole: list, other: list, rows_whole: torch.Tensor, rows_other: torch.Tensor
+               ) -> str | None:
+        """What differs between rows ``rows_whole`` of one run's projections and
+        ``rows_other`` of another's (beyond 1e-6 of their magnitudes): the first such tensor,
+        "the layer calls" when the runs' calls differ, or None."""
+        if len(other) != len(whole):
+            return "the layer calls"
+        return next((where for (f, s, where), (g, _, _) in zip(whole, other)
+                     if bool(((f[rows_whole] - g[rows_other]).abs()
+                              > 1e-6 * s[rows_whole] + 1e-30).any())), None)
+
+    def checked(index: torch.Tensor, context: Callable, what: str, **options) -> list:
+        try:
+            return run(index, context, **options)[0]
+        except Exception as e:
+            raise GhostUnsupported(
+                f"the model failed on the ghost engine's independence check, a batch of the "
+                f"same shape with {what}: {e}. Use engine='vmap'") from e
 
     def mixing(context: Callable) -> tuple[str | None, bool]:
         whole, autocast = run(rows, context)
@@ -160,19 +188,24 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
             kept = rows[keep]
             index = rows.clone()
             index[~keep] = kept[torch.arange(int((~keep).sum())) % len(kept)]
-            try:
-                other, _ = run(index, context)
-            except Exception as e:
-                raise GhostUnsupported(
-                    "the model failed on the ghost engine's independence check, a batch of "
-                    f"the same shape with some examples replaced by copies of others: {e}. "
-                    "Use engine='vmap'") from e
-            if len(other) != len(whole):
-                return "runs other layer calls", autocast
-            if any(bool(((f[keep] - g[keep]).abs() > 1e-6 * s[keep] + 1e-30).any())
-                   for (f, s), (g, _) in zip(whole, other)):
-                return "changes its values", autocast
+            changed = differ(whole, checked(index, context,
+                                            "some examples replaced by copies of others"),
+                             kept, kept)
+            if changed:
+                return changed, autocast
         return None, autocast
+
+    def positional(context: Callable) -> str | None:
+        """What does not follow the examples when each moves one place in the batch (the
+        dropout modules off), or None. A forward that still draws random numbers (other
+        seeds change it) cannot be told apart: None."""
+        base, _ = run(rows, context, no_dropout=True)
+        if differ(base, checked(rows, context, "other random seeds", seed=1, no_dropout=True),
+                  rows, rows):
+            return None
+        moved = rows.roll(1)
+        return differ(base, checked(moved, context, "the examples moved", no_dropout=True),
+                      moved, rows)
 
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
                                                 else []):
@@ -180,16 +213,29 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
             verdict, autocast = mixing(forward)
             if verdict and autocast:  # another dtype path for a batch: compared in fp32
                 verdict, _ = mixing(contextlib.nullcontext)
+            moves = None if verdict else positional(forward)
+            if moves and autocast:
+                moves = positional(contextlib.nullcontext)
         finally:
             reset()
     if verdict:
         raise GhostUnsupported(
-            f"the model {verdict} for some examples when the rest of the batch is replaced: "
-            "its forward mixes examples (batch statistics, x - x.mean(0), x / x.abs().max(), "
-            "attention across the batch, control flow over the batch), so one example would "
-            "move the others' gradients past the clipping. The ghost engine needs each "
+            f"{verdict} changed for some examples when the rest of the batch was replaced: "
+            "the model's forward mixes examples (batch statistics, x - x.mean(0), "
+            "x / x.abs().max(), attention across the batch, control flow over the batch), so "
+            "one example would move the others' gradients past the clipping. The ghost "
+            "engine needs each example's forward to depend on that example alone; "
+            "engine='vmap' runs each example alone")
+    if moves:
+        raise GhostUnsupported(
+            f"{moves} did not follow the examples when each moved one place in the batch: "
+            "either the forward depends on an example's position (e.g. x + pe[:x.size(0)], "
+            "a positional table indexed by the batch dimension of batch-first input), so "
+            "removing one example would move the others and change their gradients past the "
+            "clipping, or a layer input's first dimension has the batch's size without being "
+            "the batch (e.g. pos(torch.arange(T)) with T = B). The ghost engine needs each "
             "example's forward to depend on that example alone; engine='vmap' runs each "
-            "example alone")
+            "example alone (as a batch of one)")
 
 
 def supports(model: nn.Module, trainable: dict[str, torch.Tensor], owners: dict | None = None
@@ -203,18 +249,29 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
               grad: torch.Tensor, label: Callable[[], str]) -> dict:
     """Per-example gradients of ``module``'s own parameters by vmap(vjp) over the batch
     (detached: a module with child layers reaches their weights, which keep their own rules).
-    vmap runs in randomness="error" mode: a layer drawing random numbers (dropout) would get
-    other draws than its forward had, so it is refused."""
+    Mapped over the batch: the positional tensors (batch first, checked by the caller) and
+    keyword tensors whose first dimension is the batch; anything else (an int, a shared
+    mask) goes to every example as it is. vmap runs in randomness="error" mode: a layer
+    drawing random numbers (dropout) would get other draws than its forward had, so it is
+    refused."""
     own = {a: params[c].detach() for a, c in owned.items()}
+    batch = grad.shape[0]
+    kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    dims = (tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, args),
+            tree_map(lambda t: 0 if isinstance(t, torch.Tensor) and t.dim()
+                     and t.shape[0] == batch else None, kwargs))
 
-    def one(x, g):
+    def one(x, kw, g):
         def f(p):
-            return functional_call(module, p, tuple(t.unsqueeze(0) for t in x), kwargs,
+            x1, kw1 = tree_map(lambda t, d: t.unsqueeze(0) if d == 0 else t, (x, kw), dims,
+                               is_leaf=lambda t: t is None)
+            return functional_call(module, p, x1, kw1,
                                    tie_weights=False)  # each attribute its own tensor
         return vjp(f, own)[1](g.unsqueeze(0))[0]
 
     try:
-        return {a: g.detach() for a, g in vmap(one, randomness="error")(args, grad).items()}
+        return {a: g.detach() for a, g in vmap(one, in_dims=(*dims, 0),
+                                                randomness="error")(args, kwargs, grad).items()}
     except Exception as e:  # any layer vmap/vjp cannot handle: say which one
         raise GhostUnsupported(f"the ghost engine cannot compute per-example gradients of "
                                f"layer {label()}: {e}. Use engine='vmap'") from e

@@ -118,23 +118,29 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
         raise error
 
 
-def replayable(model: nn.Module) -> Callable[[], None]:
+def replayable(model: nn.Module) -> Callable[..., None]:
     """Capture what a forward may advance besides torch's global generators — Python's and
     numpy's global RNGs, ``torch.Generator`` objects the modules hold, the modules' plain
     attributes (a call counter) — and return a function that puts it all back: called
     before each of several forwards they run alike, and after the last, the caller's state
-    is as it was."""
+    is as it was. ``reset(seed)`` then reseeds those generators with ``seed`` (a forward
+    that draws other random numbers)."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     modules = list(model.modules())
     attributes = _attributes(modules)
     generators = [(g, g.get_state()) for kept in attributes for g in kept.values()
                   if isinstance(g, torch.Generator)]
 
-    def reset() -> None:
+    def reset(seed: int | None = None) -> None:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         for g, state in generators:
             g.set_state(state)
         _put_back(modules, attributes)
+        if seed is not None:
+            random.seed(seed)
+            np.random.seed(seed)
+            for g, _ in generators:
+                g.manual_seed(seed)
 
     return reset

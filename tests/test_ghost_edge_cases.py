@@ -32,7 +32,9 @@ def test_an_input_whose_first_dimension_only_equals_the_batch_is_caught(low_memo
     torch.manual_seed(0)
     model = SharedPositions()
     tokens, y = torch.randint(0, 11, (4, 4)), torch.randn(4, 2)  # T = B = 4
-    with pytest.raises(GhostUnsupported, match="do not add up"):
+    with pytest.raises(GhostUnsupported, match=r"the output of layer pos \(Embedding\) did not "
+                                               r"follow the examples .* pos\(torch.arange\(T\)\) "
+                                               r"with T = B"):
         dplis.private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.01, engine="ghost",
                            low_memory=low_memory, **ZERO)
     auto = dplis.private_step(model, F.mse_loss, tokens, y, max_grad_norm=0.01, **ZERO)
@@ -690,3 +692,92 @@ def test_a_sparse_buffer_is_compared_dense():
     assert dplis.private_step(model, F.cross_entropy, torch.randn(4, 6),
                               torch.randint(0, 3, (4,)), max_grad_norm=1.0,
                               **ZERO).engine == "ghost"
+
+
+class BatchIndexedTable(nn.Module):
+    """The positional-encoding slip of many tutorials: ``pe[:x.size(0)]`` on batch-first
+    input adds row b of the table to example b, so an example's values depend on where it
+    sits in the batch (removing one example would move the others)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.lin, self.drop, self.head = nn.Linear(6, 6), nn.Dropout(dropout), nn.Linear(6, 3)
+        self.register_buffer("pe", torch.randn(16, 1, 6))
+
+    def forward(self, x):
+        return self.head(self.drop(torch.tanh(self.lin(x) + self.pe[:x.size(0)])).mean(1))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_forward_that_depends_on_the_batch_position_is_refused(dropout):
+    """The same shapes and every example unchanged, so the replacement halves cannot see it
+    (the ghost result was 0.48 off the reference); moving every example one place does, with
+    the dropout modules off."""
+    torch.manual_seed(0)
+    model, x, y = BatchIndexedTable(dropout), torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
+    for low_memory in (False, True):
+        with pytest.raises(GhostUnsupported, match=r"the input of layer head \(Linear\) did "
+                                                   r"not follow the examples when each moved"):
+            dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3,
+                               engine="ghost", low_memory=low_memory, **ZERO)
+    model.eval()
+    auto = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=0.3, **ZERO)
+    assert auto.engine == "vmap"
+    assert_close(auto.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
+
+
+class NoisyHidden(nn.Module):
+    """Noise from torch's generator in the forward (no dropout module): moving the examples
+    changes their draws, which the check must not take for a positional dependence."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x) + 0.1 * torch.randn_like(x)))
+
+
+def test_no_positional_false_alarm_on_random_draws():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    for model in (NoisyHidden(), nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5),
+                                               nn.Linear(8, 3))):
+        step = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=1.0,
+                                  generator=torch.Generator().manual_seed(0), **ZERO)
+        assert step.engine == "ghost"
+
+
+class Scaled(nn.Module):
+    """A rule-less layer (the vmap fallback) taking an int positionally and a batched tensor
+    by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8))
+
+    def forward(self, x, power, scale=None):
+        return x * self.w ** power * scale
+
+
+class WithScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.m, self.b = nn.Linear(8, 8), Scaled(), nn.Linear(8, 3)
+
+    def forward(self, x, c):
+        return self.b(self.m(self.a(x), 2, scale=c[:, :, None])).mean(1)
+
+
+def test_the_fallback_maps_batched_keyword_tensors_and_passes_plain_arguments_through():
+    """It used to map every positional argument (an int failed: "Got in_dim=0 for an input
+    but the input is of type int") and no keyword one (a batched keyword tensor failed), so
+    the ghost engine refused the model."""
+    torch.manual_seed(0)
+    model, x, c = WithScaled(), torch.randn(4, 5, 8), torch.rand(4, 5)
+    y = torch.randint(0, 3, (4,))
+    expected = naive_private_grad(model, F.cross_entropy, (x, c), y, max_grad_norm=0.3)
+    for low_memory in (False, True):
+        step = dplis.private_step(model, F.cross_entropy, (x, c), y, max_grad_norm=0.3,
+                                  engine="ghost", low_memory=low_memory, **ZERO)
+        assert_close(step.grads, expected)
