@@ -80,7 +80,8 @@ def check_weights(batch: int, device: torch.device) -> torch.Tensor:
 
 def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
                       targets: torch.Tensor, plan: dict,
-                      forward: Callable[[], contextlib.AbstractContextManager]) -> None:
+                      forward: Callable[[], contextlib.AbstractContextManager],
+                      spreads: bool = False) -> None:
     """Refuse a model whose forward mixes examples (``GhostUnsupported``): the ghost engine
     runs the batch through the model at once, so ``x - x.mean(0)``, batch statistics
     (``F.batch_norm(training=True)``), ``x / x.abs().max()`` or attention across the batch
@@ -100,7 +101,13 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     path for a batch, e.g. Hugging Face dropping an all-ones attention mask). Layer values,
     not only losses: a zero-initialised head gives every example the same loss at first.
     Checked on verification steps: mixing that only some batches show (an expert's capacity
-    overflowing) can appear later."""
+    overflowing) can appear later.
+
+    Then the batch with every example moved one place (dropout modules off; a forward that
+    still draws random numbers is not compared): each example's values must move with it,
+    or the forward depends on where an example sits in the batch. With ``spreads`` (the
+    book-keeping engine expands the outputs of layers shared by the batch, ``spread``), the
+    batch once more with those outputs expanded: the losses must not change."""
     batch = len(targets)
     if batch < 2:
         return
@@ -112,6 +119,7 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
            if device.type == "cuda" else torch.random.default_generator)
     draws: dict[int, torch.Tensor] = {}
     reset = replayable(model)
+    shared: list[str] = []  # the layers ``spread`` would expand, as the runs find them
 
     def direction(n: int) -> torch.Tensor:
         if n not in draws:
@@ -126,16 +134,23 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
         return (x @ r_l) @ r_m, (x.abs() @ r_l.abs()) @ r_m.abs(), where
 
     def run(index: torch.Tensor, context: Callable, seed: int | None = None,
-            no_dropout: bool = False) -> tuple[list, bool]:
+            no_dropout: bool = False, widen: list | None = None) -> tuple[list, bool]:
         """The rows' projections of every batch-first floating tensor the planned layers
         take or give, then of the losses, for the batch ``inputs[index]``; and whether
         autocast was on. ``seed``: torch's, Python's, numpy's and the modules' generators
         reseeded (default: torch's seeded 0, the others as they were); ``no_dropout``: the
-        dropout modules in eval mode (put back by the next ``reset``)."""
+        dropout modules in eval mode (put back by the next ``reset``); ``widen``: the
+        outputs of layers shared by the batch expanded (``spread``), the layers listed."""
         seen: list = []
 
         def record(module, args, kwargs, out):
             refuse_transformed(model, module, out)
+            wide = spread(args, kwargs, out, batch) if spreads else None
+            if wide is not None:
+                shared.append(_label(model, module))
+                if widen is not None:
+                    widen.append(shared[-1])
+                    return wide
             for t in (*args, *kwargs.values(), out):
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() \
                         and t.shape[0] == batch and t.numel():
@@ -216,8 +231,21 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
             moves = None if verdict else positional(forward)
             if moves and autocast:
                 moves = positional(contextlib.nullcontext)
+            widened: list[str] = []
+            if shared and not (verdict or moves):
+                wide = checked(rows, forward, "the outputs of layers shared by the batch "
+                               "expanded to it", widen=widened)[-1:]
+                if not differ(run(rows, forward)[0][-1:], wide, rows, rows):
+                    widened = []
         finally:
             reset()
+    if widened:
+        raise GhostUnsupported(
+            f"the losses changed when the output of {', '.join(sorted(set(widened)))}, a "
+            "layer shared by the batch (no input with the batch first, an output of first "
+            "dimension 1), was expanded to the batch: the book-keeping engine expands it so "
+            "that its gradient arrives per example, and this model reads that output's shape "
+            "(e.g. sums over its first dimension). Use engine='vmap'")
     if verdict:
         raise GhostUnsupported(
             f"{verdict} changed for some examples when the rest of the batch was replaced: "
@@ -354,7 +382,7 @@ class _Call:
     gradient comes from (``target``, see ``_gradient_target``: None for an output that
     needed no gradient when the layer returned it; ``shape``: the output's, when ``target``
     is the edge of its base), ``held`` the tensors whose ``seen`` versions an in-place op
-    must not change."""
+    must not change; ``spread``: its output went to the model expanded to the batch."""
 
     module: nn.Module
     args: tuple
@@ -363,6 +391,7 @@ class _Call:
     shape: torch.Size | None
     held: tuple
     seen: tuple[int, ...]
+    spread: bool = False
 
 
 def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size | None]:
@@ -406,8 +435,48 @@ def _local_matmul(module: nn.Module) -> bool:
                and forward is c.forward for c in type(module).__mro__)
 
 
+def _expanded(t: object, batch: int) -> object:
+    """A tensor with first dimension 1 as a [batch, ...] view (anything else as it is)."""
+    return (t.expand(batch, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim()
+            and t.shape[0] == 1 else t)
+
+
+def spread(args: tuple, kwargs: dict, out: object, batch: int) -> object | None:
+    """A layer call shared by the batch — no tensor input with the batch first, an output
+    whose first dimension is 1 (Hugging Face's ``position_embeddings(position_ids)`` with
+    position ids [1, T]) — gets its output expanded to the batch: a view with the values
+    broadcasting would give the model, whose gradient holds each example's share. None for
+    any other call."""
+    if batch < 2 or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 1 \
+            or any(t.dim() and t.shape[0] == batch
+                   for t in (*tensors_in(args), *tensors_in(kwargs))):
+        return None
+    return _expanded(out, batch)
+
+
 @contextlib.contextmanager
-def _recording(model: nn.Module, plan: dict, isolate: bool) -> Iterator[list[_Call]]:
+def spread_refused(model: nn.Module, spread_layers: Callable[[], list]) -> Iterator[None]:
+    """A forward that fails (not ``GhostUnsupported``) after layers shared by the batch had
+    their outputs expanded (``spread_layers()``, read on failure) raises
+    ``GhostUnsupported``: the model does not take the expanded output. Verification steps
+    find this first, in ``check_independent``."""
+    try:
+        yield
+    except GhostUnsupported:
+        raise
+    except Exception as e:
+        spread_layers = spread_layers()
+        if not spread_layers:
+            raise
+        raise GhostUnsupported(
+            f"the model failed with the output of layer {_label(model, spread_layers[0])}, "
+            "which is shared by the batch, expanded to the batch (so that its gradient "
+            f"arrives per example): {e}. Use engine='vmap'") from e
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
+               ) -> Iterator[list[_Call]]:
     """Record every call of the planned layers (``_Call``).
 
     ``isolate``: the layer gets copies of its tensor inputs (positional and keyword) and the
@@ -415,8 +484,15 @@ def _recording(model: nn.Module, plan: dict, isolate: bool) -> Iterator[list[_Ca
     (``ReLU(inplace=True)``) cannot change what was recorded; used only when such an op was
     seen, as it costs a copy per layer. (An in-place op on an output recorded by an edge
     changes nothing: the edge's gradient is that of the value the layer returned.)
+
+    A layer shared by the batch hands the model its output expanded to the batch
+    (``spread``), so its output gradient arrives per example; its inputs are recorded
+    expanded alike.
     """
     calls: list[_Call] = []
+
+    def expanded(t):
+        return _expanded(t, batch)
 
     def copy(t):
         return t.clone() if isinstance(t, torch.Tensor) else t
@@ -434,13 +510,18 @@ def _recording(model: nn.Module, plan: dict, isolate: bool) -> Iterator[list[_Ca
                 "place, which a later op also changes: the ghost engine cannot keep a record "
                 "of that input without changing the model. Use engine='vmap'")
         refuse_transformed(model, module, out)
+        wide = spread(args, kwargs, out, batch)
+        if wide is not None:
+            out = wide
+            args, kwargs = tuple(map(expanded, args)), {k: expanded(v) for k, v in kwargs.items()}
         target, shape = _gradient_target(module, out)
         # tensors inside lists and dicts are watched, not copied (the layer may fill the
         # container for the model to read): changed in place, they are refused
         held = (*tensors_in(args), *tensors_in(kwargs),
                 *([target] if isinstance(target, torch.Tensor) else []))
-        calls.append(_Call(module, args, kwargs, target, shape, held, versions(held)))
-        return copy(out) if isolate else None
+        calls.append(_Call(module, args, kwargs, target, shape, held, versions(held),
+                           wide is not None))
+        return copy(out) if isolate else wide
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
     if isolate:
@@ -523,7 +604,7 @@ def clipped_sum(
     plan = plan_layers(model, trainable) if owners is None else owners
     refuse_unsupported(model, plan)
     if verify:
-        check_independent(model, loss_fn, inputs, targets, plan, forward)
+        check_independent(model, loss_fn, inputs, targets, plan, forward, spreads=True)
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
     device = next(iter(trainable.values())).device
@@ -537,8 +618,9 @@ def clipped_sum(
     model_inputs = {t.untyped_storage().data_ptr() for t in tensors}
 
     def run(isolate: bool) -> tuple[list, torch.Tensor]:
-        with forward(), _recording(model, plan, isolate) as calls:
-            return calls, per_example_loss(model(*inputs), targets)
+        with forward(), _recording(model, plan, isolate, batch) as calls:
+            with spread_refused(model, lambda: [c.module for c in calls if c.spread]):
+                return calls, per_example_loss(model(*inputs), targets)
 
     def one_pass() -> torch.Tensor:
         """Forward + backward at the model's current parameters: every layer's per-example

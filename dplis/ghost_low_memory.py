@@ -34,6 +34,7 @@ from torch import nn
 
 from .ghost import (
     GhostUnsupported,
+    _expanded,
     _label,
     batch_losses,
     check_independent,
@@ -48,6 +49,8 @@ from .ghost import (
     refuse_hidden_backward,
     refuse_transformed,
     refuse_unsupported,
+    spread,
+    spread_refused,
     tensors_in,
     versions,
 )
@@ -77,14 +80,15 @@ class _Tap(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
-             arrived: Callable) -> Iterator[tuple[Counter, list]]:
+             arrived: Callable, batch: int) -> Iterator[tuple[Counter, list]]:
     """While open, every call of a planned layer returns its output through a ``_Tap`` whose
     backward calls ``arrived(module, args, kwargs, grad)``. Yields the uses of each trainable
     parameter (one per owning attribute per call), counted as the forward runs, and the
-    calls (module, whether its output needs a gradient, tensor inputs, their versions) for
-    ``_check_calls``. The inputs a layer read need no copy: its own backward saved them,
-    and autograd refuses a backward through inputs changed in place; one it did not save (a
-    keyword bias) is checked."""
+    calls (module, whether its output needs a gradient, tensor inputs, their versions, whether
+    it was spread) for ``_check_calls``. The inputs a layer read need no copy: its own
+    backward saved them, and autograd refuses a backward through inputs changed in place;
+    one it did not save (a keyword bias) is checked. A layer shared by the batch gets its
+    output, and its inputs for the rule, expanded to the batch (``ghost.spread``)."""
     uses: Counter = Counter()
     calls: list = []
 
@@ -93,7 +97,12 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
         refuse_transformed(model, module, out)
         uses.update(plan[module].values())
         inputs = (*tensors_in(args), *tensors_in(kwargs))
-        calls.append((module, out.requires_grad, inputs, versions(inputs)))
+        wide = spread(args, kwargs, out, batch)
+        calls.append((module, out.requires_grad, inputs, versions(inputs), wide is not None))
+        if wide is not None:
+            out = wide
+            args = tuple(_expanded(a, batch) for a in args)
+            kwargs = {k: _expanded(v, batch) for k, v in kwargs.items()}
         return _Tap.apply(out, probe, lambda g: arrived(module, args, kwargs, g), copy)
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
@@ -108,12 +117,12 @@ def _check_calls(model: nn.Module, losses: torch.Tensor, calls: list) -> None:
     """After the forward: an input changed in place since its layer read it would give the
     rules another value than the layer used (refused: book-keeping runs such a model on
     copies); a layer run without gradient gets none (``refuse_hidden_backward`` first)."""
-    for module, _, inputs, seen in calls:
+    for module, _, inputs, seen, _ in calls:
         if versions(inputs) != seen:
             raise GhostUnsupported(f"an input of layer {_label(model, module)} was changed in "
                                    "place after the layer read it: low-memory ghost clipping "
                                    "would read the changed value. Use low_memory=False")
-    silent = next((module for module, needs_grad, _, _ in calls if not needs_grad), None)
+    silent = next((module for module, needs_grad, *_ in calls if not needs_grad), None)
     if silent is not None:
         refuse_hidden_backward(model, losses, silent, allowed=(_Tap,))
 
@@ -143,7 +152,7 @@ def clipped_sum(
     plan = plan_layers(model, trainable) if owners is None else owners
     refuse_unsupported(model, plan)
     if verify:
-        check_independent(model, loss_fn, inputs, targets, plan, forward)
+        check_independent(model, loss_fn, inputs, targets, plan, forward, spreads=True)
     rules = {m: rule_for(m) for m in plan}
     batch = len(targets)
     first = next(iter(trainable.values()))
@@ -197,8 +206,9 @@ def clipped_sum(
     per_example_loss = batch_losses(loss_fn)
 
     def run(copy: bool) -> torch.Tensor:
-        with forward(), _tapping(plan, probe, copy, model, arrived) as (uses, calls):
-            losses = per_example_loss(model(*inputs), targets)
+        with forward(), _tapping(plan, probe, copy, model, arrived, batch) as (uses, calls):
+            with spread_refused(model, lambda: [c[0] for c in calls if c[4]]):
+                losses = per_example_loss(model(*inputs), targets)
         _check_calls(model, losses, calls)
         state["uses"] = uses
         return losses

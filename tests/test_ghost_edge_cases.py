@@ -748,7 +748,7 @@ def test_no_positional_false_alarm_on_random_draws():
         assert step.engine == "ghost"
 
 
-class Scaled(nn.Module):
+class PoweredScale(nn.Module):
     """A rule-less layer (the vmap fallback) taking an int positionally and a batched tensor
     by keyword."""
 
@@ -763,7 +763,7 @@ class Scaled(nn.Module):
 class WithScaled(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.m, self.b = nn.Linear(8, 8), Scaled(), nn.Linear(8, 3)
+        self.a, self.m, self.b = nn.Linear(8, 8), PoweredScale(), nn.Linear(8, 3)
 
     def forward(self, x, c):
         return self.b(self.m(self.a(x), 2, scale=c[:, :, None])).mean(1)
@@ -781,3 +781,63 @@ def test_the_fallback_maps_batched_keyword_tensors_and_passes_plain_arguments_th
         step = dplis.private_step(model, F.cross_entropy, (x, c), y, max_grad_norm=0.3,
                                   engine="ghost", low_memory=low_memory, **ZERO)
         assert_close(step.grads, expected)
+
+
+class SharedTable(nn.Module):
+    """Positions as Hugging Face passes them, [1, T]: the position table's output [1, T, d]
+    is shared by the batch (broadcast in the sum). ``read``: what the model does with it —
+    "add" (broadcast), "sum" (sums over its first dimension, which expanding changes),
+    "view" (a view that expanding breaks)."""
+
+    def __init__(self, read: str = "add"):
+        super().__init__()
+        self.read = read
+        self.tok, self.pos, self.head = nn.Embedding(11, 6), nn.Embedding(8, 6), nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        pos = self.pos(torch.arange(t)[None])
+        if self.read == "sum":
+            pos = pos.sum(0)
+        elif self.read == "view":
+            pos = pos.view(t, 6)
+        return self.head(torch.tanh(self.tok(tokens) + pos).mean(1))
+
+
+def test_a_layer_shared_by_the_batch_gets_per_example_gradients():
+    """It was refused ("got an input or output without the batch dimension"); its output now
+    goes to the model expanded to the batch, so its gradient arrives per example."""
+    torch.manual_seed(0)
+    model, tokens, y = SharedTable(), torch.randint(0, 11, (5, 7)), torch.randint(0, 3, (5,))
+    expected = naive_private_grad(model, F.cross_entropy, tokens, y, max_grad_norm=0.3)
+    for options in (dict(), dict(engine="ghost", verify=False), dict(low_memory=True),
+                    dict(num_perturbations=3)):
+        step = dplis.private_step(model, F.cross_entropy, tokens, y, max_grad_norm=0.3,
+                                  **options, **ZERO)
+        assert step.engine == "ghost"
+        assert_close(step.grads, expected)
+
+
+@pytest.mark.parametrize("read, message", [
+    ("sum", r"the losses changed when the output of pos \(Embedding\), a layer shared by the "
+            r"batch .* was expanded"),
+    ("view", r"the model failed on the ghost engine's independence check, a batch of the same "
+             r"shape with the outputs of layers shared by the batch expanded to it"),
+])
+def test_a_model_reading_the_shape_of_a_shared_output_is_refused(read, message):
+    torch.manual_seed(0)
+    model, tokens, y = SharedTable(read), torch.randint(0, 11, (5, 7)), torch.randint(0, 3, (5,))
+    for low_memory in (False, True):
+        with pytest.raises(GhostUnsupported, match=message):
+            dplis.private_grad(model, F.cross_entropy, tokens, y, max_grad_norm=0.3,
+                               engine="ghost", low_memory=low_memory, **ZERO)
+    if read == "view":  # without the check, the step's own forward is refused
+        for low_memory in (False, True):
+            with pytest.raises(GhostUnsupported, match=r"failed with the output of layer pos "
+                                                       r"\(Embedding\), which is shared by"):
+                dplis.private_grad(model, F.cross_entropy, tokens, y, max_grad_norm=0.3,
+                                   engine="ghost", low_memory=low_memory, verify=False, **ZERO)
+    auto = dplis.private_step(model, F.cross_entropy, tokens, y, max_grad_norm=0.3, **ZERO)
+    assert auto.engine == "vmap"
+    assert_close(auto.grads, naive_private_grad(model, F.cross_entropy, tokens, y,
+                                                max_grad_norm=0.3))

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 and LLaMA (tiny configs, tied embeddings, random init, no download)."""
+"""Hugging Face GPT-2, LLaMA and BERT (tiny configs, tied embeddings, random init, no
+download)."""
 
 import pytest
 import torch
@@ -101,6 +102,37 @@ def test_llama_runs_the_ghost_engine_with_the_fallback():
     tokens, mask, targets = batch()
     step = dplis.private_step(model, lm_loss, (tokens, mask), targets, max_grad_norm=0.1,
                               noise_multiplier=0.0)
+    assert step.engine == "ghost"
+    assert_close(step.grads, naive_private_grad(model, lm_loss, (tokens, mask), targets,
+                                                max_grad_norm=0.1))
+
+
+class MaskedLM(torch.nn.Module):
+    """(tokens, mask) -> logits of a transformers encoder called as its docs show: no
+    position ids, so it takes its own [1, T] ones, and its position table's output is
+    shared by the batch."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens, mask):
+        return self.lm(input_ids=tokens, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_bert_with_its_default_positions_runs_the_ghost_engine(low_memory):
+    """The ghost engine refused the shared position table, and the vmap engine cannot run
+    transformers' padding-mask code (torch.vmap: "calling .item()"), so "auto" failed."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    model = MaskedLM(transformers.BertForMaskedLM(config))
+    tokens, mask, targets = batch()
+    step = dplis.private_step(model, lm_loss, (tokens, mask), targets, max_grad_norm=0.1,
+                              noise_multiplier=0.0, low_memory=low_memory)
     assert step.engine == "ghost"
     assert_close(step.grads, naive_private_grad(model, lm_loss, (tokens, mask), targets,
                                                 max_grad_norm=0.1))
