@@ -617,8 +617,11 @@ def clipped_sum(
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     model_inputs = {t.untyped_storage().data_ptr() for t in tensors}
 
+    autocast: list[bool] = []  # whether the forward ran under autocast (check_sums)
+
     def run(isolate: bool) -> tuple[list, torch.Tensor]:
         with forward(), _recording(model, plan, isolate, batch) as calls:
+            autocast.append(torch.is_autocast_enabled(device.type))
             with spread_refused(model, lambda: [c.module for c in calls if c.spread]):
                 return calls, per_example_loss(model(*inputs), targets)
 
@@ -696,7 +699,8 @@ def clipped_sum(
         if verify:
             sums = torch.split(_clipped_sums(grads, weights),
                                [g.shape.numel() for g in grads.values()])
-            check_sums(dict(zip(grads, sums)), batch_grad)
+            check_sums(dict(zip(grads, sums)), batch_grad,
+                       sums_tolerance(trainable, any(autocast)))
         return _clipped_sums(grads, c), norms, losses
 
 
@@ -782,10 +786,21 @@ def _clipped_sums(grads: dict[str, ParamGrad], c: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict) -> None:
+def sums_tolerance(trainable: dict[str, torch.Tensor], autocast: bool) -> float:
+    """``check_sums``' relative tolerance: 1 % when the forward runs in fp32 (the two sums
+    differ by rounding only: at most 1.1e-6 measured on the tests' and the bench's models;
+    TF32 convolutions on CUDA, cuDNN's default, about 5e-4), 5 % under autocast or with
+    bf16/fp16 parameters (up to 1.5e-2 measured)."""
+    low = autocast or any(p.dtype in (torch.bfloat16, torch.float16) for p in trainable.values())
+    return 0.05 if low else 0.01
+
+
+def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict, tolerance: float = 0.05
+               ) -> None:
     """The weighted per-example gradients must add up to autograd's weighted batch gradient:
     ``sums`` name -> Σ_b w_b g_b (flat fp32), ``batch_grad`` name -> autograd's gradient of
-    Σ_b w_b ℓ_b (None: zeros), w = ``check_weights``.
+    Σ_b w_b ℓ_b (None: zeros), w = ``check_weights``; within ``tolerance`` of its norm
+    (``sums_tolerance``).
 
     A parameter also used outside the layers that own it (e.g. ``F.linear(x, emb.weight)`` in a
     parent's forward), or a layer input whose first dimension has the batch's size without
@@ -796,7 +811,7 @@ def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict) -> None:
     for name, ours in sums.items():
         ref = batch_grad.get(name)
         ref = torch.zeros_like(ours) if ref is None else ref.reshape(-1)
-        if float((ours - ref).norm()) > 0.05 * float(ref.norm()) + 1e-6:
+        if float((ours - ref).norm()) > tolerance * float(ref.norm()) + 1e-6:
             bad.append(name)
     if bad:
         raise GhostUnsupported(f"per-example gradients of {bad} do not add up to the batch "
