@@ -29,6 +29,7 @@ def running_module(error: BaseException, model: nn.Module) -> str | None:
 
 
 def add_note(error: BaseException, note: str) -> None:
-    """``error.add_note(note)`` (Python ≥ 3.11; nothing on 3.10): shown under the message."""
-    if hasattr(error, "add_note"):
+    """``error.add_note(note)`` (Python ≥ 3.11; nothing on 3.10): shown under the message;
+    once (a model may raise the same exception object at every call)."""
+    if hasattr(error, "add_note") and note not in getattr(error, "__notes__", ()):
         error.add_note(note)

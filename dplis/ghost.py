@@ -151,7 +151,10 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
                 if widen is not None:
                     widen.append(shared[-1])
                     return wide
-            for t in (*args, *kwargs.values(), out):
+            # a rule reads keyword inputs as positional ones (batch first); the fallback
+            # (no rule) gives them to every example as they are: not the batch's to follow
+            named = kwargs.values() if rule_for(module) is not None else ()
+            for t in (*args, *named, out):
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() \
                         and t.shape[0] == batch and t.numel():
                     side = "output" if t is out else "input"
@@ -277,29 +280,26 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
               grad: torch.Tensor, label: Callable[[], str]) -> dict:
     """Per-example gradients of ``module``'s own parameters by vmap(vjp) over the batch
     (detached: a module with child layers reaches their weights, which keep their own rules).
-    Mapped over the batch: the positional tensors (batch first, checked by the caller) and
-    keyword tensors whose first dimension is the batch; anything else (an int, a shared
-    mask) goes to every example as it is. vmap runs in randomness="error" mode: a layer
-    drawing random numbers (dropout) would get other draws than its forward had, so it is
-    refused."""
+    Mapped over the batch: the positional tensors (batch first, checked by the caller);
+    anything else — an int, every keyword argument (a batch-first keyword tensor cannot be
+    told from a shared [T, T] mask when T = B; one that is batched fails here, and the model
+    is refused) — goes to every example as it is. vmap runs in randomness="error" mode: a
+    layer drawing random numbers (dropout) would get other draws than its forward had, so it
+    is refused."""
     own = {a: params[c].detach() for a, c in owned.items()}
-    batch = grad.shape[0]
-    kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    dims = (tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, args),
-            tree_map(lambda t: 0 if isinstance(t, torch.Tensor) and t.dim()
-                     and t.shape[0] == batch else None, kwargs))
+    dims = tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, args)
 
-    def one(x, kw, g):
+    def one(x, g):
         def f(p):
-            x1, kw1 = tree_map(lambda t, d: t.unsqueeze(0) if d == 0 else t, (x, kw), dims,
-                               is_leaf=lambda t: t is None)
-            return functional_call(module, p, x1, kw1,
+            x1 = tree_map(lambda t, d: t.unsqueeze(0) if d == 0 else t, x, dims,
+                          is_leaf=lambda t: t is None)
+            return functional_call(module, p, x1, kwargs,
                                    tie_weights=False)  # each attribute its own tensor
         return vjp(f, own)[1](g.unsqueeze(0))[0]
 
     try:
-        return {a: g.detach() for a, g in vmap(one, in_dims=(*dims, 0),
-                                                randomness="error")(args, kwargs, grad).items()}
+        return {a: g.detach() for a, g in vmap(one, in_dims=(dims, 0),
+                                                randomness="error")(args, grad).items()}
     except Exception as e:  # any layer vmap/vjp cannot handle: say which one
         raise GhostUnsupported(f"the ghost engine cannot compute per-example gradients of "
                                f"layer {label()}: {e}. Use engine='vmap'") from e
@@ -442,14 +442,15 @@ def _expanded(t: object, batch: int) -> object:
 
 
 def spread(args: tuple, kwargs: dict, out: object, batch: int) -> object | None:
-    """A layer call shared by the batch — no tensor input with the batch first, an output
-    whose first dimension is 1 (Hugging Face's ``position_embeddings(position_ids)`` with
-    position ids [1, T]) — gets its output expanded to the batch: a view with the values
-    broadcasting would give the model, whose gradient holds each example's share. None for
-    any other call."""
+    """A layer call shared by the batch — an output whose first dimension is 1, no tensor
+    input with a dimension of the batch's size (Hugging Face's
+    ``position_embeddings(position_ids)`` with position ids [1, T], T ≠ B) — gets its output
+    expanded to the batch: a view with the values broadcasting would give the model, whose
+    gradient holds each example's share. None for any other call: an input [1, B, F] is the
+    batch in its second dimension (sequence-first with T = 1), and [1, T] with T = B cannot
+    be told from it."""
     if batch < 2 or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 1 \
-            or any(t.dim() and t.shape[0] == batch
-                   for t in (*tensors_in(args), *tensors_in(kwargs))):
+            or any(batch in t.shape for t in (*tensors_in(args), *tensors_in(kwargs))):
         return None
     return _expanded(out, batch)
 

@@ -208,8 +208,8 @@ def clipped_sum(
 
     def run(copy: bool) -> torch.Tensor:
         with forward(), _tapping(plan, probe, copy, model, arrived, batch) as (uses, calls):
-            with spread_refused(model, lambda: [c[0] for c in calls if c[4]]):
-                losses = per_example_loss(model(*inputs), targets)
+            state["calls"] = calls
+            losses = per_example_loss(model(*inputs), targets)
         _check_calls(model, losses, calls)
         state["uses"] = uses
         return losses
@@ -219,12 +219,13 @@ def clipped_sum(
         if thetas[0] is not None:
             for p, value in zip(trainable.values(), thetas[0].values()):
                 p.data = value
-        try:
-            losses = run(copy=False)
-        except RuntimeError as e:  # autograd refuses in-place ops on a tap's view: copies
-            if "inplace" not in str(e):
-                raise
-            losses = run(copy=True)
+        with spread_refused(model, lambda: [c[0] for c in state.get("calls", []) if c[4]]):
+            try:
+                losses = run(copy=False)
+            except RuntimeError as e:  # autograd refuses in-place ops on a tap's view: copies
+                if "inplace" not in str(e):
+                    raise
+                losses = run(copy=True)
         # the taps return no gradient for the probe: only the layer outputs' are computed
         torch.autograd.grad(losses.sum(), [probe], retain_graph=True, allow_unused=True)
         for name in list(grads):  # parameters some of whose uses got no gradient

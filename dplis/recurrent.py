@@ -60,11 +60,17 @@ def _prepared(module: nn.RNNBase, args: tuple, kwargs: dict, *, names: dict
     return args, {**kwargs, "hx": state}
 
 
+# the layers whose calls this module knows: torch's own forwards (a subclass that overrides
+# forward may take other arguments, and is left as it is)
+FORWARDS = (nn.RNN.forward, nn.GRU.forward, nn.LSTM.forward)
+
+
 @contextlib.contextmanager
 def vmap_ready(model: nn.Module) -> Iterator[None]:
-    """While active, the recurrent layers of ``model`` run under vmap as described above
-    (forward pre-hooks, removed afterwards, also on error)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    """While active, the recurrent layers of ``model`` (torch's ``forward``, subclasses
+    included) run under vmap as described above (forward pre-hooks, removed afterwards,
+    also on error)."""
+    layers = [m for m in model.modules() if type(m).forward in FORWARDS]
     names = {m: n or "<root>" for n, m in model.named_modules()} if layers else {}
     handles = [m.register_forward_pre_hook(functools.partial(_prepared, names=names),
                                            with_kwargs=True) for m in layers]

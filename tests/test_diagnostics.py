@@ -102,3 +102,24 @@ def test_lazy_and_complex_parameters_are_refused_naming_the_parameter():
         complex_model = nn.Linear(4, 3).to(torch.complex64)
     with pytest.raises(TypeError, match=r"parameter weight is complex \(torch.complex64\)"):
         dplis.private_step(complex_model, F.cross_entropy, x.to(torch.complex64), y, **ZERO)
+
+
+class SameError(nn.Module):
+    """Raises one exception object at every call (a cached failure)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.error = nn.Linear(4, 3), RuntimeError("cached failure")
+
+    def forward(self, x):
+        raise self.error
+
+
+def test_a_note_is_added_once_to_an_exception_raised_again():
+    model, x, y = SameError(), torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="cached failure") as raised:
+            dplis.private_step(model, F.cross_entropy, x, y, engine="vmap", **ZERO)
+    assert raised.value.__notes__ == [
+        "dplis: raised inside layer <root> (SameError) while the vmap engine ran the model "
+        "under torch.vmap"]

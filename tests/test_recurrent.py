@@ -109,3 +109,22 @@ def test_dropout_between_recurrent_layers_is_refused_and_the_step_changes_nothin
     assert_close(dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3,
                                     noise_multiplier=0.0),
                  naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
+
+
+class OutputOnlyLSTM(nn.LSTM):
+    """A subclass whose forward takes the input only (and returns the outputs only)."""
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+def test_a_recurrent_subclass_with_its_own_forward_is_left_as_it_is():
+    """The hook gave every recurrent layer hx=, which this forward does not take
+    (TypeError); it now applies to torch's own forwards only (nn.LSTM works under vmap
+    as it is)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OutputOnlyLSTM(6, 7, batch_first=True), nn.Flatten(), nn.Linear(28, 3))
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
+    step = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=0.3,
+                              noise_multiplier=0.0, engine="vmap")
+    assert_close(step.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
