@@ -80,8 +80,7 @@ def check_weights(batch: int, device: torch.device) -> torch.Tensor:
 
 def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
                       targets: torch.Tensor, plan: dict,
-                      forward: Callable[[], contextlib.AbstractContextManager],
-                      spreads: bool = False) -> None:
+                      forward: Callable[[], contextlib.AbstractContextManager]) -> None:
     """Refuse a model whose forward mixes examples (``GhostUnsupported``): the ghost engine
     runs the batch through the model at once, so ``x - x.mean(0)``, batch statistics
     (``F.batch_norm(training=True)``), ``x / x.abs().max()`` or attention across the batch
@@ -105,9 +104,9 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
 
     Then the batch with every example moved one place (dropout modules off; a forward that
     still draws random numbers is not compared): each example's values must move with it,
-    or the forward depends on where an example sits in the batch. With ``spreads`` (the
-    book-keeping engine expands the outputs of layers shared by the batch, ``spread``), the
-    batch once more with those outputs expanded: the losses must not change."""
+    or the forward depends on where an example sits in the batch. Where a layer is shared by
+    the batch (the engines expand its output, ``spread``), the batch once more with those
+    outputs expanded: the losses must not change."""
     batch = len(targets)
     if batch < 2:
         return
@@ -145,12 +144,12 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
 
         def record(module, args, kwargs, out):
             refuse_transformed(model, module, out)
-            wide = spread(args, kwargs, out, batch) if spreads else None
+            wide = spread(args, kwargs, out, batch)
             if wide is not None:
                 shared.append(_label(model, module))
                 if widen is not None:
                     widen.append(shared[-1])
-                    return wide
+                    return wide[0]
             # a rule reads keyword inputs as positional ones (batch first); the fallback
             # (no rule) gives them to every example as they are: not the batch's to follow
             named = kwargs.values() if rule_for(module) is not None else ()
@@ -245,10 +244,10 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     if widened:
         raise GhostUnsupported(
             f"the losses changed when the output of {', '.join(sorted(set(widened)))}, a "
-            "layer shared by the batch (no input with the batch first, an output of first "
-            "dimension 1), was expanded to the batch: the book-keeping engine expands it so "
-            "that its gradient arrives per example, and this model reads that output's shape "
-            "(e.g. sums over its first dimension). Use engine='vmap'")
+            "layer shared by the batch (an output of first dimension 1, no input with a "
+            "dimension of the batch's size), was expanded to the batch: the ghost engine "
+            "expands it so that its gradient arrives per example, and this model reads that "
+            "output's shape (e.g. sums over its first dimension). Use engine='vmap'")
     if verdict:
         raise GhostUnsupported(
             f"{verdict} changed for some examples when the rest of the batch was replaced: "
@@ -441,18 +440,20 @@ def _expanded(t: object, batch: int) -> object:
             and t.shape[0] == 1 else t)
 
 
-def spread(args: tuple, kwargs: dict, out: object, batch: int) -> object | None:
+def spread(args: tuple, kwargs: dict, out: object, batch: int
+           ) -> tuple[torch.Tensor, tuple, dict] | None:
     """A layer call shared by the batch — an output whose first dimension is 1, no tensor
     input with a dimension of the batch's size (Hugging Face's
     ``position_embeddings(position_ids)`` with position ids [1, T], T ≠ B) — gets its output
     expanded to the batch: a view with the values broadcasting would give the model, whose
-    gradient holds each example's share. None for any other call: an input [1, B, F] is the
-    batch in its second dimension (sequence-first with T = 1), and [1, T] with T = B cannot
-    be told from it."""
+    gradient holds each example's share; returned with the call's inputs expanded alike (for
+    its rule). None for any other call: an input [1, B, F] is the batch in its second
+    dimension (sequence-first with T = 1), and [1, T] with T = B cannot be told from it."""
     if batch < 2 or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 1 \
             or any(batch in t.shape for t in (*tensors_in(args), *tensors_in(kwargs))):
         return None
-    return _expanded(out, batch)
+    return (_expanded(out, batch), tuple(_expanded(a, batch) for a in args),
+            {k: _expanded(v, batch) for k, v in kwargs.items()})
 
 
 @contextlib.contextmanager
@@ -492,9 +493,6 @@ def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
     """
     calls: list[_Call] = []
 
-    def expanded(t):
-        return _expanded(t, batch)
-
     def copy(t):
         return t.clone() if isinstance(t, torch.Tensor) else t
 
@@ -513,8 +511,7 @@ def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
         refuse_transformed(model, module, out)
         wide = spread(args, kwargs, out, batch)
         if wide is not None:
-            out = wide
-            args, kwargs = tuple(map(expanded, args)), {k: expanded(v) for k, v in kwargs.items()}
+            out, args, kwargs = wide
         target, shape = _gradient_target(module, out)
         # tensors inside lists and dicts are watched, not copied (the layer may fill the
         # container for the model to read): changed in place, they are refused
@@ -522,7 +519,7 @@ def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
                 *([target] if isinstance(target, torch.Tensor) else []))
         calls.append(_Call(module, args, kwargs, target, shape, held, versions(held),
                            wide is not None))
-        return copy(out) if isolate else wide
+        return copy(out) if isolate else out if wide is not None else None
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
     if isolate:
@@ -605,7 +602,7 @@ def clipped_sum(
     plan = plan_layers(model, trainable) if owners is None else owners
     refuse_unsupported(model, plan)
     if verify:
-        check_independent(model, loss_fn, inputs, targets, plan, forward, spreads=True)
+        check_independent(model, loss_fn, inputs, targets, plan, forward)
     rules = {m: rule_for(m) for m in plan}
     batch, k = len(targets), len(thetas)
     device = next(iter(trainable.values())).device

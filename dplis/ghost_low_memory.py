@@ -34,7 +34,6 @@ from torch import nn
 
 from .ghost import (
     GhostUnsupported,
-    _expanded,
     _label,
     batch_losses,
     check_independent,
@@ -101,9 +100,7 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
         wide = spread(args, kwargs, out, batch)
         calls.append((module, out.requires_grad, inputs, versions(inputs), wide is not None))
         if wide is not None:
-            out = wide
-            args = tuple(_expanded(a, batch) for a in args)
-            kwargs = {k: _expanded(v, batch) for k, v in kwargs.items()}
+            out, args, kwargs = wide
         return _Tap.apply(out, probe, lambda g: arrived(module, args, kwargs, g), copy)
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
@@ -153,7 +150,7 @@ def clipped_sum(
     plan = plan_layers(model, trainable) if owners is None else owners
     refuse_unsupported(model, plan)
     if verify:
-        check_independent(model, loss_fn, inputs, targets, plan, forward, spreads=True)
+        check_independent(model, loss_fn, inputs, targets, plan, forward)
     rules = {m: rule_for(m) for m in plan}
     batch = len(targets)
     first = next(iter(trainable.values()))
