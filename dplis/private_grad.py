@@ -3,11 +3,13 @@
 grad = ( Σ_i clip_C( (1/K) Σ_k ∇ℓ(θ + u_k; x_i) ) + N(0, (σC)² I) ) / expected_batch_size
 with u_k ~ N(0, s² I) drawn once per call and shared by the batch (s = 0, K = 1: DP-SGD).
 
-Two engines compute the clipped sum. "vmap": the trainable parameters are ONE flat vector
+Three engines compute the clipped sum. "vmap": the trainable parameters are ONE flat vector
 θ [D], so vmap(grad) yields one contiguous [K, B, D] buffer that ``kernels.fused_dp_step``
-clips, sums, noises and scales in one launch. "ghost" (``dplis.ghost``): one forward and
-backward per perturbation, per-example norms from layer activations and output gradients,
-no [B, D] buffer; its noise goes through ``kernels.add_noise``. Sums are accumulated in fp32.
+clips, sums, noises and scales in one launch. "loop": the same buffer from a Python loop of
+one-example forwards and backwards, for models torch.vmap cannot run (slow: B·K passes).
+"ghost" (``dplis.ghost``): one forward and backward per perturbation, per-example norms from
+layer activations and output gradients, no [B, D] buffer; its noise goes through
+``kernels.add_noise``. Sums are accumulated in fp32.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .validation import validate
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SEED_MAX = 2**62  # seeds drawn per step; a dropout stream is added to its seed
-ENGINES = ("auto", "vmap", "ghost")
+ENGINES = ("auto", "vmap", "ghost", "loop")
+PER_EXAMPLE_ENGINES = ("vmap", "loop")  # a [K, B, D] buffer of per-example gradients
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -49,7 +52,7 @@ class PrivateStep:
     grads: name -> private gradient (parameter shape and dtype); loss: mean per-example loss over
     the batch and the K perturbed points (non-private, for logging; NaN for an empty batch);
     norms: fp32 [B] norms of the K-averaged per-example gradients before clipping; engine:
-    the engine that computed them, "ghost" or "vmap" (what "auto" chose).
+    the engine that computed them, "ghost", "vmap" or "loop" (what "auto" chose).
     """
 
     grads: dict[str, torch.Tensor]
@@ -128,9 +131,10 @@ def restore_on_error(generator: torch.Generator | None) -> Iterator[None]:
 
 
 def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, targets, forward,
-                       compile):
+                       compile, loop=False):
     """[k, B, D] flat gradients and [k, B] losses at the k parameter points ``thetas`` [k, D]
-    (``compile``: through ``torch.compile``, see ``dplis.compiled``)."""
+    (``compile``: through ``torch.compile``, see ``dplis.compiled``; ``loop``: one example at
+    a time instead of vmap, ``_looped``)."""
     sizes = [s.numel() for s in shapes]
 
     def loss_one(flat, xs, y):
@@ -141,6 +145,9 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
             loss = loss_fn(out, y.unsqueeze(0)).float()
         return loss, loss.detach()
 
+    if loop:
+        with _modules_restored(model):
+            return _looped(loss_one, thetas, inputs, targets)
     per_example = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
     def batched(ths: torch.Tensor, xs: tuple, y: torch.Tensor):
@@ -155,8 +162,28 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
             layer = diagnose.running_module(e, model)
             if layer is not None:
                 diagnose.add_note(e, f"dplis: raised inside layer {layer} while the vmap "
-                                     "engine ran the model under torch.vmap")
+                                     "engine ran the model under torch.vmap; engine='loop' "
+                                     "runs each example alone without it (slower)")
             raise
+
+
+def _looped(loss_one: Callable, thetas: torch.Tensor, inputs: tuple, targets: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[k, B, D] gradients and [k, B] fp32 losses of ``loss_one(flat θ, one example's inputs,
+    its target) -> (loss, value)`` at each of the k points ``thetas`` [k, D], one example at a
+    time with autograd (B·k forwards and backwards): what the vmap engine computes, for a
+    model torch.vmap cannot run (data-dependent control flow, transformers' padding masks)."""
+    k, batch = thetas.shape[0], len(targets)
+    grads = thetas.new_zeros(k, batch, thetas.shape[1])
+    losses = torch.zeros(k, batch, device=thetas.device)
+    for i in range(k):
+        flat = thetas[i].detach().requires_grad_()
+        for b in range(batch):
+            loss, losses[i, b] = loss_one(flat, tuple(x[b] for x in inputs), targets[b])
+            (g,) = torch.autograd.grad(loss, flat, allow_unused=True)
+            if g is not None:  # None: no trainable parameter reached the loss
+                grads[i, b] = g
+    return grads, losses
 
 
 @contextlib.contextmanager
@@ -178,7 +205,7 @@ def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor
                    plan: dict | None = None, low_memory: bool = False,
                    num_perturbations: int = 1, compile: bool = False,
                    precision: str = "fp32") -> str:
-    """"ghost" or "vmap". "auto" means ghost, its layers without a rule through the vmap
+    """"ghost", "vmap" or "loop". "auto" means ghost, its layers without a rule through the vmap
     fallback (faster than the vmap engine on every model measured, even one without any
     rule); ``private_step`` then runs the vmap engine where ghost raises
     ``ghost.GhostUnsupported``. With ``compile``, "auto" is vmap unless every layer owning a
@@ -190,8 +217,8 @@ def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor
     ``plan``: ``ghost.plan_layers(model, params)`` when the caller has it already."""
     checks.choice("engine", engine, ENGINES)
     if checks.flag("low_memory", low_memory):
-        if engine == "vmap":
-            raise ValueError('low_memory=True is a mode of the ghost engine; engine="vmap" '
+        if engine in PER_EXAMPLE_ENGINES:
+            raise ValueError(f'low_memory=True is a mode of the ghost engine; engine="{engine}" '
                              'materialises [B, D] per-example gradients: use engine="ghost" '
                              'or "auto"')
         if num_perturbations != 1:
@@ -213,6 +240,8 @@ def resolve_engine(engine: str, model: nn.Module, params: dict[str, torch.Tensor
 def compile_applies(compile: bool, requested: str, engine: str) -> bool:
     """Whether ``compile`` takes effect: the vmap engine compiles; asking the ghost engine to
     raises, and "auto" resolved to ghost warns that ``compile`` does nothing."""
+    if checks.flag("compile", compile) and engine == "loop":
+        raise ValueError('compile=True applies to engine="vmap"; the loop engine runs eager')
     if checks.flag("compile", compile) and engine == "ghost":
         if requested == "ghost":
             raise ValueError('compile=True applies to engine="vmap"; the ghost engine runs eager')
@@ -252,10 +281,13 @@ def private_step(
     ``private_grad``.
 
     ``engine``: "vmap" (per-example gradients by vmap(grad), fused kernel clip + noise),
-    "ghost" (``dplis.ghost``: one forward + backward per perturbation, no [B, D] buffer) or
-    "auto": ghost, and the vmap engine if ghost raises ``ghost.GhostUnsupported`` (a layer
-    returning a tuple, a layer input without the batch dimension, a parameter used outside
-    its layer: found by running it, so such a model pays a ghost attempt per call;
+    "loop" (the same gradients from one-example forwards and backwards in a Python loop, B·K
+    of them: for a model torch.vmap cannot run, such as data-dependent control flow or
+    transformers' padding-mask code), "ghost" (``dplis.ghost``: one forward + backward per
+    perturbation, no [B, D] buffer) or "auto": ghost, and the vmap engine if ghost raises
+    ``ghost.GhostUnsupported`` (a layer returning a tuple, a layer input without the batch
+    dimension, a parameter used outside its layer: found by running it, so such a model pays
+    a ghost attempt per call;
     ``PrivateTrainer`` remembers the outcome of its first step; with ``compile=True``, see
     ``resolve_engine``). ``max_physical_batch_size`` splits the batch into chunks whose
     clipped sums are added up before the noise is added once (a logical batch larger than
@@ -347,7 +379,7 @@ def private_step(
         theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
         if offset is not None:
             theta = theta + offset.to(theta)
-    if engine == "vmap":
+    if engine in PER_EXAMPLE_ENGINES:
         frozen = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())
                   if n not in params}
 
@@ -357,7 +389,8 @@ def private_step(
     def vmap_grads(x: tuple, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[1 or K, b, D] per-example gradients (K-averaged when chunked) and [K, b] losses."""
         parts = [_per_example_grads(model, loss_fn, list(params), shapes, thetas[i:i + chunk],
-                                    frozen, x, y, forward, compile) for i in range(0, k, chunk)]
+                                    frozen, x, y, forward, compile, engine == "loop")
+                 for i in range(0, k, chunk)]
         losses = torch.cat([p[1] for p in parts])
         if len(parts) == 1:
             return parts[0][0], losses
@@ -394,7 +427,7 @@ def private_step(
                 torch.random.default_generator.manual_seed(dropout_seed)
                 if fork_devices:
                     torch.cuda.manual_seed(dropout_seed)
-            if engine == "vmap" and 0 < batch <= physical:
+            if engine in PER_EXAMPLE_ENGINES and 0 < batch <= physical:
                 # the common case: one fused kernel pass clips, sums, noises and scales
                 flat, losses = vmap_grads(inputs, targets)
                 _check_losses(losses)
@@ -453,7 +486,7 @@ def private_grad(
     (fixed-size batches; under Poisson sampling pass q·N: the realised B is not private).
     ``generator`` makes noise, perturbations and dropout masks reproducible. On error (bad
     argument, NaN/inf loss or gradient) nothing changes, the generator included.
-    ``options`` (see ``private_step``): ``engine`` ("auto" | "vmap" | "ghost"),
+    ``options`` (see ``private_step``): ``engine`` ("auto" | "vmap" | "ghost" | "loop"),
     ``max_physical_batch_size``, ``perturbation_chunk_size`` (vmap: how many of the K batched
     perturbed passes are stored at once), ``backend``, ``offset``, ``secure_rng``,
     ``precision``, ``compile`` (vmap engine: ``torch.compile``, see ``dplis.compiled``),

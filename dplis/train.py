@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: autocast forward/backward; norms, clipping, noise in fp32")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="per-example engine (auto: ghost, or vmap where ghost cannot handle "
-                        "the model)")
+                        "the model; loop: one example at a time, for models vmap cannot run)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the vmap engine's per-example gradients (--engine vmap)")
     p.add_argument("--low-memory", action="store_true",
@@ -162,8 +162,9 @@ def run(args: argparse.Namespace) -> dict:
                          f"--method dpsgd (got --perturbations {args.perturbations})")
     if args.low_memory and args.precision != "fp32":
         raise SystemExit("--low-memory runs in fp32 only: drop --precision bf16")
-    if args.low_memory and args.engine == "vmap":
-        raise SystemExit("--low-memory is a mode of the ghost engine: drop --engine vmap")
+    if args.low_memory and args.engine in ("vmap", "loop"):
+        raise SystemExit(f"--low-memory is a mode of the ghost engine: drop --engine "
+                         f"{args.engine}")
     if args.model == "cnn" and args.dataset == "mnist1d":
         raise SystemExit("--model cnn takes images (mnist, fashion-mnist, cifar10); for mnist1d "
                          "use mlp or conv1d")

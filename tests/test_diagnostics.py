@@ -79,14 +79,17 @@ def test_a_vmap_failure_names_the_layer_and_auto_says_why_ghost_was_not_used():
     with pytest.raises(RuntimeError, match="calling .item") as raised:
         dplis.private_step(model, F.cross_entropy, x, y, **ZERO)
     notes = "\n".join(getattr(raised.value, "__notes__", []))
-    assert "raised inside layer gate (Gate) while the vmap engine ran the model" in notes
+    assert "raised inside layer gate (Gate) while the vmap engine ran the model under " \
+           "torch.vmap; engine='loop' runs each example alone without it (slower)" in notes
     assert "engine='auto' ran the vmap engine because the ghost engine could not: the ghost " \
            "engine needs layer att (MultiheadAttention) to return one tensor" in notes
     with pytest.raises(RuntimeError) as raised:
         dplis.private_step(model, F.cross_entropy, x, y, engine="vmap", **ZERO)
     assert raised.value.__notes__ == [
         "dplis: raised inside layer gate (Gate) while the vmap engine ran the model under "
-        "torch.vmap"]
+        "torch.vmap; engine='loop' runs each example alone without it (slower)"]
+    loop = dplis.private_step(model, F.cross_entropy, x, y, engine="loop", **ZERO)
+    assert_close(loop.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
 
 
 def test_lazy_and_complex_parameters_are_refused_naming_the_parameter():
@@ -122,4 +125,4 @@ def test_a_note_is_added_once_to_an_exception_raised_again():
             dplis.private_step(model, F.cross_entropy, x, y, engine="vmap", **ZERO)
     assert raised.value.__notes__ == [
         "dplis: raised inside layer <root> (SameError) while the vmap engine ran the model "
-        "under torch.vmap"]
+        "under torch.vmap; engine='loop' runs each example alone without it (slower)"]

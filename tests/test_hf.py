@@ -136,3 +136,40 @@ def test_bert_with_its_default_positions_runs_the_ghost_engine(low_memory):
     assert step.engine == "ghost"
     assert_close(step.grads, naive_private_grad(model, lm_loss, (tokens, mask), targets,
                                                 max_grad_norm=0.1))
+
+
+class Seq2Seq(torch.nn.Module):
+    """(tokens, mask, decoder tokens) -> decoder logits of a transformers encoder-decoder."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens, mask, decoder_tokens):
+        return self.lm(input_ids=tokens, attention_mask=mask, decoder_input_ids=decoder_tokens,
+                       use_cache=False).logits
+
+
+def test_t5_with_padding_runs_the_loop_engine():
+    """The ghost engine refuses T5's relative-position table (its input has no batch
+    dimension) and the vmap engine cannot run transformers' padding-mask code, so "auto"
+    fails, with both reasons in its notes; engine="loop" runs it."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                   num_decoder_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    model = Seq2Seq(transformers.T5ForConditionalGeneration(config))
+    tokens, mask, _ = batch()
+    decoder = torch.randint(1, 40, (3, 5))
+    targets = decoder.roll(-1, 1)
+    inputs = (tokens, mask, decoder)
+    with pytest.raises(RuntimeError) as raised:
+        dplis.private_step(model, lm_loss, inputs, targets, max_grad_norm=0.1,
+                           noise_multiplier=0.0)
+    notes = "\n".join(raised.value.__notes__)
+    assert "engine='loop' runs each example alone" in notes and "relative_attention_bias" in notes
+    step = dplis.private_step(model, lm_loss, inputs, targets, max_grad_norm=0.1,
+                              noise_multiplier=0.0, engine="loop")
+    assert_close(step.grads, naive_private_grad(model, lm_loss, inputs, targets,
+                                                max_grad_norm=0.1))
