@@ -20,6 +20,7 @@ import time
 import torch
 
 from dplis.allocator import MALLOC_MODES
+from dplis.private_grad import ENGINES
 
 from .cases import (
     DEFAULT_MODELS,
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clipping bound C (default %(default)s)")
     p.add_argument("--noise-multiplier", type=float, default=Settings.noise_multiplier,
                    help="noise multiplier sigma (default %(default)s)")
-    p.add_argument("--dplis-engine", choices=("auto", "vmap", "ghost"), default=None,
+    p.add_argument("--dplis-engine", choices=ENGINES, default=None,
                    help="dplis per-example engine for the dplis_* modes and the equivalence "
                         "check (default: the library default, auto)")
     p.add_argument("--threads", type=int, default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.cases import DEFAULT_MODELS
+from dplis.private_grad import ENGINES
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -17,7 +18,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated models (default {','.join(DEFAULT_MODELS)})")
     group.addoption("--bench-rounds", type=int, default=5,
                     help="timed steps per case (default 5)")
-    group.addoption("--bench-dplis-engine", default=None, choices=("auto", "vmap", "ghost"),
+    group.addoption("--bench-dplis-engine", default=None, choices=ENGINES,
                     help="dplis engine for the dplis_* cases (default: the library default)")
     group.addoption("--bench-threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's default)")
