@@ -368,6 +368,16 @@ def _reads(args: tuple, storages: set[int]) -> bool:
         and args[0].untyped_storage().data_ptr() in storages
 
 
+def inputs_kept(tensors: list, seen: tuple[int, ...]) -> None:
+    """Refuse (ValueError) a model that changed its input in place during a forward when
+    K > 1 passes must see the same input; ``seen``: ``versions(tensors)`` before."""
+    if versions(tensors) != seen:
+        raise ValueError("the model changed its input in place during a forward (e.g. "
+                         "x.mul_(2)): the K perturbed passes would not see the same input and "
+                         "the recorded activations would be overwritten. Compute on a copy "
+                         "in the model (x = x * 2 instead of x.mul_(2))")
+
+
 def versions(tensors: tuple) -> tuple[int, ...]:
     """Version counters of the tensors among ``tensors`` (in-place detection; inference
     tensors have none)."""
@@ -685,11 +695,8 @@ def clipped_sum(
                 with exact_fp32(device):
                     for g in grads.values():
                         g.settle(k / done)
-    if k > 1 and versions(tensors) != inputs_seen:
-        raise ValueError("the model changed its input in place during a forward (e.g. "
-                         "x.mul_(2)): the K perturbed passes would not see the same input and "
-                         "the recorded activations would be overwritten. Compute on a copy "
-                         "in the model (x = x * 2 instead of x.mul_(2))")
+    if k > 1:
+        inputs_kept(tensors, inputs_seen)
     losses = torch.stack(losses)
     with exact_fp32(device):  # the norms and the sum from the same factors, in IEEE fp32
         norms, c = clip_of([g.finish() for g in grads.values() if not g.empty], batch, losses,

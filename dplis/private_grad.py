@@ -146,8 +146,15 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
         return loss, loss.detach()
 
     if loop:
-        with _modules_restored(model):
-            return _looped(loss_one, thetas, inputs, targets)
+        with _modules_restored(model), torch.enable_grad():
+            try:
+                return _looped(loss_one, thetas, inputs, targets)
+            except Exception as e:
+                layer = diagnose.running_module(e, model)
+                if layer is not None:
+                    diagnose.add_note(e, f"dplis: raised inside layer {layer} while the loop "
+                                         "engine ran the model on one example")
+                raise
     per_example = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
     def batched(ths: torch.Tensor, xs: tuple, y: torch.Tensor):
@@ -176,13 +183,17 @@ def _looped(loss_one: Callable, thetas: torch.Tensor, inputs: tuple, targets: to
     k, batch = thetas.shape[0], len(targets)
     grads = thetas.new_zeros(k, batch, thetas.shape[1])
     losses = torch.zeros(k, batch, device=thetas.device)
+    seen = ghost.versions(inputs)
     for i in range(k):
         flat = thetas[i].detach().requires_grad_()
         for b in range(batch):
             loss, losses[i, b] = loss_one(flat, tuple(x[b] for x in inputs), targets[b])
-            (g,) = torch.autograd.grad(loss, flat, allow_unused=True)
-            if g is not None:  # None: no trainable parameter reached the loss
-                grads[i, b] = g
+            if loss.requires_grad:  # else no trainable parameter reached it: zeros
+                (g,) = torch.autograd.grad(loss, flat, allow_unused=True)
+                if g is not None:
+                    grads[i, b] = g
+        if k > 1:  # every point must see the same examples
+            ghost.inputs_kept(list(inputs), seen)
     return grads, losses
 
 

@@ -70,3 +70,62 @@ def test_a_trainer_on_the_loop_engine_takes_the_vmap_trainers_steps():
     assert loop.engine == "loop"
     for a, b in zip(loop.model.parameters(), vmap.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+class ExampleGate(torch.nn.Module):
+    """Per example (as the loop runs it): the layer's output if the example sums above 0,
+    else constant zeros, whose loss reaches no parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else torch.zeros(x.shape[0], 3)
+
+
+def test_an_example_whose_loss_reaches_no_parameter_gets_a_zero_gradient():
+    """autograd.grad refused a loss without a graph ("element 0 of tensors does not require
+    grad"), also under torch.no_grad() for every example."""
+    torch.manual_seed(0)
+    model, x, y = ExampleGate(), torch.randn(5, 6), torch.randint(0, 3, (5,))
+    assert not all(x.sum(1) > 0)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(5):
+        if x[i].sum() > 0:
+            grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                        list(model.parameters()))
+            norm = float(torch.sqrt(sum(g.square().sum() for g in grads)))
+            for (n, _), g in zip(model.named_parameters(), grads):
+                expected[n] += g * min(1.0, 0.3 / (norm + 1e-6)) / 5
+    with torch.no_grad():  # the loop takes its own gradients
+        got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3,
+                                 noise_multiplier=0.0, engine="loop")
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], atol=1e-7, rtol=1e-5)
+
+
+class ScalesItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return self.lin(x)
+
+
+def test_loop_refuses_an_input_changed_in_place_with_k_passes_and_names_failing_layers():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="the model changed its input in place during a forward"):
+        dplis.private_step(ScalesItsInput(), F.cross_entropy, x.clone(), y, max_grad_norm=1.0,
+                           noise_multiplier=0.0, engine="loop", num_perturbations=3,
+                           smoothing_std=0.01)
+    wrong = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(5, 3))
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as raised:
+        dplis.private_step(wrong, F.cross_entropy, x, y, max_grad_norm=1.0,
+                           noise_multiplier=0.0, engine="loop")
+    assert raised.value.__notes__ == [
+        "dplis: raised inside layer 1 (Linear) while the loop engine ran the model on one "
+        "example"]
