@@ -298,7 +298,8 @@ def private_step(
     perturbation, no [B, D] buffer) or "auto": ghost, and the vmap engine if ghost raises
     ``ghost.GhostUnsupported`` (a layer returning a tuple, a layer input without the batch
     dimension, a parameter used outside its layer: found by running it, so such a model pays
-    a ghost attempt per call;
+    a ghost attempt per call), and the loop engine, with a warning, if torch.vmap then refuses
+    the model (``diagnose.vmap_refused``;
     ``PrivateTrainer`` remembers the outcome of its first step; with ``compile=True``, see
     ``resolve_engine``). ``max_physical_batch_size`` splits the batch into chunks whose
     clipped sums are added up before the noise is added once (a logical batch larger than
@@ -360,11 +361,23 @@ def private_step(
         try:  # a failing step changes nothing: the vmap engine then starts from the same state
             return private_step(**{**call, "engine": "ghost", "compile": False})
         except ghost.GhostUnsupported as unsupported:
+            reason = f"the ghost engine could not: {unsupported}"
             try:
                 return private_step(**{**call, "engine": "vmap", "compile": False})
             except Exception as e:
-                diagnose.add_note(e, "dplis: engine='auto' ran the vmap engine because the "
-                                     f"ghost engine could not: {unsupported}")
+                diagnose.add_note(e, f"dplis: engine='auto' ran the vmap engine because {reason}")
+                if not diagnose.vmap_refused(e):
+                    raise
+                refused = e
+            warnings.warn(f"engine='auto' runs the loop engine for this model (one example at a "
+                          f"time, slower): {reason}; and torch.vmap could not: "
+                          f"{str(refused).splitlines()[0]}. Pass engine='loop' to choose it",
+                          stacklevel=2)
+            try:
+                return private_step(**{**call, "engine": "loop", "compile": False})
+            except Exception as e:
+                diagnose.add_note(e, f"dplis: engine='auto' ran the loop engine because {reason}, "
+                                     f"and torch.vmap could not: {refused}")
                 raise
     first = next(iter(params.values()))
     device, dtype = first.device, first.dtype

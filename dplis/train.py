@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: autocast forward/backward; norms, clipping, noise in fp32")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="per-example engine (auto: ghost, or vmap where ghost cannot handle "
-                        "the model; loop: one example at a time, for models vmap cannot run)")
+                        "the model, or loop where vmap cannot either; loop: one example at a "
+                        "time)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the vmap engine's per-example gradients (--engine vmap)")
     p.add_argument("--low-memory", action="store_true",

@@ -55,8 +55,9 @@ class PrivateTrainer:
     initial learning rate). ``smoothing_schedule``: "constant", "lr" (s follows the current
     learning rate: s·lr_t/lr_0) or "linear" (s decays linearly to 0 over ``steps``/``epochs``).
     ``engine``: "auto" (ghost, or vmap where the first step finds that ghost cannot handle
-    the model; ``engine`` then says which ran), "ghost", "vmap" or "loop" (the vmap engine's
-    gradients one example at a time, for a model torch.vmap cannot run);
+    the model, or loop where torch.vmap cannot either; ``engine`` then says which ran),
+    "ghost", "vmap" or "loop" (the vmap engine's gradients one example at a time, for a model
+    torch.vmap cannot run);
     ``max_physical_batch_size`` bounds memory: the Poisson batch is processed in chunks and
     the noise added once per logical step (Opacus's virtual steps). ``compile=True`` (vmap
     engine) runs the per-example gradients through ``torch.compile`` (``dplis.compiled``).

@@ -73,23 +73,50 @@ class AttentionWithGate(nn.Module):
         return self.head(self.gate(self.att(x, x, x)[0].mean(1)))
 
 
-def test_a_vmap_failure_names_the_layer_and_auto_says_why_ghost_was_not_used():
+def test_a_vmap_failure_names_the_layer_and_auto_runs_the_loop_engine_saying_why():
+    """"auto" used to end with torch's vmap error (the ghost reason only in the chain)."""
     torch.manual_seed(0)
     model, x, y = AttentionWithGate(), torch.randn(5, 4, 8), torch.randint(0, 3, (5,))
-    with pytest.raises(RuntimeError, match="calling .item") as raised:
-        dplis.private_step(model, F.cross_entropy, x, y, **ZERO)
-    notes = "\n".join(getattr(raised.value, "__notes__", []))
-    assert "raised inside layer gate (Gate) while the vmap engine ran the model under " \
-           "torch.vmap; engine='loop' runs each example alone without it (slower)" in notes
-    assert "engine='auto' ran the vmap engine because the ghost engine could not: the ghost " \
-           "engine needs layer att (MultiheadAttention) to return one tensor" in notes
+    expected = naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3)
+    with pytest.warns(UserWarning, match=r"engine='auto' runs the loop engine for this model "
+                                         r"\(one example at a time, slower\): the ghost engine "
+                                         r"could not: the ghost engine needs layer att "
+                                         r"\(MultiheadAttention\) to return one tensor, got "
+                                         r"tuple.*; and torch.vmap could not: vmap: It looks "
+                                         r"like you're either \(1\) calling .item"):
+        auto = dplis.private_step(model, F.cross_entropy, x, y, **ZERO)
+    assert auto.engine == "loop"
+    assert_close(auto.grads, expected)
     with pytest.raises(RuntimeError) as raised:
         dplis.private_step(model, F.cross_entropy, x, y, engine="vmap", **ZERO)
     assert raised.value.__notes__ == [
         "dplis: raised inside layer gate (Gate) while the vmap engine ran the model under "
         "torch.vmap; engine='loop' runs each example alone without it (slower)"]
-    loop = dplis.private_step(model, F.cross_entropy, x, y, engine="loop", **ZERO)
-    assert_close(loop.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
+
+
+class Broken(nn.Module):
+    """Fails on a batch of one (as the vmap engine runs each example), not on the batch."""
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            raise ValueError("a bug in the model")
+        return x
+
+
+class AttentionThenBroken(AttentionWithGate):
+    def __init__(self):
+        super().__init__()
+        self.gate = Broken()
+
+
+def test_an_error_vmap_did_not_cause_is_raised_by_auto_with_the_ghost_reason():
+    model, x, y = AttentionThenBroken(), torch.randn(5, 4, 8), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="a bug in the model") as raised:
+        dplis.private_step(model, F.cross_entropy, x, y, **ZERO)
+    notes = "\n".join(raised.value.__notes__)
+    assert "raised inside layer gate (Broken) while the vmap engine ran" in notes
+    assert "engine='auto' ran the vmap engine because the ghost engine could not: the ghost " \
+           "engine needs layer att (MultiheadAttention) to return one tensor" in notes
 
 
 def test_lazy_and_complex_parameters_are_refused_naming_the_parameter():
