@@ -10,7 +10,7 @@
 - Dropout between stacked layers (``dropout > 0``, ``num_layers > 1``, training mode)
   draws its masks inside the fused op, which vmap cannot give each example its own of
   ("Cannot ask for different inplace randomness on an unbatched tensor"): refused with a
-  message naming the layer.
+  message naming the layer (the loop engine runs it: "auto" falls back to it).
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ def _prepared(module: nn.RNNBase, args: tuple, kwargs: dict, *, names: dict
     """Forward pre-hook: refuse dropout between layers; a call without ``hx`` (absent or
     None) gets ``zero_state``."""
     if module.training and module.dropout > 0 and module.num_layers > 1:
-        raise ValueError(
+        raise RuntimeError(  # a refusal of torch.vmap's: "auto" then runs the loop engine
             f"layer {names[module]} ({type(module).__name__}) applies dropout={module.dropout} "
             "between its stacked layers in training mode, which torch.vmap cannot draw per "
-            "example (the masks are made inside the fused recurrent op). Set its dropout to "
-            "0 and apply nn.Dropout between single-layer recurrent modules, or call "
-            ".eval() on it")
+            "example (the masks are made inside the fused recurrent op). Use engine='loop', "
+            "or set its dropout to 0 and apply nn.Dropout between single-layer recurrent "
+            "modules, or call .eval() on it")
     input = args[0] if args else kwargs.get("input")
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     if not isinstance(input, torch.Tensor) or hx is not None:

@@ -92,19 +92,28 @@ def test_recurrent_layers_with_perturbation_passes_and_a_frozen_layer():
     assert_close(step.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
 
 
-def test_dropout_between_recurrent_layers_is_refused_and_the_step_changes_nothing():
+def test_dropout_between_recurrent_layers_is_refused_by_vmap_and_auto_runs_the_loop():
     torch.manual_seed(0)
     model = Recurrent(nn.GRU, "none", num_layers=2, dropout=0.2)
     x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
-    trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                   F.cross_entropy, sample_rate=0.1, max_grad_norm=1.0,
-                                   noise_multiplier=1.0, seed=0, expected_batch_size=5)
-    before = snapshot(trainer)
-    with pytest.raises(ValueError, match=r"layer rnn \(GRU\) applies dropout=0.2 between its "
-                                         r"stacked layers"):
-        trainer.step(x, y)
-    assert same(before, snapshot(trainer)) and trainer.accountant.steps == 0
+
+    def trainer(engine):
+        return dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    F.cross_entropy, sample_rate=0.1, max_grad_norm=1.0,
+                                    noise_multiplier=1.0, seed=0, expected_batch_size=5,
+                                    engine=engine)
+
+    forced = trainer("vmap")
+    before = snapshot(forced)
+    with pytest.raises(RuntimeError, match=r"layer rnn \(GRU\) applies dropout=0.2 between "
+                                           r"its stacked layers"):
+        forced.step(x, y)
+    assert same(before, snapshot(forced)) and forced.accountant.steps == 0
     assert not model.rnn._forward_pre_hooks
+    auto = trainer("auto")
+    with pytest.warns(UserWarning, match="runs the loop engine"):
+        auto.step(x, y)
+    assert auto.engine == "loop" and auto.accountant.steps == 1
     model.eval()  # no dropout: the same model now runs
     assert_close(dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3,
                                     noise_multiplier=0.0),
@@ -128,3 +137,27 @@ def test_a_recurrent_subclass_with_its_own_forward_is_left_as_it_is():
     step = dplis.private_step(model, F.cross_entropy, x, y, max_grad_norm=0.3,
                               noise_multiplier=0.0, engine="vmap")
     assert_close(step.grads, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
+
+
+class Packed(nn.Module):
+    """Variable-length sequences through pack_padded_sequence: torch.vmap cannot pack per
+    example (the lengths are read as Python numbers), the loop engine can."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(6, 7, batch_first=True), nn.Linear(7, 3)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def test_packed_sequences_run_on_the_loop_engine():
+    torch.manual_seed(0)
+    model, x = Packed(), torch.randn(5, 4, 6)
+    inputs, y = (x, torch.tensor([4, 2, 3, 1, 4])), torch.randint(0, 3, (5,))
+    step = dplis.private_step(model, F.cross_entropy, inputs, y, max_grad_norm=0.3,
+                              noise_multiplier=0.0, engine="loop")
+    assert_close(step.grads, naive_private_grad(model, F.cross_entropy, inputs, y,
+                                                max_grad_norm=0.3))
