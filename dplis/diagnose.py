@@ -28,17 +28,6 @@ def running_module(error: BaseException, model: nn.Module) -> str | None:
     return f"{names[id(found)] or '<root>'} ({type(found).__name__})"
 
 
-def vmap_refused(error: BaseException) -> bool:
-    """Whether ``error`` is torch.func's transforms refusing what the model does (data-
-    dependent control flow, ``.item()``, an op without a batching rule, a custom
-    ``autograd.Function`` without ``setup_context``, ``requires_grad_`` inside the
-    transform): the model could run one example at a time (the loop engine)."""
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        s in text for s in ("vmap", "functorch", "Batching rule", "batching rule",
-                            "torch.func"))
-
-
 def add_note(error: BaseException, note: str) -> None:
     """``error.add_note(note)`` (Python ≥ 3.11; nothing on 3.10): shown under the message;
     once (a model may raise the same exception object at every call)."""

@@ -298,8 +298,10 @@ def private_step(
     perturbation, no [B, D] buffer) or "auto": ghost, and the vmap engine if ghost raises
     ``ghost.GhostUnsupported`` (a layer returning a tuple, a layer input without the batch
     dimension, a parameter used outside its layer: found by running it, so such a model pays
-    a ghost attempt per call), and the loop engine, with a warning, if torch.vmap then refuses
-    the model (``diagnose.vmap_refused``;
+    a ghost attempt per call), and the loop engine, with a warning, if the vmap engine then
+    fails with a RuntimeError (torch.func refusing the model: data-dependent control flow, an
+    op without a batching rule, packing sequences; the loop computes exactly what vmap would,
+    so a model it runs gets the same result;
     ``PrivateTrainer`` remembers the outcome of its first step; with ``compile=True``, see
     ``resolve_engine``). ``max_physical_batch_size`` splits the batch into chunks whose
     clipped sums are added up before the noise is added once (a logical batch larger than
@@ -366,7 +368,7 @@ def private_step(
                 return private_step(**{**call, "engine": "vmap", "compile": False})
             except Exception as e:
                 diagnose.add_note(e, f"dplis: engine='auto' ran the vmap engine because {reason}")
-                if not diagnose.vmap_refused(e):
+                if not isinstance(e, RuntimeError):  # a bad argument, a non-finite loss
                     raise
                 refused = e
             warnings.warn(f"engine='auto' runs the loop engine for this model (one example at a "

@@ -153,11 +153,16 @@ class Packed(nn.Module):
         return self.head(self.rnn(packed)[1][-1])
 
 
-def test_packed_sequences_run_on_the_loop_engine():
+def test_packed_sequences_run_on_the_loop_engine_also_under_auto():
     torch.manual_seed(0)
     model, x = Packed(), torch.randn(5, 4, 6)
     inputs, y = (x, torch.tensor([4, 2, 3, 1, 4])), torch.randint(0, 3, (5,))
+    expected = naive_private_grad(model, F.cross_entropy, inputs, y, max_grad_norm=0.3)
     step = dplis.private_step(model, F.cross_entropy, inputs, y, max_grad_norm=0.3,
                               noise_multiplier=0.0, engine="loop")
-    assert_close(step.grads, naive_private_grad(model, F.cross_entropy, inputs, y,
-                                                max_grad_norm=0.3))
+    assert_close(step.grads, expected)
+    with pytest.warns(UserWarning, match="runs the loop engine"):
+        auto = dplis.private_step(model, F.cross_entropy, inputs, y, max_grad_norm=0.3,
+                                  noise_multiplier=0.0)
+    assert auto.engine == "loop"
+    assert_close(auto.grads, expected)
