@@ -28,6 +28,14 @@ def running_module(error: BaseException, model: nn.Module) -> str | None:
     return f"{names[id(found)] or '<root>'} ({type(found).__name__})"
 
 
+def note_layer(error: BaseException, model: nn.Module, how: str) -> None:
+    """Note on ``error`` the layer of ``model`` that was running (``running_module``), if any:
+    "dplis: raised inside layer <name> (<Type>) <how>"."""
+    layer = running_module(error, model)
+    if layer is not None:
+        add_note(error, f"dplis: raised inside layer {layer} {how}")
+
+
 def add_note(error: BaseException, note: str) -> None:
     """``error.add_note(note)`` (Python ≥ 3.11; nothing on 3.10): shown under the message;
     once (a model may raise the same exception object at every call)."""

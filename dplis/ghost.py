@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -368,7 +368,7 @@ def _reads(args: tuple, storages: set[int]) -> bool:
         and args[0].untyped_storage().data_ptr() in storages
 
 
-def inputs_kept(tensors: list, seen: tuple[int, ...]) -> None:
+def inputs_kept(tensors: Sequence[torch.Tensor], seen: tuple[int, ...]) -> None:
     """Refuse (ValueError) a model that changed its input in place during a forward when
     K > 1 passes must see the same input; ``seen``: ``versions(tensors)`` before."""
     if versions(tensors) != seen:

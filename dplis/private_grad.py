@@ -150,10 +150,8 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
             try:
                 return _looped(loss_one, thetas, inputs, targets)
             except Exception as e:
-                layer = diagnose.running_module(e, model)
-                if layer is not None:
-                    diagnose.add_note(e, f"dplis: raised inside layer {layer} while the loop "
-                                         "engine ran the model on one example")
+                diagnose.note_layer(e, model, "while the loop engine ran the model on one "
+                                              "example")
                 raise
     per_example = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
@@ -166,11 +164,9 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
                 return compiled.run_padded(batched, thetas, inputs, targets)
             return batched(thetas, inputs, targets)
         except Exception as e:  # torch's vmap errors name no layer: say which one ran
-            layer = diagnose.running_module(e, model)
-            if layer is not None:
-                diagnose.add_note(e, f"dplis: raised inside layer {layer} while the vmap "
-                                     "engine ran the model under torch.vmap; engine='loop' "
-                                     "runs each example alone without it (slower)")
+            diagnose.note_layer(e, model, "while the vmap engine ran the model under "
+                                          "torch.vmap; engine='loop' runs each example alone "
+                                          "without it (slower)")
             raise
 
 
@@ -193,7 +189,7 @@ def _looped(loss_one: Callable, thetas: torch.Tensor, inputs: tuple, targets: to
                 if g is not None:
                     grads[i, b] = g
         if k > 1:  # every point must see the same examples
-            ghost.inputs_kept(list(inputs), seen)
+            ghost.inputs_kept(inputs, seen)
     return grads, losses
 
 
