@@ -199,7 +199,9 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
                 f"the model failed on the ghost engine's independence check, a batch of the "
                 f"same shape with {what}: {e}. Use engine='vmap'") from e
 
-    def mixing(context: Callable) -> tuple[str | None, bool]:
+    def mixing(context: Callable) -> tuple[str | None, bool, list]:
+        """What changed for kept examples when the others were replaced, or None; whether
+        autocast was on; the whole batch's projections."""
         whole, autocast = run(rows, context)
         for keep in halves:
             kept = rows[keep]
@@ -209,8 +211,8 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
                                             "some examples replaced by copies of others"),
                              kept, kept)
             if changed:
-                return changed, autocast
-        return None, autocast
+                return changed, autocast, whole
+        return None, autocast, whole
 
     def positional(context: Callable) -> str | None:
         """What does not follow the examples when each moves one place in the batch (the
@@ -227,9 +229,9 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
                                                 else []):
         try:
-            verdict, autocast = mixing(forward)
+            verdict, autocast, whole = mixing(forward)
             if verdict and autocast:  # another dtype path for a batch: compared in fp32
-                verdict, _ = mixing(contextlib.nullcontext)
+                verdict, _, _ = mixing(contextlib.nullcontext)
             moves = None if verdict else positional(forward)
             if moves and autocast:
                 moves = positional(contextlib.nullcontext)
@@ -237,7 +239,7 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
             if shared and not (verdict or moves):
                 wide = checked(rows, forward, "the outputs of layers shared by the batch "
                                "expanded to it", widen=widened)[-1:]
-                if not differ(run(rows, forward)[0][-1:], wide, rows, rows):
+                if not differ(whole[-1:], wide, rows, rows):  # the same forward's losses
                     widened = []
         finally:
             reset()
