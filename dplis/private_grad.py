@@ -334,10 +334,10 @@ def private_step(
     std = checks.non_negative("smoothing_std", smoothing_std)
     k = checks.integer("num_perturbations", num_perturbations, 1)
     stream = checks.integer("dropout_stream", dropout_stream, 0, 2**31 - 1)
+    if checks.flag("secure_rng", secure_rng) and noise_seed is not None:
+        raise ValueError("secure_rng=True takes no noise_seed: its noise comes from "
+                         "os.urandom and must not be replayable")
     if noise_seed is not None:
-        if secure_rng:
-            raise ValueError("secure_rng=True takes no noise_seed: its noise comes from "
-                             "os.urandom and must not be replayable")
         noise_seed = checks.integer("noise_seed", noise_seed, 0, kernels.SEED_MAX - 1)
     chunk = k if perturbation_chunk_size is None else checks.integer(
         "perturbation_chunk_size", perturbation_chunk_size, 1)

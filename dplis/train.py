@@ -201,7 +201,10 @@ def run(args: argparse.Namespace) -> dict:
         precision=args.precision, dataset_size=len(train), engine=args.engine,
         compile=args.compile, low_memory=args.low_memory)
     if args.resume:
-        trainer.load(args.checkpoint)
+        try:
+            trainer.load(args.checkpoint)
+        except ValueError as e:  # another run's flags, a damaged file
+            raise SystemExit(f"--resume {args.checkpoint}: {e}") from None
     log = (lambda *a: None) if args.quiet else tqdm.write
     log(f"dplis {__version__}: {args.method} on {args.dataset} ({len(train)} train"
         f"{f', {world_size} ranks' if world_size > 1 else ''}), "

@@ -163,9 +163,9 @@ class PrivateTrainer:
         if smoothing_schedule == "linear" and self.planned_steps is None:
             raise ValueError('smoothing_schedule="linear" needs steps or epochs (the decay length)')
         self.accountant = Accountant(accountant)
+        self.secure_rng = checks.flag("secure_rng", secure_rng)
         if secure_rng and seed is not None:
             raise ValueError("secure_rng=True takes no seed: its noise must not be replayable")
-        self.secure_rng = bool(secure_rng)
         device = next(iter(self.params.values())).device
         given = seed is not None
         seed = (checks.integer("seed", seed, 0, 2**63 - 1) if given

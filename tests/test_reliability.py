@@ -71,6 +71,12 @@ def test_secure_noise_statistics_and_refused_seed():
     with pytest.raises(ValueError, match="no noise_seed"):  # the functional API too
         dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0,
                            secure_rng=True, noise_seed=5)
+    for value in ("False", 1):  # not a bool: refused, never read as on or off
+        with pytest.raises(TypeError, match="secure_rng must be True or False"):
+            _trainer(seed=None, secure_rng=value)
+        with pytest.raises(TypeError, match="secure_rng must be True or False"):
+            dplis.private_grad(model, loss_fn, x, y, max_grad_norm=1.0, noise_multiplier=1.0,
+                               secure_rng=value)
 
 
 def test_secure_mode_trains_and_adds_noise_of_the_right_size():

@@ -77,6 +77,16 @@ def test_flags_that_cannot_run_are_refused_before_any_work(flags, message):
         train.main(flags)
 
 
+def test_resume_with_other_flags_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
+    checkpoint = str(tmp_path / "run.pt")
+    flags = ["--num-samples", "200", "--batch-size", "40", "--quiet", "--checkpoint", checkpoint]
+    train.main(flags + ["--epochs", "1"])
+    with pytest.raises(SystemExit, match=f"--resume {re.escape(checkpoint)}: checkpoint privacy "
+                                         "config differs"):
+        train.main(flags + ["--epochs", "2", "--resume"])
+
+
 def test_low_memory_flag_gives_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
     flags = ["--epochs", "1", "--num-samples", "300", "--batch-size", "40", "--quiet",
