@@ -13,6 +13,7 @@ import copy
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -129,6 +130,9 @@ class PrivateTrainer:
         self.sat_rho = checks.non_negative("sat_rho", sat_rho)
         self.prev_grad: torch.Tensor | None = None  # DP-SAT's g_prev, flat [D]
         self.prev_grad_names: tuple[str, ...] = ()  # the trainable parameters it spans
+        # noisy gradients released so far, here and in the states loaded: the next one's noise
+        # seed; it never decreases, so a trainer rolled back to an earlier state draws fresh noise
+        self.noise_index = 0
         self.initial_lr = float(optimizer.param_groups[0]["lr"])
         checks.choice("accountant", accountant, ACCOUNTANTS)
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
@@ -324,6 +328,7 @@ class PrivateTrainer:
             loss = total / count if count else float("nan")
         # released: from here the step counts, whatever happens next
         self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.noise_index += 1
         if len(targets) >= 2:  # the engine decided and the checks ran: kept for later steps
             self.engine = self._engine_arg = result.engine
             self._verified = True
@@ -363,8 +368,7 @@ class PrivateTrainer:
             offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
             verify=not self._verified if verify is None else verify, compile=self.compile,
             dropout_stream=self.rank,  # the ranks share perturbations, not dropout masks
-            noise_seed=None if self.secure_rng else step_noise_seed(self.seed,
-                                                                    self.accountant.steps),
+            noise_seed=None if self.secure_rng else step_noise_seed(self.seed, self.noise_index),
             low_memory=self.low_memory)
 
     def epsilon(self, delta: float | None = None) -> float:
@@ -400,13 +404,21 @@ class PrivateTrainer:
             "prev_grad": self.prev_grad,
             "prev_grad_names": list(self.prev_grad_names),
             "world_size": self.world_size,
+            "seed": self.seed,
+            "noise_index": self.noise_index,
         }
 
     def state_dict(self) -> dict:
-        """Model, optimizer, accountant history, RNG states, privacy config and version.
+        """A snapshot: copies of the model and optimizer states, the accountant history, RNG
+        states and the seed, privacy config and version (``load_state_dict`` of it later
+        restores all of them together).
 
         Under torch.distributed it is a collective (call it on every rank): it holds every
         rank's sampler state (``sampler_generators``), each rank's own Poisson stream."""
+        return copy.deepcopy(self._state())
+
+    def _state(self) -> dict:
+        """``state_dict`` sharing the model's and optimizer's tensors (to write a file)."""
         state = self._local_state()
         if self.world_size > 1:
             state["sampler_generators"] = distributed.all_gather(
@@ -440,6 +452,10 @@ class PrivateTrainer:
         if prev is not None and not (isinstance(prev, torch.Tensor) and prev.dim() == 1
                                      and prev.is_floating_point()):
             raise ValueError("the checkpoint's prev_grad is not a flat float tensor")
+        for key in ("seed", "noise_index"):  # older checkpoints have neither
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+                raise ValueError(f"the checkpoint's {key} is not an int in [0, 2**63): {value!r}")
         return state["sampler_generators"][self.rank] if world > 1 else \
             state["sampler_generator"]
 
@@ -453,6 +469,7 @@ class PrivateTrainer:
             raise
 
     def _apply(self, state: dict, sampler_state: torch.Tensor) -> None:
+        steps = self.accountant.steps
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.accountant.load_state_dict(state["accountant"])
@@ -468,6 +485,14 @@ class PrivateTrainer:
         if state.get("dataset_size") is not None:
             self.dataset_size = state["dataset_size"]
             self.expected_batch_size = self.sample_rate * self.dataset_size
+        self.seed = state.get("seed", self.seed)  # the base of every step's noise seed
+        self.noise_index = max(self.noise_index, state.get("noise_index", self.accountant.steps))
+        if self.accountant.steps < steps:
+            warnings.warn(f"load went back from step {steps} to {self.accountant.steps}: the "
+                          f"{steps - self.accountant.steps} steps taken since are no longer "
+                          "in this trainer's accountant (if their gradients or models were "
+                          "released, that privacy is spent all the same); the next steps draw "
+                          "fresh noise", stacklevel=4)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``state_dict`` atomically (a temporary file in the same folder, then rename).
@@ -475,7 +500,7 @@ class PrivateTrainer:
         Under torch.distributed call it on every rank (``state_dict`` is a collective): rank 0
         alone writes the file, and every rank returns once it is written (or raises if the
         write failed), so each may ``load`` it at once."""
-        state, error = self.state_dict(), None
+        state, error = self._state(), None
         if self.rank == 0:
             try:
                 _write_atomically(state, os.fspath(path))

@@ -46,6 +46,41 @@ def test_resume_is_bit_identical(tmp_path):
     assert straight.accountant.steps == resumed.accountant.steps == 20
 
 
+def test_resume_into_a_trainer_with_another_seed_is_bit_identical(tmp_path):
+    # the seed (the base of every step's noise seed) travels with the checkpoint
+    _, _, x, y = mlp_case()
+    first = _trainer(seed=0, dataset_size=50)
+    first.step(x, y)
+    first.save(tmp_path / "ckpt.pt")
+    first.step(x, y)
+    for seed in (1, None):
+        resumed = _trainer(seed=seed, dataset_size=50)
+        resumed.load(tmp_path / "ckpt.pt")
+        resumed.step(x, y)
+        a, b = first.model.state_dict(), resumed.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), seed
+
+
+def test_rolling_back_to_a_state_dict_restores_the_model_and_draws_fresh_noise():
+    _, _, x, y = mlp_case()
+    trainer = _trainer(sat_rho=0.0, num_perturbations=1, smoothing_std=0.0, dataset_size=50)
+    trainer.step(x, y)
+    snapshot = trainer.state_dict()  # a copy: the step below does not change it
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.step(x, y)
+    discarded = {n: p.grad.clone() for n, p in trainer.params.items()}
+    with pytest.warns(UserWarning, match="went back from step 2 to 1"):
+        trainer.load_state_dict(snapshot)
+    now = trainer.model.state_dict()
+    assert all(torch.equal(now[k], weights[k]) for k in weights)  # the model went back too
+    assert trainer.accountant.steps == 1
+    trainer.step(x, y)  # same weights, batch and RNG states: only the noise may differ
+    again = {n: p.grad for n, p in trainer.params.items()}
+    # fresh noise: the two noisy gradients differ by about sqrt(2)·σC/B per coordinate
+    diff = torch.cat([(again[n] - discarded[n]).flatten() for n in again])
+    assert float(diff.std()) > 0.5 * math.sqrt(2) * 1.1 * 1.0 / (0.1 * 50)
+
+
 def test_cli_resume_continues_the_saved_run(tmp_path, monkeypatch):
     monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
     flags = ["--epochs", "2", "--num-samples", "300", "--batch-size", "40", "--quiet",
