@@ -117,6 +117,7 @@ class PrivateTrainer:
                             "gives one dense gradient per step (LBFGS re-evaluates the loss "
                             "through a closure; SparseAdam needs sparse gradients)")
         self.params = self._trainable()
+        self.structure = _structure(model)  # the modules the checks saw
         self.sample_rate = checks.rate("sample_rate", sample_rate)
         self.max_grad_norm = checks.positive("max_grad_norm", max_grad_norm)
         self.smoothing_std = checks.non_negative("smoothing_std", smoothing_std)
@@ -294,9 +295,10 @@ class PrivateTrainer:
         ``optimizer.step()`` raises, the step still counts (accountant, RNG, ``p.grad``):
         its noisy gradient was released, and its noise must not serve another batch.
         The trainable parameters are read at every step: freezing a layer mid-run is fine,
-        and a new trainable set is checked again (engine choice, batch-gradient check); one
-        unfrozen must be in the optimizer. Every optimizer parameter outside the set gets
-        ``grad = None``, so no non-private gradient left from elsewhere is ever applied.
+        and a new trainable set, or a module swapped in, is checked again (engine choice,
+        the ghost engine's checks); one unfrozen must be in the optimizer. Every optimizer
+        parameter outside the set gets ``grad = None``, so no non-private gradient left from
+        elsewhere is ever applied.
         """
         if self.max_steps is not None and self.accountant.steps >= self.max_steps:
             raise BudgetExceededError(
@@ -304,9 +306,9 @@ class PrivateTrainer:
                 f"{self.target_epsilon} at delta={self.target_delta}")
         state = self.generator.get_state()
         try:
-            params = self._trainable()
-            # a new trainable set: the engine is chosen and checked again
-            same = params.keys() == self.params.keys()
+            params, structure = self._trainable(), _structure(self.model)
+            # a new trainable set or a module swapped: the engine is chosen and checked again
+            same = params.keys() == self.params.keys() and structure == self.structure
             engine, verify = ((self._engine_arg, not self._verified) if same
                               else (self._engine_initial, True))
             result, error = self._private_step(inputs, targets, engine, verify), None
@@ -335,7 +337,7 @@ class PrivateTrainer:
         elif not same:  # a batch of 0 or 1 checks little (no other example to tell it
             # apart from): the next step of two or more examples checks again
             self._engine_arg, self._verified = self._engine_initial, False
-        self.params = params
+        self.params, self.structure = params, structure
         private = {id(p) for p in params.values()}
         for group in self.optimizer.param_groups:  # no other gradient is applied (e.g. a
             for p in group["params"]:  # frozen layer's from an earlier, non-private backward)
@@ -529,6 +531,12 @@ class PrivateTrainer:
             distributed.agree(error, self.generator.device)
         elif error is not None:
             raise error
+
+
+def _structure(model: nn.Module) -> tuple:
+    """Which module object sits at each name: a module swapped in (one without parameters
+    too, which the trainable set does not show) changes it."""
+    return tuple((name, id(module)) for name, module in model.named_modules())
 
 
 def _read(path: str | os.PathLike) -> dict:

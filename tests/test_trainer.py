@@ -488,3 +488,35 @@ def test_a_gradient_left_on_a_frozen_parameter_is_never_applied():
                                    dataset_size=80)
     trainer.step(x, y)
     assert model[0].weight.grad is None and torch.equal(model[0].weight, before)
+
+
+class _Centre(nn.Module):
+    """Adds the batch mean: one example moves every other's output (no parameters)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + 3 * h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "auto"])
+def test_a_module_swapped_in_mid_run_is_checked_again(engine):
+    """A parameter-free module swapped in after the checked first step changes no parameter
+    name: the structure must trigger the checks again, or the ghost engine lets one example
+    move the others' clipped gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                   F.cross_entropy, sample_rate=0.1, max_grad_norm=0.5,
+                                   noise_multiplier=0.0, expected_batch_size=8.0, engine=engine)
+    trainer.step(x, y)
+    assert trainer.engine == "ghost"
+    model[1] = nn.Tanh()  # the same computation: checked again, and still the ghost engine
+    trainer.step(x, y)
+    assert trainer.engine == "ghost"
+    model[1] = nn.Sequential(nn.Tanh(), _Centre())
+    if engine == "ghost":
+        with pytest.raises(GhostUnsupported):
+            trainer.step(x, y)
+        return
+    trainer.step(x, y)
+    assert trainer.engine in ("vmap", "loop")  # each example alone: the mean is its own
