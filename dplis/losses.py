@@ -22,12 +22,23 @@ from torch.nn import functional as F
 PerExample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def scalar_loss(loss_fn: Callable, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``loss_fn`` on a batch of one example: a scalar (a one-value tensor is taken as one)."""
+    value = loss_fn(out, t)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"loss_fn must return one value for a batch of one example, got "
+                         f"{shape}: reduce it to a scalar (a mean or sum over the example's "
+                         "positions), not reduction='none' over several")
+    return value.reshape(())
+
+
 def per_example(loss_fn: Callable) -> PerExample:
     """output [B, ...], target [B, ...] -> fp32 losses [B], each ``loss_fn`` on one example."""
     batched = getattr(loss_fn, "per_example", None) or _builtin(loss_fn)
 
     def general(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return vmap(lambda o, y: loss_fn(o.unsqueeze(0), y.unsqueeze(0)),
+        return vmap(lambda o, y: scalar_loss(loss_fn, o.unsqueeze(0), y.unsqueeze(0)),
                     randomness="different")(out, t).float()
 
     if batched is None:
@@ -35,7 +46,12 @@ def per_example(loss_fn: Callable) -> PerExample:
 
     def losses(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         value = batched(out, t)
-        return general(out, t) if value is None else value.float()
+        if value is None:
+            return general(out, t)
+        if value.shape != (len(out),):
+            raise ValueError(f"loss_fn.per_example must return the B = {len(out)} losses "
+                             f"[B], got shape {tuple(value.shape)}")
+        return value.float()
     return losses
 
 

@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from . import checks, compiled, diagnose, ghost, ghost_low_memory, kernels, recurrent
 from .kernels import NonFiniteError
+from .losses import scalar_loss
 from .model_state import state_kept
 from .secure_noise import secure_gaussian
 from .validation import validate
@@ -142,7 +143,7 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
         with forward():
             out = functional_call(model, {**frozen, **views}, tuple(x.unsqueeze(0) for x in xs),
                                   tie_weights=True)
-            loss = loss_fn(out, y.unsqueeze(0)).float()
+            loss = scalar_loss(loss_fn, out, y.unsqueeze(0)).float()
         return loss, loss.detach()
 
     if loop:

@@ -86,3 +86,34 @@ def test_a_subclass_of_a_builtin_loss_keeps_its_own_forward(loss_fn, target):
     out = torch.randn(4, 5)
     one_by_one = torch.stack([loss_fn(out[b:b + 1], target[b:b + 1]) for b in range(4)])
     torch.testing.assert_close(per_example(loss_fn)(out, target), one_by_one)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "vmap", "loop"])
+def test_a_one_value_loss_counts_as_a_scalar_and_several_values_are_refused(engine):
+    """reduction="none" on a batch of one gives shape [1]: the same loss as a scalar. Over an
+    example's positions it gives several: refused, naming the shape, in every engine."""
+    import dplis
+    from dplis.reference import naive_private_grad
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    grads = dplis.private_grad(model, nn.CrossEntropyLoss(reduction="none"), x, y,
+                               max_grad_norm=0.5, noise_multiplier=0.0, engine=engine)
+    expected = naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g.double(), expected[name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"loss_fn must return one value .* got \(2,\)"):
+        dplis.private_grad(model, lambda o, t: (o - t.unsqueeze(-1)).pow(2)[0, :2], x, y,
+                           max_grad_norm=0.5, noise_multiplier=0.0, engine=engine)
+
+
+def test_a_batched_twin_of_the_wrong_shape_is_refused():
+    def loss(out, t):
+        return F.cross_entropy(out, t)
+
+    loss.per_example = lambda out, t: F.cross_entropy(out, t, reduction="none")[:, None]
+    out, t = classes()
+    with pytest.raises(ValueError, match=r"per_example must return the B = 7 losses \[B\], "
+                                         r"got shape \(7, 1\)"):
+        per_example(loss)(out, t)
