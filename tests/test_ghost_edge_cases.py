@@ -927,3 +927,30 @@ def test_a_shared_layer_with_an_in_place_op_runs_in_both_ghost_modes():
                                   low_memory=low_memory, **ZERO)
         assert step.engine == "ghost"
         assert_close(step.grads, expected)
+
+
+def test_bf16_rounding_where_per_example_terms_cancel_is_no_false_alarm():
+    """Under bf16 each example's gradient carries its own rounding: where the examples'
+    terms cancel, the two sums differ by a fraction of their magnitudes, not of the small
+    batch gradient (a convolution's bias: 11 % of it, 0.3 % of Σ_b w_b ‖g_b‖)."""
+    from dplis.ghost import check_sums, sums_tolerance
+
+    torch.manual_seed(0)
+    nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    torch.randn(7, 5), torch.randint(0, 3, (7,))  # the draws of the script that found it
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.GroupNorm(2, 4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.randn(7, 1, 9, 9) * 5, torch.randint(0, 3, (7,))
+    step = dplis.private_step(model, F.cross_entropy, x[1:], y[1:], max_grad_norm=0.05,
+                              num_perturbations=3, smoothing_std=0.05, engine="ghost",
+                              precision="bf16", generator=torch.Generator().manual_seed(0),
+                              **ZERO)
+    assert step.engine == "ghost"
+    # the rule itself: fp32 keeps 1 % of the batch gradient and nothing of the magnitudes
+    params = dict(model.named_parameters())
+    ours, ref = {"b": torch.tensor([1.0, 0.0])}, {"b": torch.tensor([0.8, 0.0])}
+    check_sums(ours, ref, sums_tolerance(params, autocast=True), {"b": 12.0})  # 0.2 < 0.227
+    for tolerance, magnitudes in ((sums_tolerance(params, autocast=True), {"b": 5.0}),
+                                  (sums_tolerance(params, autocast=False), {"b": 12.0})):
+        with pytest.raises(GhostUnsupported, match=r"\['b'\]"):
+            check_sums(ours, ref, tolerance, magnitudes)
