@@ -34,6 +34,12 @@ def _put_back(modules: list[nn.Module], attributes: list[dict]) -> None:
         vars(m).update(kept)
 
 
+def _generators(attributes: list[dict]) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """The ``torch.Generator`` objects the modules hold, with their states."""
+    return [(g, g.get_state()) for kept in attributes for g in kept.values()
+            if isinstance(g, torch.Generator)]
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes and values, NaN equal to NaN (sparse layouts compared dense)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.layout != b.layout:
@@ -55,16 +61,19 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
     parameters when they take at most ``KEPT_PARAMETER_BYTES``, being copied first. A change
     is undone (entries put back, copies written back) and raises ValueError, chained to the
     body's own error if it failed, naming what still holds the batch's value when no copy
-    could restore it. The modules' plain attributes (a call counter, a cache length) are
-    rebound as they were when the body fails or a change is refused, so that a refused
-    step, or an engine tried and given up, leaves them as it found them (a shallow copy: an
-    object changed in place, such as a list appended to, stays changed)."""
+    could restore it. The modules' plain attributes (a call counter, a cache length), the
+    ``torch.Generator`` objects they hold and Python's global RNG are put back as they were
+    when the body fails or a change is refused, so that a refused step, or an engine tried
+    and given up, leaves them as it found them (attributes by a shallow copy: an object
+    changed in place, such as a list appended to, stays changed; numpy's global RNG, whose
+    state takes 25 µs to read, is not kept)."""
     modules = list(model.modules())
     entries = [{kind: dict(getattr(m, kind)) for kind in _TENSOR_DICTS} for m in modules]
     versions = {id(t): t._version for e in entries for d in e.values() for t in d.values()
                 if t is not None}
     copies: dict[int, torch.Tensor] = {}
     attributes = _attributes(modules)
+    generators, python_state = _generators(attributes), random.getstate()
     if keep_copies:
         small = sum(p.numel() * p.element_size() for p in model.parameters()) \
             <= KEPT_PARAMETER_BYTES
@@ -100,6 +109,9 @@ def state_kept(model: nn.Module, keep_copies: bool) -> Iterator[None]:
                 now.update(before)
     if changed or error is not None:
         _put_back(modules, attributes)
+        random.setstate(python_state)
+        for g, state in generators:
+            g.set_state(state)
     if changed:
         names = {id(m): n for n, m in model.named_modules()}
 
@@ -128,8 +140,7 @@ def replayable(model: nn.Module) -> Callable[..., None]:
     python_state, numpy_state = random.getstate(), np.random.get_state()
     modules = list(model.modules())
     attributes = _attributes(modules)
-    generators = [(g, g.get_state()) for kept in attributes for g in kept.values()
-                  if isinstance(g, torch.Generator)]
+    generators = _generators(attributes)
 
     def reset(seed: int | None = None) -> None:
         random.setstate(python_state)

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import random
 
 import pytest
 import torch
@@ -520,3 +521,43 @@ def test_a_module_swapped_in_mid_run_is_checked_again(engine):
         return
     trainer.step(x, y)
     assert trainer.engine in ("vmap", "loop")  # each example alone: the mean is its own
+
+
+class _NoisyInput(nn.Module):
+    """Draws input noise from a generator of its own (seeded 1) and from Python's RNG."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.gen = torch.Generator().manual_seed(1)
+
+    def forward(self, x):
+        x = x * (1 + 0.1 * random.random()) + 0.1 * torch.randn(x.shape, generator=self.gen)
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("engine", ["ghost", "vmap", "loop"])
+def test_a_failing_step_puts_back_the_generators_the_forward_draws_from(engine):
+    """A target out of range fails the step inside the loss, after the forward drew from the
+    module's generator and Python's RNG: the next step must be the never-failed run's. (The
+    ghost engine's position check reseeds those generators to tell a forward drawing random
+    numbers: one seeded with 1 itself must not pass for one drawing none.)"""
+    torch.manual_seed(0)
+    base, x, y = _NoisyInput(), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    bad = y.clone()
+    bad[0] = 7
+    runs = []
+    for fail in (False, True):
+        model = copy.deepcopy(base)
+        trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                                       F.cross_entropy, sample_rate=0.1, max_grad_norm=0.5,
+                                       noise_multiplier=1.0, expected_batch_size=6.0, seed=0,
+                                       engine=engine)
+        random.seed(0)
+        trainer.step(x, y)
+        if fail:
+            with pytest.raises((IndexError, RuntimeError)):
+                trainer.step(x, bad)
+        trainer.step(x, y)
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
