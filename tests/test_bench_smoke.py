@@ -120,3 +120,67 @@ def test_every_model_takes_a_private_step() -> None:
         make_step(name, "dplis_k1", 2)()
     size = sum(p.numel() for p in build_model("transformer_t128").parameters())
     assert round(size / 1e6, 2) == 0.88  # as its description and the README say
+
+
+@pytest.mark.parametrize("name, layers", [("mlp", 3), ("cnn", 4), ("transformer", 9)])
+def test_floor_pieces_time_the_computations_they_name(name: str, layers: int) -> None:
+    """``bench.floors`` times, per Linear / Conv call, the weight-gradient product, the ghost
+    norm and the explicit route: the last two must give the same per-example norms, and the
+    first the layer's batch weight gradient; the frozen pass computes no weight gradient."""
+    from bench.cases import build_model, get_case, make_batch
+    from bench.floors import _frozen_pass, _layer_factors, _norm_pieces
+
+    factors = _layer_factors(name, 5)
+    assert len(factors) == layers  # the transformer: 4 Linear per block, 2 blocks, the head
+    model, (x, y) = build_model(name), make_batch(name, 5)
+    get_case(name).loss_fn(model(x), y).backward()
+    weights = dict(model.named_parameters())
+    for layer, factor in factors:
+        pieces = _norm_pieces(factor)
+        norms, _ = pieces["explicit"]()
+        torch.testing.assert_close(pieces["ghost"](), norms.square(), rtol=1e-4, atol=1e-6)
+        if name != "transformer" or layer != "head":  # the head's weight is the embedding's
+            weight = weights[f"{layer}.weight"]
+            torch.testing.assert_close(pieces["wgrad"]().reshape(weight.shape), weight.grad,
+                                       rtol=1e-4, atol=1e-6)
+    frozen, backward = _frozen_pass(name, 5)
+    backward()
+    assert all(p.grad is None for p in frozen.parameters())
+
+
+def test_floor_report_verdicts() -> None:
+    from bench.floors import format_report
+
+    result = {"model": "m", "parameters": 10, "best_opacus": "opacus_ew",
+              "norm_extra_ms": {"fc": 0.1}, "pieces_ms": {"nonprivate": 1.0, "noise": 0.5,
+                                                          "pass": 0.4},
+              "ratios": {"floor_k1": 1.6, "dplis_k1": 2.0, "floor_k4": 3.0, "dplis_k4": 4.0,
+                         "floor_opacus": 1.5, "dplis_opacus": 1.3}}
+    lines = format_report([result]).splitlines()
+    assert "below the floor" in lines[1]  # K=1: floor 1.6 > 1.3
+    assert "met" in lines[2] and "not met" not in lines[2]  # K=4: 4.0 <= 4.4
+    assert lines[3].endswith("met") and "floor" not in lines[3]  # 1.3 >= 1.25 Opacus
+    result["ratios"] |= {"dplis_k4": 5.0, "floor_opacus": 1.2}
+    lines = format_report([result]).splitlines()
+    assert "not met; the floor allows it" in lines[2]
+    assert "below the floor" in lines[3]  # at most 1.2x Opacus's throughput
+
+
+def test_floors_command_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "floors.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.floors", "--models", "mlp", "--batch-size", "4",
+         "--steps", "1", "--rounds", "1", "--threads", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(out.read_text())["results"]
+    pieces = result["pieces_ms"]
+    for key in ("nonprivate", "dplis_k1", "dplis_k4", "noise", "pass", "ghost:1",
+                "explicit:1", "wgrad:1", "opacus_ew"):
+        assert pieces[key] > 0, key
+    assert set(result["norm_extra_ms"]) == {"1", "3", "5"}  # the MLP's three Linear layers
+    floor = pieces["nonprivate"] + pieces["noise"] + sum(result["norm_extra_ms"].values())
+    assert result["floor_ms"]["k1"] == pytest.approx(floor)
+    assert result["floor_ms"]["k4"] == pytest.approx(floor + 3 * pieces["pass"]
+                                                     + 4 * pieces["noise"])
+    assert "K=1 x non-private" in proc.stdout and "verdict" in proc.stdout
