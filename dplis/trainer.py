@@ -467,10 +467,12 @@ class PrivateTrainer:
         try:
             self._apply(state, sampler)
         except BaseException:
-            self._apply(backup, backup["sampler_generator"])
+            self._apply(backup, backup["sampler_generator"], undo=True)
             raise
 
-    def _apply(self, state: dict, sampler_state: torch.Tensor) -> None:
+    def _apply(self, state: dict, sampler_state: torch.Tensor, undo: bool = False) -> None:
+        """Restore ``state``; ``undo``: the trainer's own state put back after a failed load
+        (no warning)."""
         steps = self.accountant.steps
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -489,7 +491,7 @@ class PrivateTrainer:
             self.expected_batch_size = self.sample_rate * self.dataset_size
         self.seed = state.get("seed", self.seed)  # the base of every step's noise seed
         self.noise_index = max(self.noise_index, state.get("noise_index", self.accountant.steps))
-        if self.accountant.steps < steps:
+        if self.accountant.steps < steps and not undo:
             warnings.warn(f"load went back from step {steps} to {self.accountant.steps}: the "
                           f"{steps - self.accountant.steps} steps taken since are no longer "
                           "in this trainer's accountant (if their gradients or models were "

@@ -3,6 +3,7 @@
 import copy
 import os
 import random
+import warnings
 
 import pytest
 import torch
@@ -375,6 +376,22 @@ def test_a_refused_or_failed_load_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="expected_batch_size=20.0 was given"):
         explicit.load(tmp_path / "ckpt.pt")
     assert explicit.expected_batch_size == 20.0 and explicit.accountant.steps == 0
+
+
+def test_a_load_failing_after_the_accountant_is_undone_without_a_rollback_warning():
+    ahead, x, y = make()
+    for _ in range(3):
+        ahead.step(x, y)
+    state = ahead.state_dict()
+    state["generator"] = torch.zeros(3, dtype=torch.uint8)  # set_state refuses it
+    behind, _, _ = make()
+    behind.step(x, y)
+    before = snapshot(behind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # undoing the load goes from 3 steps back to 1
+        with pytest.raises(RuntimeError):
+            behind.load_state_dict(state)
+    assert same(before, snapshot(behind)) and behind.accountant.steps == 1
 
 
 def test_data_loader_passes_add_up_to_the_planned_steps():
