@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -308,7 +309,8 @@ class PrivateTrainer:
         try:
             params, structure = self._trainable(), _structure(self.model)
             # a new trainable set or a module swapped: the engine is chosen and checked again
-            same = params.keys() == self.params.keys() and structure == self.structure
+            same = params.keys() == self.params.keys() and _same_structure(structure,
+                                                                            self.structure)
             engine, verify = ((self._engine_arg, not self._verified) if same
                               else (self._engine_initial, True))
             result, error = self._private_step(inputs, targets, engine, verify), None
@@ -489,7 +491,12 @@ class PrivateTrainer:
         if state.get("dataset_size") is not None:
             self.dataset_size = state["dataset_size"]
             self.expected_batch_size = self.sample_rate * self.dataset_size
-        self.seed = state.get("seed", self.seed)  # the base of every step's noise seed
+        theirs = state.get("seed")  # kept: two runs forked from one file must not share noise
+        if theirs is not None and theirs != self.seed and not self.secure_rng and not undo:
+            warnings.warn(f"the checkpoint was written by a run seeded {theirs}; this trainer "
+                          f"keeps its own seed {self.seed}, so its noise from here differs "
+                          f"from that run's (a fork, not an exact resume): build it with "
+                          f"seed={theirs} to resume that run bit for bit", stacklevel=4)
         self.noise_index = max(self.noise_index, state.get("noise_index", self.accountant.steps))
         if self.accountant.steps < steps and not undo:
             warnings.warn(f"load went back from step {steps} to {self.accountant.steps}: the "
@@ -535,10 +542,17 @@ class PrivateTrainer:
             raise error
 
 
-def _structure(model: nn.Module) -> tuple:
-    """Which module object sits at each name: a module swapped in (one without parameters
-    too, which the trainable set does not show) changes it."""
-    return tuple((name, id(module)) for name, module in model.named_modules())
+def _structure(model: nn.Module) -> list[tuple[str, weakref.ref]]:
+    """Which module object sits at each name, by weak reference (an id could be reused by a
+    module swapped in after the old one was freed; a reference would keep the old alive)."""
+    return [(name, weakref.ref(module)) for name, module in model.named_modules()]
+
+
+def _same_structure(a: list[tuple[str, weakref.ref]], b: list[tuple[str, weakref.ref]]) -> bool:
+    """The same module objects at the same names: a module swapped in (one without
+    parameters too, which the trainable set does not show) makes them differ."""
+    return len(a) == len(b) and all(
+        n == m and r() is not None and r() is s() for (n, r), (m, s) in zip(a, b))
 
 
 def _read(path: str | os.PathLike) -> dict:

@@ -46,19 +46,30 @@ def test_resume_is_bit_identical(tmp_path):
     assert straight.accountant.steps == resumed.accountant.steps == 20
 
 
-def test_resume_into_a_trainer_with_another_seed_is_bit_identical(tmp_path):
-    # the seed (the base of every step's noise seed) travels with the checkpoint
+def test_resume_into_a_trainer_with_another_seed_keeps_it_and_warns(tmp_path):
+    # the checkpoint records the seed (the base of every step's noise seed): the same seed
+    # resumes bit for bit; another one (or none) is kept, with a warning, so that two runs
+    # forked from one file never share noise
     _, _, x, y = mlp_case()
     first = _trainer(seed=0, dataset_size=50)
     first.step(x, y)
     first.save(tmp_path / "ckpt.pt")
     first.step(x, y)
-    for seed in (1, None):
+    after = {}
+    for seed in (0, 1, None):
         resumed = _trainer(seed=seed, dataset_size=50)
-        resumed.load(tmp_path / "ckpt.pt")
+        if seed == 0:
+            resumed.load(tmp_path / "ckpt.pt")
+        else:
+            with pytest.warns(UserWarning, match="written by a run seeded 0; this trainer keeps"):
+                resumed.load(tmp_path / "ckpt.pt")
         resumed.step(x, y)
-        a, b = first.model.state_dict(), resumed.model.state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a), seed
+        after[seed] = {n: p.grad for n, p in resumed.params.items()}
+    b = after[0]
+    assert all(torch.equal(p.grad, b[n]) for n, p in first.params.items())
+    for seed in (1, None):  # fresh noise: about sqrt(2)·σC/E|B| apart per coordinate
+        diff = torch.cat([(after[seed][n] - b[n]).flatten() for n in b])
+        assert float(diff.std()) > 0.5 * math.sqrt(2) * 1.1 * 1.0 / (0.1 * 50)
 
 
 def test_rolling_back_to_a_state_dict_restores_the_model_and_draws_fresh_noise():
