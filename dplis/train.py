@@ -205,6 +205,9 @@ def run(args: argparse.Namespace) -> dict:
             trainer.load(args.checkpoint)
         except ValueError as e:  # another run's flags, a damaged file
             raise SystemExit(f"--resume {args.checkpoint}: {e}") from None
+        except RuntimeError as e:  # torch's load_state_dict: the model differs
+            raise SystemExit(f"--resume {args.checkpoint}: the checkpoint's model does not fit "
+                             f"this run's (another --model or --dataset?): {e}") from None
     log = (lambda *a: None) if args.quiet else tqdm.write
     log(f"dplis {__version__}: {args.method} on {args.dataset} ({len(train)} train"
         f"{f', {world_size} ranks' if world_size > 1 else ''}), "

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import __version__, checks, distributed
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
+from .model_state import replayable
 from .private_grad import (
     PRECISIONS,
     compile_applies,
@@ -306,6 +307,8 @@ class PrivateTrainer:
                 f"{self.max_steps} steps taken: one more would exceed target_epsilon="
                 f"{self.target_epsilon} at delta={self.target_delta}")
         state = self.generator.get_state()
+        # under torch.distributed a rank whose part succeeded undoes it when another failed
+        undo = replayable(self.model) if self.world_size > 1 else None
         try:
             params, structure = self._trainable(), _structure(self.model)
             # a new trainable set or a module swapped: the engine is chosen and checked again
@@ -320,6 +323,8 @@ class PrivateTrainer:
             self._agree(error)
         except Exception:
             self.generator.set_state(state)
+            if undo is not None:
+                undo()  # the modules' attributes and generators, Python's and numpy's RNGs
             raise
         grads, loss = result.grads, result.loss
         if self.world_size > 1:

@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import random
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,16 @@ def checks(rank: int, world: int, folder: str) -> dict:
     # 3. dropout: both ranks share the generator (perturbations) but not the dropout masks;
     # the same batch on both ranks gives other per-example norms on each
     out["dropout_norms"] = trainer_for(dropout_model(), loss_fn)._private_step(x, y).norms
-    # 4. a rank that fails makes every rank fail, and none applies anything
+    # 4. a rank that fails makes every rank fail, and none applies anything: not even the
+    # draws of a forward from a module's generator and Python's RNG on the rank that succeeded
+    model.gen = torch.Generator().manual_seed(5)
+
+    def draw(module, args) -> None:
+        torch.randn(1, generator=module.gen)
+        random.random()
+
+    model.register_forward_pre_hook(draw)
+    drawn = (model.gen.get_state(), random.getstate())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = trainer.generator.get_state()
     bad = x[rank::world].clone()
@@ -61,7 +71,9 @@ def checks(rank: int, world: int, folder: str) -> dict:
         out["failure"] = type(e).__name__
     out["unchanged"] = (all(torch.equal(before[k], v) for k, v in model.state_dict().items())
                         and trainer.accountant.steps == 1
-                        and torch.equal(trainer.generator.get_state(), state))
+                        and torch.equal(trainer.generator.get_state(), state)
+                        and torch.equal(model.gen.get_state(), drawn[0])
+                        and random.getstate() == drawn[1])
     # 5. low_memory=True (at a perturbed point, K = 1): each rank half of the batch
     model, loss_fn, x, y = mlp_case(batch=8)
     trainer_for(model, loss_fn, **LOW_MEMORY).step(x[rank::world], y[rank::world])

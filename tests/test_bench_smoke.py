@@ -163,7 +163,12 @@ def test_floor_report_verdicts() -> None:
     result["ratios"] |= {"dplis_k4": 5.0, "floor_opacus": 1.2}
     lines = format_report([result]).splitlines()
     assert "not met; the floor allows it" in lines[2]
-    assert "below the floor" in lines[3]  # at most 1.2x Opacus's throughput
+    assert lines[3].endswith("met (measured beyond the floor: not a bound in this run)")
+    result["ratios"] |= {"dplis_opacus": 1.1}
+    assert "below the floor" in format_report([result]).splitlines()[3]  # at most 1.2x
+    result["ratios"] |= {"floor_k1": 1.35, "dplis_k1": 1.28}  # a step beating its floor
+    assert format_report([result]).splitlines()[1].endswith(
+        "  met (measured beyond the floor: not a bound in this run)")
 
 
 def test_floors_command_writes_its_json(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_flags_that_cannot_run_are_refused_before_any_work(flags, message):
         train.main(flags)
 
 
-def test_resume_with_other_flags_is_refused_in_one_line(tmp_path, monkeypatch):
+def test_resume_with_other_flags_is_refused_without_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
     checkpoint = str(tmp_path / "run.pt")
     flags = ["--num-samples", "200", "--batch-size", "40", "--quiet", "--checkpoint", checkpoint]
@@ -85,6 +85,9 @@ def test_resume_with_other_flags_is_refused_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=f"--resume {re.escape(checkpoint)}: checkpoint privacy "
                                          "config differs"):
         train.main(flags + ["--epochs", "2", "--resume"])
+    with pytest.raises(SystemExit, match=f"--resume {re.escape(checkpoint)}: the checkpoint's "
+                                         "model does not fit this run's"):
+        train.main(flags + ["--epochs", "1", "--resume", "--model", "conv1d"])
 
 
 def test_low_memory_flag_gives_the_same_run(tmp_path, monkeypatch):
