@@ -661,6 +661,8 @@ def clipped_sum(
         wrt = [c.target for c in calls]
         for c in calls:  # the rules read inputs only
             c.target = c.held = None
+        if not loss.requires_grad:  # no trainable parameter reaches the loss: zero gradients,
+            return loss.detach()  # as the vmap and loop engines give
         if verify:  # autograd's gradient of Σ w_b ℓ_b, to check the per-example ones against;
             # first, while no output gradient is held yet (a lower peak)
             weighted = torch.autograd.grad((loss * weights).sum(), list(trainable.values()),

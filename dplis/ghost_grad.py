@@ -118,10 +118,10 @@ class ParamGrad:
 
     def _unscaled_sq(self) -> torch.Tensor:
         if not (self.dense or self.index):
-            return _sq(self.explicit.flatten(1))
+            return _sq(_rows(self.explicit))
         if self._explicit_form():
             self._materialise()
-            return _sq(self.explicit.flatten(1))
+            return _sq(_rows(self.explicit))
         if not self.index and len(self.dense) == 1 and self.dense[0].positions == 1:
             u, v = self.dense[0].u, self.dense[0].v  # one position: ‖u vᵀ‖² = ‖u‖²‖v‖²
             return _sq(u.flatten(1)).mul_(_sq(v.flatten(1)))
@@ -171,9 +171,9 @@ class ParamGrad:
             c = self.scale * (torch.ones(first.shape[0], device=out.device) if c is None else c)
         if self.explicit is not None:
             if c is None:
-                torch.sum(self.explicit.flatten(1), 0, out=out)
+                torch.sum(_rows(self.explicit), 0, out=out)
             else:
-                torch.mm(c.unsqueeze(0), self.explicit.flatten(1), out=out.view(1, -1))
+                torch.mm(c.unsqueeze(0), _rows(self.explicit), out=out.view(1, -1))
             return
         out = out.view(self.shape[0], -1)
         if not self.dense:
@@ -183,6 +183,11 @@ class ParamGrad:
         for f in self.index:
             v = f.v.float() if c is None else f.v.float() * c[:, None, None]
             out.index_add_(0, f.u.flatten(), v.flatten(0, 1))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, *shape] -> [B, |shape|] (a 0-d parameter's [B] gradients -> [B, 1])."""
+    return x.reshape(x.shape[0], -1)
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:

@@ -223,12 +223,15 @@ def clipped_sum(
                 if "inplace" not in str(e):
                     raise
                 losses = run(copy=True)
+        # no trainable parameter reaches the loss: zero gradients, as the other engines give
+        reached = losses.requires_grad
         # the taps return no gradient for the probe: only the layer outputs' are computed
-        torch.autograd.grad(losses.sum(), [probe], retain_graph=True, allow_unused=True)
+        if reached:
+            torch.autograd.grad(losses.sum(), [probe], retain_graph=True, allow_unused=True)
         for name in list(grads):  # parameters some of whose uses got no gradient
             done(name)
         norms, c = clip_of(sq, batch, losses, max_grad_norm)
-        if verify:  # autograd's gradient of Σ w_b ℓ_b against Σ_b w_b g_b
+        if verify and reached:  # autograd's gradient of Σ w_b ℓ_b against Σ_b w_b g_b
             state["phase"] = "verify"
             found = torch.autograd.grad((losses * weights).sum(), list(trainable.values()),
                                         retain_graph=True, allow_unused=True)
@@ -236,5 +239,6 @@ def clipped_sum(
                                    if g is not None}, sums_tolerance(trainable, False))
             del found
         state["phase"] = "sum"
-        torch.autograd.grad((losses * c).sum(), [probe], allow_unused=True)
+        if reached:
+            torch.autograd.grad((losses * c).sum(), [probe], allow_unused=True)
     return torch.cat(list(clipped.values())), norms, losses.detach().unsqueeze(0)

@@ -64,6 +64,9 @@ class PrivateStep:
 
 def as_batch(inputs: torch.Tensor | tuple, targets: torch.Tensor) -> tuple[tuple, int]:
     """Normalise ``inputs`` to a tuple and check every tensor has the same batch length."""
+    if not isinstance(inputs, torch.Tensor | tuple | list):
+        raise TypeError(f"inputs must be a tensor or a tuple or list of tensors (the model's "
+                        f"positional arguments), got {type(inputs).__name__}")
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     if not inputs:
         raise ValueError("inputs must be a tensor or a non-empty tuple of tensors")
@@ -335,6 +338,13 @@ def private_step(
     std = checks.non_negative("smoothing_std", smoothing_std)
     k = checks.integer("num_perturbations", num_perturbations, 1)
     stream = checks.integer("dropout_stream", dropout_stream, 0, 2**31 - 1)
+    checks.flag("verify", verify)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    if offset is not None and not isinstance(offset, torch.Tensor):
+        raise TypeError(f"offset must be a flat tensor over the trainable parameters or None, "
+                        f"got {type(offset).__name__}")
     if checks.flag("secure_rng", secure_rng) and noise_seed is not None:
         raise ValueError("secure_rng=True takes no noise_seed: its noise comes from "
                          "os.urandom and must not be replayable")
@@ -350,6 +360,11 @@ def private_step(
             raise ValueError("an empty batch needs expected_batch_size (q·N for Poisson sampling)")
         expected_batch_size = batch
     divisor = checks.positive("expected_batch_size", expected_batch_size)
+    # the clipped sum is at most B·C, a Gaussian draw below 64 standard deviations
+    if (64 * sigma + batch) * max_grad_norm / divisor > torch.finfo(torch.float32).max:
+        raise ValueError(f"the private gradient's scale (64·noise_multiplier + B)·max_grad_norm"
+                         f" / expected_batch_size = (64·{sigma:g} + {batch})·{max_grad_norm:g} / "
+                         f"{divisor:g} overflows float32")
     validate(model)
     params = trainable(model)
     plan = ghost.plan_layers(model, params)

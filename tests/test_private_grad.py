@@ -12,7 +12,7 @@ import dplis
 from dplis import kernels
 from dplis.ghost import GhostUnsupported
 from dplis.ghost_grad import ParamGrad
-from dplis.private_grad import draw_seeds, step_noise_seed
+from dplis.private_grad import draw_seeds, step_noise_seed, trainable
 from dplis.reference import naive_private_grad
 
 
@@ -274,6 +274,11 @@ BAD = [
     (dict(expected_batch_size=0), ValueError, "expected_batch_size"),
     (dict(perturbation_chunk_size=0), ValueError, "perturbation_chunk_size"),
     (dict(backend="cuda"), ValueError, "backend"),
+    (dict(verify=None), TypeError, "verify must be True or False"),  # None turned checks off
+    (dict(verify=0), TypeError, "verify must be True or False"),
+    (dict(offset=[0.0]), TypeError, "offset must be a flat tensor"),
+    (dict(noise_multiplier=1e38, max_grad_norm=10.0), ValueError, "overflows float32"),
+    (dict(expected_batch_size=1e-300), ValueError, "overflows float32"),
 ]
 
 
@@ -291,6 +296,11 @@ def test_bad_arguments(bad, error, word):
 def test_bad_batches_and_models():
     model, loss_fn, x, y = mlp_case()
     kw = dict(max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        dplis.private_grad(model, loss_fn, x, y, generator=42, **kw)
+    with pytest.raises(TypeError, match="inputs must be a tensor or a tuple or list of "
+                                        "tensors .* got dict"):
+        dplis.private_grad(model, loss_fn, {"x": x}, y, **kw)
     with pytest.raises(ValueError, match="mismatched batch sizes"):
         dplis.private_grad(model, loss_fn, x, y[:-1], **kw)
     with pytest.raises(ValueError, match="no trainable parameter"):
@@ -355,3 +365,37 @@ def test_step_noise_seeds_never_repeat_in_their_low_32_bits():
     assert all(0 <= s < kernels.SEED_MAX for s in seeds)
     assert seeds == [step_noise_seed(5, t) for t in range(10_000)]
     assert step_noise_seed(6, 0) not in seeds
+
+
+class _Scaled(nn.Module):
+    """A learnable 0-d temperature: its per-example gradients are [B], not [B, ...]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.t = nn.Linear(10, 3), nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.lin(x) * self.t
+
+
+@pytest.mark.parametrize("options", [dict(engine="ghost"), dict(engine="auto"),
+                                     dict(engine="ghost", low_memory=True)])
+def test_a_0d_parameter_matches_the_reference(options):
+    torch.manual_seed(0)
+    model, (_, loss_fn, x, y) = _Scaled(), mlp_case()
+    grads = dplis.private_grad(model, loss_fn, x, y, max_grad_norm=0.3, noise_multiplier=0.0,
+                               **options)
+    assert_close(grads, naive_private_grad(model, loss_fn, x, y, max_grad_norm=0.3))
+
+
+@pytest.mark.parametrize("options", [dict(engine="ghost"), dict(engine="auto"),
+                                     dict(engine="ghost", low_memory=True), dict(engine="vmap"),
+                                     dict(engine="loop")])
+def test_a_loss_no_trainable_parameter_reaches_gives_zero_gradients(options):
+    """Every engine gives what the vmap engine gives: zero per-example gradients (the ghost
+    engine raised autograd's bare "does not require grad")."""
+    model, loss_fn, x, y = mlp_case()
+    grads = dplis.private_grad(model, lambda o, t: loss_fn(o, t).detach(), x, y,
+                               max_grad_norm=1.0, noise_multiplier=0.0, **options)
+    assert grads.keys() == dict(trainable(model)).keys()
+    assert all(bool((g == 0).all()) for g in grads.values())
