@@ -133,9 +133,6 @@ class PrivateTrainer:
         self.sat_rho = checks.non_negative("sat_rho", sat_rho)
         self.prev_grad: torch.Tensor | None = None  # DP-SAT's g_prev, flat [D]
         self.prev_grad_names: tuple[str, ...] = ()  # the trainable parameters it spans
-        # noisy gradients released so far, here and in the states loaded: the next one's noise
-        # seed; it never decreases, so a trainer rolled back to an earlier state draws fresh noise
-        self.noise_index = 0
         self.initial_lr = float(optimizer.param_groups[0]["lr"])
         checks.choice("accountant", accountant, ACCOUNTANTS)
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
@@ -337,7 +334,6 @@ class PrivateTrainer:
             loss = total / count if count else float("nan")
         # released: from here the step counts, whatever happens next
         self.accountant.step(self.noise_multiplier, self.sample_rate)
-        self.noise_index += 1
         if len(targets) >= 2:  # the engine decided and the checks ran: kept for later steps
             self.engine = self._engine_arg = result.engine
             self._verified = True
@@ -377,7 +373,8 @@ class PrivateTrainer:
             offset=self.sat_offset(), secure_rng=self.secure_rng, precision=self.precision,
             verify=not self._verified if verify is None else verify, compile=self.compile,
             dropout_stream=self.rank,  # the ranks share perturbations, not dropout masks
-            noise_seed=None if self.secure_rng else step_noise_seed(self.seed, self.noise_index),
+            noise_seed=None if self.secure_rng else step_noise_seed(self.seed,
+                                                                    self.accountant.steps),
             low_memory=self.low_memory)
 
     def epsilon(self, delta: float | None = None) -> float:
@@ -414,13 +411,12 @@ class PrivateTrainer:
             "prev_grad_names": list(self.prev_grad_names),
             "world_size": self.world_size,
             "seed": self.seed,
-            "noise_index": self.noise_index,
         }
 
     def state_dict(self) -> dict:
         """A snapshot: copies of the model and optimizer states, the accountant history, RNG
-        states and the seed, privacy config and version (``load_state_dict`` of it later
-        restores all of them together).
+        states and the seed, privacy config and version (``load_state_dict`` of it after more
+        steps restores the model and optimizer; the privacy state carries on, see ``_apply``).
 
         Under torch.distributed it is a collective (call it on every rank): it holds every
         rank's sampler state (``sampler_generators``), each rank's own Poisson stream."""
@@ -461,10 +457,9 @@ class PrivateTrainer:
         if prev is not None and not (isinstance(prev, torch.Tensor) and prev.dim() == 1
                                      and prev.is_floating_point()):
             raise ValueError("the checkpoint's prev_grad is not a flat float tensor")
-        for key in ("seed", "noise_index"):  # older checkpoints have neither
-            value = state.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-                raise ValueError(f"the checkpoint's {key} is not an int in [0, 2**63): {value!r}")
+        seed = state.get("seed", 0)  # older checkpoints have none
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"the checkpoint's seed is not an int in [0, 2**63): {seed!r}")
         return state["sampler_generators"][self.rank] if world > 1 else \
             state["sampler_generator"]
 
@@ -478,14 +473,22 @@ class PrivateTrainer:
             raise
 
     def _apply(self, state: dict, sampler_state: torch.Tensor, undo: bool = False) -> None:
-        """Restore ``state``; ``undo``: the trainer's own state put back after a failed load
-        (no warning)."""
-        steps = self.accountant.steps
+        """Restore ``state``; ``undo``: the trainer's own state put back after a failed load.
+
+        A state of fewer steps than this trainer has taken (a rollback) restores the model,
+        the optimizer and DP-SAT's ascent only: the accountant and the RNGs carry on, so the
+        privacy spent is never given back and no random draw (noise, Poisson mask,
+        perturbation) is repeated, with a warning."""
+        taken = self.accountant.steps
+        loaded = Accountant(state["accountant"]["mechanism"])
+        loaded.load_state_dict(state["accountant"])
+        back = loaded.steps < taken and not undo
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.accountant.load_state_dict(state["accountant"])
-        self.generator.set_state(state["generator"])
-        self.sampler_generator.set_state(sampler_state)
+        if not back:
+            self.accountant.load_state_dict(state["accountant"])
+            self.generator.set_state(state["generator"])
+            self.sampler_generator.set_state(sampler_state)
         self.prev_grad = state.get("prev_grad")
         names = state.get("prev_grad_names")
         if names is None:  # older checkpoints: ours, if the sizes agree (else the ascent restarts)
@@ -497,18 +500,17 @@ class PrivateTrainer:
             self.dataset_size = state["dataset_size"]
             self.expected_batch_size = self.sample_rate * self.dataset_size
         theirs = state.get("seed")  # kept: two runs forked from one file must not share noise
-        if theirs is not None and theirs != self.seed and not self.secure_rng and not undo:
+        if theirs is not None and theirs != self.seed and not (self.secure_rng or undo or back):
             warnings.warn(f"the checkpoint was written by a run seeded {theirs}; this trainer "
                           f"keeps its own seed {self.seed}, so its noise from here differs "
                           f"from that run's (a fork, not an exact resume): build it with "
                           f"seed={theirs} to resume that run bit for bit", stacklevel=4)
-        self.noise_index = max(self.noise_index, state.get("noise_index", self.accountant.steps))
-        if self.accountant.steps < steps and not undo:
-            warnings.warn(f"load went back from step {steps} to {self.accountant.steps}: the "
-                          f"{steps - self.accountant.steps} steps taken since are no longer "
-                          "in this trainer's accountant (if their gradients or models were "
-                          "released, that privacy is spent all the same); the next steps draw "
-                          "fresh noise", stacklevel=4)
+        if back:
+            warnings.warn(f"load went back from step {taken} to {loaded.steps}: the model and "
+                          f"optimizer are step {loaded.steps}'s, but the accountant keeps the "
+                          f"{taken} steps taken (privacy spent is not given back) and the RNGs "
+                          "carry on (no noise, Poisson mask or perturbation is drawn again)",
+                          stacklevel=4)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``state_dict`` atomically (a temporary file in the same folder, then rename).

@@ -72,24 +72,30 @@ def test_resume_into_a_trainer_with_another_seed_keeps_it_and_warns(tmp_path):
         assert float(diff.std()) > 0.5 * math.sqrt(2) * 1.1 * 1.0 / (0.1 * 50)
 
 
-def test_rolling_back_to_a_state_dict_restores_the_model_and_draws_fresh_noise():
+def test_rolling_back_restores_the_model_but_no_privacy_state():
+    """A rollback to a snapshot restores the weights and optimizer; the accountant keeps the
+    steps taken (privacy spent is not given back, so neither is budget) and the RNGs carry on:
+    the step taken again draws fresh noise."""
     _, _, x, y = mlp_case()
-    trainer = _trainer(sat_rho=0.0, num_perturbations=1, smoothing_std=0.0, dataset_size=50)
+    trainer = _trainer(sat_rho=0.0, num_perturbations=1, smoothing_std=0.0, dataset_size=50,
+                       target_epsilon=5.0, target_delta=1e-5, steps=3, noise_multiplier=None)
     trainer.step(x, y)
     snapshot = trainer.state_dict()  # a copy: the step below does not change it
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.step(x, y)
     discarded = {n: p.grad.clone() for n, p in trainer.params.items()}
-    with pytest.warns(UserWarning, match="went back from step 2 to 1"):
+    epsilon = trainer.epsilon()
+    with pytest.warns(UserWarning, match="went back from step 2 to 1: .* keeps the 2 steps"):
         trainer.load_state_dict(snapshot)
     now = trainer.model.state_dict()
-    assert all(torch.equal(now[k], weights[k]) for k in weights)  # the model went back too
-    assert trainer.accountant.steps == 1
-    trainer.step(x, y)  # same weights, batch and RNG states: only the noise may differ
+    assert all(torch.equal(now[k], weights[k]) for k in weights)  # the model went back
+    assert trainer.accountant.steps == 2 and trainer.epsilon() == epsilon
+    trainer.step(x, y)  # the same weights and batch: only the noise differs
     again = {n: p.grad for n, p in trainer.params.items()}
-    # fresh noise: the two noisy gradients differ by about sqrt(2)·σC/B per coordinate
     diff = torch.cat([(again[n] - discarded[n]).flatten() for n in again])
-    assert float(diff.std()) > 0.5 * math.sqrt(2) * 1.1 * 1.0 / (0.1 * 50)
+    assert float(diff.std()) > 0.5 * math.sqrt(2) * trainer.noise_multiplier / (0.1 * 50)
+    with pytest.raises(dplis.BudgetExceededError):  # 3 steps released: the plan is spent
+        trainer.step(x, y)
 
 
 def test_cli_resume_continues_the_saved_run(tmp_path, monkeypatch):

@@ -28,6 +28,22 @@ def test_mean_batch_size_matches_qn():
     assert 30 < sizes.float().var().item() < 70
 
 
+@pytest.mark.parametrize("q", [6.02e-7, 3.01e-7, 1.5 * 2**-24, 1e-4, 0.3, 1 - 2**-40, 1.0])
+def test_an_example_is_kept_with_probability_at_most_q(q):
+    """float32 uniforms are multiples of 2^-24: ``u < q`` kept an example with probability
+    ceil(q·2^24)/2^24, up to 9 % above q at q = 6e-7 (the accountant assumes q). float64
+    uniforms below q rounded down to their 2^-53 grid keep it with probability in
+    (q - 2^-53, q]: the masks are exactly those."""
+    threshold = math.floor(q * 2**53) / 2**53
+    assert q - 2**-53 < threshold <= q
+    n = 1000
+    sampler = PoissonSampler(n, q, steps=3, generator=torch.Generator().manual_seed(7))
+    again = torch.Generator().manual_seed(7)
+    for batch in sampler:
+        u = torch.rand(n, dtype=torch.float64, generator=again)
+        assert torch.equal(batch, (u < threshold).nonzero().squeeze(1))
+
+
 def test_batches_are_sorted_unique_int64_indices():
     for batch in PoissonSampler(50, 0.3, steps=20, generator=gen()):
         assert batch.dtype == torch.int64 and batch.ndim == 1
