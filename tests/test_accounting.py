@@ -89,3 +89,30 @@ def test_a_history_prv_cannot_discretise_falls_back_to_the_rdp_bound():
     with pytest.warns(RuntimeWarning, match="upper bound is infinite"):  # PRV: inf, no error
         eps = accounting.compute_epsilon(0.1, 1.0, 1000, 1e-5)
     assert eps == accounting.compute_epsilon(0.1, 1.0, 1000, 1e-5, "rdp") < math.inf
+
+
+def test_a_tiny_delta_prv_cannot_resolve_falls_back_to_the_rdp_bound():
+    """prv-accountant raises a ValueError ("Floating point errors will dominate") below
+    δ ≈ 1e-12: ε is then RDP's, with a warning, not that error."""
+    with pytest.warns(RuntimeWarning, match="PRV accountant failed.*Floating point"):
+        eps = accounting.compute_epsilon(1.0, 1e-3, 1000, 1e-15)
+    assert eps == accounting.compute_epsilon(1.0, 1e-3, 1000, 1e-15, "rdp") < math.inf
+
+
+def test_negligible_noise_and_large_delta():
+    """σ below 1e-30 counts as none (the accountants hung at 1e-160, or raised a NaN error at
+    q = 1); ε is never negative (RDP's conversion gives -0.16 at δ = 0.5)."""
+    assert accounting.compute_epsilon(1e-160, 0.01, 10, 1e-5) == math.inf
+    assert accounting.compute_epsilon(1e-160, 1.0, 10, 1e-5) == math.inf
+    assert accounting.compute_epsilon(1e-20, 0.01, 10, 1e-5) < math.inf
+    for accountant in ("rdp", "prv"):
+        assert accounting.compute_epsilon(1.0, 0.01, 100, 0.5, accountant) >= 0.0
+
+
+@pytest.mark.parametrize("target, most", [(0.05, 6.8), (0.02, 18.0), (0.012, 36.0)])
+def test_small_targets_are_calibrated_without_the_fixed_grid_error(target, most):
+    """A fixed 0.01 grid error on the upper bound gave σ = 7.34 / 25.2 / 105 (PLD upper
+    bounds allow 5.96 / 13.3 / 20.9, dp-accounting 0.6.0); the error now shrinks with ε."""
+    sigma = accounting.find_noise_multiplier(target, 1e-5, 0.01, 100)
+    assert sigma <= most
+    assert accounting.compute_epsilon(sigma, 0.01, 100, 1e-5) <= target
