@@ -132,7 +132,11 @@ def find_noise_multiplier(target_epsilon: float, delta: float, sample_rate: floa
     while eps(hi) > target:
         hi *= 2
         if hi > 1e6:
-            raise ValueError(f"no noise multiplier below 1e6 reaches ε = {target}")
+            raise ValueError(
+                f"no noise multiplier below 1e6 reaches ε = {target}: ε stays {eps(hi):.3g} "
+                f"at σ = {hi:g}" + ("; the RDP accountant's orders stop at 63, which bounds "
+                                    "its ε from below whatever σ: try accountant='prv'"
+                                    if accountant == "rdp" else ""))
     lo = hi / 2
     while eps(lo) <= target:
         hi, lo = lo, lo / 2

@@ -116,3 +116,10 @@ def test_small_targets_are_calibrated_without_the_fixed_grid_error(target, most)
     sigma = accounting.find_noise_multiplier(target, 1e-5, 0.01, 100)
     assert sigma <= most
     assert accounting.compute_epsilon(sigma, 0.01, 100, 1e-5) <= target
+
+
+def test_a_target_rdp_cannot_certify_names_the_reason():
+    with pytest.raises(ValueError, match=r"ε stays 0.10\d at σ = .*orders stop at 63.*'prv'"):
+        accounting.find_noise_multiplier(0.1, 1e-5, 1e-3, 100, "rdp")
+    sigma = accounting.find_noise_multiplier(0.1, 1e-5, 1e-3, 100, "prv")  # PRV certifies it
+    assert accounting.compute_epsilon(sigma, 1e-3, 100, 1e-5) <= 0.1
