@@ -491,6 +491,11 @@ def private_step(
         if secure_rng and sigma > 0:
             noise = secure_gaussian(out.numel(), sigma * max_grad_norm / divisor, out.device)
             out = out + noise.to(out.dtype)
+    if batch and not bool(norms.any()):
+        warnings.warn(f"every example's gradient is zero ({engine} engine): no trainable "
+                      "parameter reaches the loss (a forward under torch.no_grad, a detached "
+                      "output, a layer never called?), so this step's gradient is the noise "
+                      "alone", RuntimeWarning, stacklevel=2)
     return PrivateStep(grads=unflatten(out), loss=float(losses.mean()), norms=norms,
                        engine=engine)
 

@@ -85,8 +85,12 @@ def test_rolling_back_restores_the_model_but_no_privacy_state():
     trainer.step(x, y)
     discarded = {n: p.grad.clone() for n, p in trainer.params.items()}
     epsilon = trainer.epsilon()
+    rngs = (trainer.generator.get_state(), trainer.sampler_generator.get_state())
     with pytest.warns(UserWarning, match="went back from step 2 to 1: .* keeps the 2 steps"):
         trainer.load_state_dict(snapshot)
+    # the RNGs carry on: no Poisson mask or perturbation of the discarded step is drawn again
+    assert torch.equal(trainer.generator.get_state(), rngs[0])
+    assert torch.equal(trainer.sampler_generator.get_state(), rngs[1])
     now = trainer.model.state_dict()
     assert all(torch.equal(now[k], weights[k]) for k in weights)  # the model went back
     assert trainer.accountant.steps == 2 and trainer.epsilon() == epsilon

@@ -33,7 +33,9 @@ def test_an_example_is_kept_with_probability_at_most_q(q):
     """float32 uniforms are multiples of 2^-24: ``u < q`` kept an example with probability
     ceil(q·2^24)/2^24, up to 9 % above q at q = 6e-7 (the accountant assumes q). float64
     uniforms below q rounded down to their 2^-53 grid keep it with probability in
-    (q - 2^-53, q]: the masks are exactly those."""
+    (q - 2^-53, q]: the threshold's bounds for every q, and the masks exactly those (which
+    the float32 draws fail at q = 0.3; at the tiny rates 1000 examples give empty masks
+    either way, and the excess itself would need ~1e9 draws to show)."""
     threshold = math.floor(q * 2**53) / 2**53
     assert q - 2**-53 < threshold <= q
     n = 1000
