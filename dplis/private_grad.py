@@ -492,10 +492,10 @@ def private_step(
             noise = secure_gaussian(out.numel(), sigma * max_grad_norm / divisor, out.device)
             out = out + noise.to(out.dtype)
     if batch and not bool(norms.any()):
-        warnings.warn(f"every example's gradient is zero ({engine} engine): no trainable "
-                      "parameter reaches the loss (a forward under torch.no_grad, a detached "
-                      "output, a layer never called?), so this step's gradient is the noise "
-                      "alone", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"every example's gradient is zero ({engine} engine), so this step's "
+                      "gradient is the noise alone: does the loss reach the trainable "
+                      "parameters (not under torch.no_grad, not detached, every layer "
+                      "called)?", RuntimeWarning, stacklevel=2)
     return PrivateStep(grads=unflatten(out), loss=float(losses.mean()), norms=norms,
                        engine=engine)
 
