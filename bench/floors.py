@@ -147,6 +147,9 @@ def floors(name: str, batch_size: int, steps: int, rounds: int) -> dict:
         for piece, fn in _norm_pieces(factor).items():
             closures[f"{piece}:{layer}"] = fn
     med, errors = time_rounds(closures, steps, rounds)
+    failed = {k: e for k, e in errors.items() if k not in OPACUS_MODES}  # Opacus may refuse
+    if failed:
+        raise RuntimeError(f"{name}: pieces failed, no floor: {failed}")
     ms = {k: v * 1e3 for k, v in med.items()}
     norms = {layer: max(0.0, min(ms[f"ghost:{layer}"], ms[f"explicit:{layer}"]
                                  - ms[f"wgrad:{layer}"])) for layer, _ in layers}
