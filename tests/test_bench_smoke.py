@@ -189,3 +189,18 @@ def test_floors_command_writes_its_json(tmp_path: Path) -> None:
     assert result["floor_ms"]["k4"] == pytest.approx(floor + 3 * pieces["pass"]
                                                      + 4 * pieces["noise"])
     assert "K=1 x non-private" in proc.stdout and "verdict" in proc.stdout
+
+
+def test_floors_stop_with_the_error_of_a_failing_piece(monkeypatch) -> None:
+    import bench.floors as floors
+
+    def step_or_fail(name, mode, batch_size):
+        if mode == "dplis_k1":
+            def fail():
+                raise ValueError("boom")
+            return fail
+        return lambda: None
+
+    monkeypatch.setattr(floors, "make_step", step_or_fail)
+    with pytest.raises(RuntimeError, match="mlp: pieces failed, no floor: .*dplis_k1.*boom"):
+        floors.floors("mlp", 4, steps=1, rounds=1)
