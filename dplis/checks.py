@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 
 def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -73,4 +75,12 @@ def delta(value: object) -> float:
     value = _real("delta", value)
     if not 0 < value < 1:
         raise ValueError(f"delta must be in (0, 1), got {value}")
+    return value
+
+
+def generator(value: object) -> torch.Generator | None:
+    """A ``torch.Generator`` or None."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(value).__name__}")
     return value

@@ -339,9 +339,7 @@ def private_step(
     k = checks.integer("num_perturbations", num_perturbations, 1)
     stream = checks.integer("dropout_stream", dropout_stream, 0, 2**31 - 1)
     checks.flag("verify", verify)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got "
-                        f"{type(generator).__name__}")
+    checks.generator(generator)
     if offset is not None and not isinstance(offset, torch.Tensor):
         raise TypeError(f"offset must be a flat tensor over the trainable parameters or None, "
                         f"got {type(offset).__name__}")

@@ -59,13 +59,9 @@ class PoissonSampler:
         self.steps = (steps_per_epoch(self.sample_rate) if steps is None
                       else checks.integer("steps", steps, 1))
         self._threshold = math.floor(self.sample_rate * 2**53) / 2**53  # exact in float64
-        if generator is None:
+        if checks.generator(generator) is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             generator = torch.Generator().manual_seed(seed)
-        elif not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-            )
         self.generator = generator
         self._position = 0  # batches of the current pass already yielded
         self._pass: object | None = None  # the iterator whose pass that is
