@@ -32,7 +32,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from .ghost_grad import Budget, ParamGrad
-from .ghost_rules import Factor, Unsupported, rule_for
+from .ghost_rules import Factor, Unsupported, layer_norm_stats, rule_for
 from .kernels import NonFiniteError
 from .kernels.reference import clip_factors
 from .losses import per_example as losses_of
@@ -336,10 +336,13 @@ def _label(model: nn.Module, module: nn.Module) -> str:
 
 
 def layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: dict,
-                args: tuple, kwargs: dict, dout: torch.Tensor, batch: int) -> dict:
+                args: tuple, kwargs: dict, dout: torch.Tensor, batch: int,
+                saved: tuple | None = None) -> dict:
     """attribute -> per-example gradient part (Factor or [B, *shape]) of one layer call. A
     rule reads positional inputs: arguments given by keyword are bound to their positions
-    first; the vmap fallback takes the call as it was made (keyword arguments unbatched)."""
+    first; the vmap fallback takes the call as it was made (keyword arguments unbatched).
+    ``saved``: what the forward computed for the rule to reuse (``_Call.saved``), passed as
+    ``saved=`` when not None."""
     label = functools.partial(_label, model, module)
     _check_batch((*args, dout), batch, label)
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -354,7 +357,8 @@ def layer_grads(model: nn.Module, module: nn.Module, rule, owned: dict, params: 
                 raise Unsupported(str(e)) from e
             inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bound.args)
             _check_batch(inputs, batch, label)
-        return rule(module, inputs, dout)
+        return rule(module, inputs, dout) if saved is None else \
+            rule(module, inputs, dout, saved=saved)
     except Unsupported:
         return _fallback(module, owned, params, detached, kwargs, dout, label)
 
@@ -395,7 +399,8 @@ class _Call:
     gradient comes from (``target``, see ``_gradient_target``: None for an output that
     needed no gradient when the layer returned it; ``shape``: the output's, when ``target``
     is the edge of its base), ``held`` the tensors whose ``seen`` versions an in-place op
-    must not change; ``spread``: its output went to the model expanded to the batch."""
+    must not change; ``spread``: its output went to the model expanded to the batch;
+    ``saved``: what its forward computed that its rule may reuse (``layer_norm_stats``)."""
 
     module: nn.Module
     args: tuple
@@ -405,6 +410,7 @@ class _Call:
     held: tuple
     seen: tuple[int, ...]
     spread: bool = False
+    saved: tuple | None = None
 
 
 def _gradient_target(module: nn.Module, out: object) -> tuple[object, torch.Size | None]:
@@ -659,7 +665,9 @@ def clipped_sum(
             refuse_hidden_backward(model, loss, silent.module)
         calls = [c for c in calls if c.target is not None]
         wrt = [c.target for c in calls]
-        for c in calls:  # the rules read inputs only
+        for c in calls:  # the rules read inputs (and what the backward would free) only
+            if isinstance(c.target, GradientEdge):
+                c.saved = layer_norm_stats(c.module, c.args, c.target.node)
             c.target = c.held = None
         if not loss.requires_grad:  # no trainable parameter reaches the loss: zero gradients,
             return loss.detach()  # as the vmap and loop engines give
@@ -680,7 +688,7 @@ def clipped_sum(
                 module, args, kwargs = c.module, c.args, c.kwargs
                 dout = dout if c.shape is None else dout.view(c.shape)
                 parts = layer_grads(model, module, rules[module], plan[module], trainable,
-                                    args, kwargs, dout, batch)
+                                    args, kwargs, dout, batch, c.saved)
                 if _reads(args, model_inputs):  # the same input in every perturbed pass
                     for part in parts.values():
                         if isinstance(part, Factor):

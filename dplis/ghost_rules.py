@@ -256,9 +256,30 @@ def _affine(module: nn.Module, normed: torch.Tensor, grad: torch.Tensor, keep: i
 
 
 @register(nn.LayerNorm)
-def layer_norm(module: nn.LayerNorm, args: tuple, grad: torch.Tensor) -> Contribution:
-    normed = F.layer_norm(args[0], module.normalized_shape, eps=module.eps)
+def layer_norm(module: nn.LayerNorm, args: tuple, grad: torch.Tensor,
+               saved: tuple[torch.Tensor, torch.Tensor] | None = None) -> Contribution:
+    """``saved``: the forward's (mean, rstd) [*, 1, ...] (``layer_norm_stats``): x̂ = (x − mean)
+    · rstd, half the cost of normalising x again (which ``saved=None`` does)."""
+    if saved is None:
+        normed = F.layer_norm(args[0], module.normalized_shape, eps=module.eps)
+    else:
+        normed = (args[0] - saved[0]).mul_(saved[1])
     return _affine(module, normed, grad, len(module.normalized_shape))
+
+
+def layer_norm_stats(module: nn.Module, args: tuple, node: object
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mean and rstd an ``nn.LayerNorm`` call computed, from autograd's node that made its
+    output (read before the backward frees them): only if that node normalised exactly the
+    recorded input ``args[0]`` over the module's shape; None otherwise (the rule then
+    normalises again)."""
+    if type(module) is not nn.LayerNorm or type(node).__name__ != "NativeLayerNormBackward0" \
+            or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    if tuple(node._saved_normalized_shape) != tuple(module.normalized_shape) \
+            or identity(node._saved_input) != identity(args[0]):
+        return None
+    return node._saved_result1.detach(), node._saved_result2.detach()
 
 
 @register(nn.RMSNorm)

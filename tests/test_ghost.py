@@ -233,6 +233,46 @@ def test_layer_outputs_are_not_held_through_the_backward(sequence):
     assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2))
 
 
+class InPlaceAfterNorm(Residual):
+    """Residual with a Scale layer after the norm whose (view) output is changed in place: the
+    engine runs again with the layers isolated (each reads a copy of its input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = Scale(6)
+
+    def forward(self, x):
+        h = self.scale(self.ln(x))
+        h[:, 0] += 1.0
+        return (x + self.fc2(F.gelu(self.fc1(h)))).mean(1)
+
+
+@pytest.mark.parametrize("model_cls", [Residual, InPlaceAfterNorm])
+@pytest.mark.parametrize("k", [1, 3])
+def test_layer_norm_reuses_the_forwards_statistics(model_cls, k, monkeypatch):
+    """The LayerNorm rule gets the mean and rstd its forward computed (no second
+    normalisation), also when the layers are isolated, and the gradient stays exact."""
+    from dplis import ghost_rules
+
+    got = []
+    rule = ghost_rules.RULES[nn.LayerNorm]
+
+    def spy(module, args, grad, saved=None):
+        got.append(saved is not None)
+        return rule(module, args, grad, saved=saved)
+
+    monkeypatch.setitem(ghost_rules.RULES, nn.LayerNorm, spy)
+    torch.manual_seed(0)
+    model = model_cls()
+    x, y = torch.randn(5, 7, 6), torch.randint(0, 6, (5,))
+    want = naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2)
+    fast = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
+                              noise_multiplier=0.0, engine="ghost", verify=False,
+                              num_perturbations=k, smoothing_std=0.0)
+    assert got and all(got), got
+    assert_close(fast, want)
+
+
 class ChangedOutputs(nn.Module):
     """Layer outputs changed in place after the layers returned them: a sequence Linear's
     (a view of its matmul) by a slice update and ReLU(inplace=True), and a custom layer's

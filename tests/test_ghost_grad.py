@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from dplis.ghost_grad import Budget, ParamGrad
-from dplis.ghost_rules import ConvFactor, Factor
+from dplis.ghost_rules import ConvFactor, Factor, layer_norm, layer_norm_stats
 
 B, M, N = 5, 7, 3
 
@@ -211,3 +212,38 @@ def test_a_parameter_once_formed_stays_formed_between_passes(monkeypatch):
             assert not pg.dense and not pg.index and pg.owned
     want = sum(formed(p) for ps in passes for p in ps) / 3
     torch.testing.assert_close(pg.finish(), want.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, normalized", [((5, 7, 6), (6,)), ((3, 4, 5), (4, 5)),
+                                               ((1, 9), (9,))])
+def test_layer_norm_rule_from_the_forwards_stats_equals_normalising_again(shape, normalized):
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(normalized)
+    with torch.no_grad():
+        ln.weight.normal_(), ln.bias.normal_()
+    x = torch.randn(shape, requires_grad=True)
+    out = ln(x)
+    saved = layer_norm_stats(ln, (x,), out.grad_fn)
+    assert saved is not None
+    grad = torch.randn(shape)
+    again, reused = layer_norm(ln, (x.detach(),), grad), layer_norm(ln, (x.detach(),), grad,
+                                                                   saved=saved)
+    for attr in ("weight", "bias"):
+        torch.testing.assert_close(reused[attr], again[attr], rtol=1e-5, atol=1e-5)
+    # and both are the per-example gradients autograd gives each example alone
+    for b in range(shape[0]):
+        gw, gb = torch.autograd.grad(ln(x[b:b + 1].detach()), [ln.weight, ln.bias],
+                                     grad[b:b + 1])
+        torch.testing.assert_close(reused["weight"][b], gw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reused["bias"][b], gb, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_stats_are_used_only_for_the_recorded_input_and_shape():
+    ln = nn.LayerNorm(6)
+    x = torch.randn(4, 6, requires_grad=True)
+    node = ln(x).grad_fn
+    assert layer_norm_stats(ln, (x.clone(),), node) is None  # another input's normalisation
+    assert layer_norm_stats(nn.LayerNorm((3, 2)), (x,), node) is None  # another shape
+    assert layer_norm_stats(ln, (x,), (x * 2).grad_fn) is None  # not a layer norm's node
+    assert layer_norm_stats(nn.RMSNorm(6), (x,), node) is None  # not a LayerNorm
+    assert layer_norm_stats(ln, (x,), node) is not None
