@@ -211,34 +211,39 @@ def clipped_sum(
         state["uses"] = uses
         return losses
 
-    # IEEE fp32 throughout (CUDA): the second backward must round as the first did
-    with exact_fp32(first.device), parameters_restored(trainable):
-        if thetas[0] is not None:
-            for p, value in zip(trainable.values(), thetas[0].values()):
-                p.data = value
-        with spread_refused(model, lambda: [c[0] for c in state.get("calls", []) if c[4]]):
-            try:
-                losses = run(copy=False)
-            except RuntimeError as e:  # autograd refuses in-place ops on a tap's view: copies
-                if "inplace" not in str(e):
-                    raise
-                losses = run(copy=True)
-        # no trainable parameter reaches the loss: zero gradients, as the other engines give
-        reached = losses.requires_grad
-        # the taps return no gradient for the probe: only the layer outputs' are computed
-        if reached:
-            torch.autograd.grad(losses.sum(), [probe], retain_graph=True, allow_unused=True)
-        for name in list(grads):  # parameters some of whose uses got no gradient
-            done(name)
-        norms, c = clip_of(sq, batch, losses, max_grad_norm)
-        if verify and reached:  # autograd's gradient of Σ w_b ℓ_b against Σ_b w_b g_b
-            state["phase"] = "verify"
-            found = torch.autograd.grad((losses * weights).sum(), list(trainable.values()),
-                                        retain_graph=True, allow_unused=True)
-            check_sums(unclipped, {n: g.float() for n, g in zip(trainable, found)
-                                   if g is not None}, sums_tolerance(trainable, False))
-            del found
-        state["phase"] = "sum"
-        if reached:
-            torch.autograd.grad((losses * c).sum(), [probe], allow_unused=True)
-    return torch.cat(list(clipped.values())), norms, losses.detach().unsqueeze(0)
+    try:
+        # IEEE fp32 throughout (CUDA): the second backward must round as the first did
+        with exact_fp32(first.device), parameters_restored(trainable):
+            if thetas[0] is not None:
+                for p, value in zip(trainable.values(), thetas[0].values()):
+                    p.data = value
+            with spread_refused(model, lambda: [c[0] for c in state.get("calls", []) if c[4]]):
+                try:
+                    losses = run(copy=False)
+                except RuntimeError as e:  # autograd refuses in-place ops on a tap's view: copies
+                    if "inplace" not in str(e):
+                        raise
+                    losses = run(copy=True)
+            # no trainable parameter reaches the loss: zero gradients, as the other engines give
+            reached = losses.requires_grad
+            # the taps return no gradient for the probe: only the layer outputs' are computed
+            if reached:
+                torch.autograd.grad(losses.sum(), [probe], retain_graph=True, allow_unused=True)
+            for name in list(grads):  # parameters some of whose uses got no gradient
+                done(name)
+            norms, c = clip_of(sq, batch, losses, max_grad_norm)
+            if verify and reached:  # autograd's gradient of Σ w_b ℓ_b against Σ_b w_b g_b
+                state["phase"] = "verify"
+                found = torch.autograd.grad((losses * weights).sum(), list(trainable.values()),
+                                            retain_graph=True, allow_unused=True)
+                check_sums(unclipped, {n: g.float() for n, g in zip(trainable, found)
+                                       if g is not None}, sums_tolerance(trainable, False))
+                del found
+            state["phase"] = "sum"
+            if reached:
+                torch.autograd.grad((losses * c).sum(), [probe], allow_unused=True)
+        return torch.cat(list(clipped.values())), norms, losses.detach().unsqueeze(0)
+    finally:  # the taps' closures reach ``state``, whose recorded calls hold tensors of
+        # the graph, which holds the taps: a cycle through autograd's nodes that Python's
+        # garbage collector cannot see, leaking every step's activations
+        state.clear()
