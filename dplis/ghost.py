@@ -400,7 +400,8 @@ class _Call:
     needed no gradient when the layer returned it; ``shape``: the output's, when ``target``
     is the edge of its base), ``held`` the tensors whose ``seen`` versions an in-place op
     must not change; ``spread``: its output went to the model expanded to the batch;
-    ``saved``: what its forward computed that its rule may reuse (``layer_norm_stats``)."""
+    ``as_is``: autograd saved its tensors as they were (``saved_as_is``); ``saved``: what its
+    forward computed that its rule may reuse (``layer_norm_stats``)."""
 
     module: nn.Module
     args: tuple
@@ -410,6 +411,7 @@ class _Call:
     held: tuple
     seen: tuple[int, ...]
     spread: bool = False
+    as_is: bool = False
     saved: tuple | None = None
 
 
@@ -538,7 +540,7 @@ def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
         held = (*tensors_in(args), *tensors_in(kwargs),
                 *([target] if isinstance(target, torch.Tensor) else []))
         calls.append(_Call(module, args, kwargs, target, shape, held, versions(held),
-                           wide is not None))
+                           wide is not None, saved_as_is()))
         return copy(out) if isolate else out if wide is not None else None
 
     hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
@@ -666,7 +668,7 @@ def clipped_sum(
         calls = [c for c in calls if c.target is not None]
         wrt = [c.target for c in calls]
         for c in calls:  # the rules read inputs (and what the backward would free) only
-            if isinstance(c.target, GradientEdge):
+            if c.as_is and isinstance(c.target, GradientEdge):
                 c.saved = layer_norm_stats(c.module, c.args, c.target.node)
             c.target = c.held = None
         if not loss.requires_grad:  # no trainable parameter reaches the loss: zero gradients,
@@ -722,6 +724,15 @@ def clipped_sum(
                        sums_tolerance(trainable, any(autocast)),
                        {name: float((weights.square() @ v).sqrt()) for name, v in sq.items()})
         return _clipped_sums(grads, c), norms, losses
+
+
+def saved_as_is() -> bool:
+    """Whether autograd now saves tensors for the backward as they are: no
+    ``saved_tensors_hooks`` in effect (a non-reentrant activation checkpoint's, whose
+    unpacking before the backward would run the recomputation early and hold its tensors;
+    ``save_on_cpu``'s, which would copy them back). False where torch has no way to ask."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is None
 
 
 def one_tensor(model: nn.Module, module: nn.Module, output: object) -> None:

@@ -273,6 +273,37 @@ def test_layer_norm_reuses_the_forwards_statistics(model_cls, k, monkeypatch):
     assert_close(fast, want)
 
 
+class CheckpointedNorm(Residual):
+    """Residual's norm and fc1 inside a non-reentrant activation checkpoint; counts the
+    block's runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = 0
+
+    def block(self, x):
+        self.runs += 1
+        return F.gelu(self.fc1(self.ln(x)))
+
+    def forward(self, x):
+        return (x + self.fc2(checkpoint(self.block, x, use_reentrant=False))).mean(1)
+
+
+def test_a_checkpointed_layer_norm_recomputes_once_as_without_privacy():
+    """Reading a checkpointed norm's saved statistics before the backward would run the
+    checkpoint's recomputation early (the block ran 5 times instead of 2): the rule
+    normalises again instead, and the gradient stays exact."""
+    torch.manual_seed(0)
+    model = CheckpointedNorm()
+    x, y = torch.randn(5, 7, 6), torch.randint(0, 6, (5,))
+    F.cross_entropy(model(x), y).backward()
+    plain, model.runs = model.runs, 0
+    got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2,
+                             noise_multiplier=0.0, engine="ghost", verify=False)
+    assert (plain, model.runs) == (2, 2)
+    assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.2))
+
+
 class ChangedOutputs(nn.Module):
     """Layer outputs changed in place after the layers returned them: a sequence Linear's
     (a view of its matmul) by a slice update and ReLU(inplace=True), and a custom layer's
