@@ -976,3 +976,31 @@ def test_bf16_still_catches_a_parameter_used_outside_its_layer(batch):
     with pytest.raises(GhostUnsupported, match=r"\['a.weight'\]"):
         dplis.private_step(_Leak(0.05), F.cross_entropy, x, y, max_grad_norm=1.0, engine="ghost",
                            precision="bf16", **ZERO)
+
+
+class Opposed(nn.Module):
+    """One Linear over two positions that see one input, its two outputs nearly cancelling:
+    an example crafted so that fp32 loses its ghost norm (reported 0: unclipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return (y[:, 0] - (1 - 3e-4) * y[:, 1]).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_an_example_whose_ghost_norm_cancels_is_still_clipped(low_memory):
+    torch.manual_seed(20)
+    model = Opposed()
+    x = torch.randn(1, 1, 8).expand(1, 2, 8).contiguous() * 1e3
+    y = torch.zeros(1, 1)
+    kw = dict(max_grad_norm=1.0, noise_multiplier=0.0)
+    want = dplis.private_step(model, F.mse_loss, x, y, engine="vmap", **kw)
+    got = dplis.private_step(model, F.mse_loss, x, y, engine="ghost", low_memory=low_memory,
+                             **kw)
+    torch.testing.assert_close(got.norms, want.norms, rtol=1e-4, atol=0)
+    assert float(want.norms[0]) > 6  # clipped: the contribution is C, up to fp32 rounding
+    assert float(got.grads["lin.weight"].norm()) <= 1.0 + 1e-3

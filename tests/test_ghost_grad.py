@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dplis import ghost_grad, kernels
 from dplis.ghost_grad import Budget, ParamGrad
 from dplis.ghost_rules import ConvFactor, Factor, layer_norm, layer_norm_stats
 
@@ -247,3 +248,54 @@ def test_layer_norm_stats_are_used_only_for_the_recorded_input_and_shape():
     assert layer_norm_stats(ln, (x,), (x * 2).grad_fn) is None  # not a layer norm's node
     assert layer_norm_stats(nn.RMSNorm(6), (x,), node) is None  # not a LayerNorm
     assert layer_norm_stats(ln, (x,), node) is not None
+
+
+def _opposed(gen: torch.Generator, index: bool) -> Factor:
+    """Example 0 of B: two positions with one input (or one embedding row) whose output
+    gradients nearly cancel, (1 - 1e-4) apart, at magnitude 1e3: the ghost norm's P² terms
+    are ~1e8 times ‖g_0‖². The other examples are plain random."""
+    if index:
+        idx = torch.randint(0, M, (B, 2), generator=gen)
+        w = torch.randn(B, 2, N, generator=gen)
+        idx[0, 1] = idx[0, 0]
+        w[0, 1] = -(1 - 1e-4) * w[0, 0]
+        return Factor(idx, w * 1e3, index=True)
+    u, v = torch.randn(B, 2, M, generator=gen), torch.randn(B, 2, N, generator=gen)
+    u[0, 1], v[0, 1] = -(1 - 1e-4) * u[0, 0], v[0, 0]
+    return Factor(u * 1e3, v)
+
+
+@pytest.mark.parametrize("index", [False, True], ids=["dense", "index"])
+def test_a_cancelling_example_gets_its_true_norm(index, monkeypatch):
+    """fp32 loses such an example's ghost norm (0, negative, or 2x off: its clip factor
+    would let it through unclipped); it is taken again in fp64. The others stay fp32."""
+    retaken, original = [], ghost_grad._ghost_sq_fp64
+
+    def fp64(u, v, idx, w):
+        retaken.append(len(idx if u is None else u))
+        return original(u, v, idx, w)
+
+    factor = _opposed(torch.Generator().manual_seed(0), index)
+    u = F.one_hot(factor.u, M).double() if index else factor.u.double()
+    want = torch.einsum("bpm,bpn->bmn", u, factor.v.double()).flatten(1).square().sum(1)
+    fp32 = (ghost_grad._index_sq(None, None, factor.u, factor.v, torch.float32) if index
+            else kernels.ghost_sq_norms(factor.u, factor.v))
+    assert not torch.allclose(fp32[0].double(), want[0], rtol=1e-2)  # what fp32 alone gives
+    monkeypatch.setattr(ghost_grad, "_ghost_sq_fp64", fp64)
+    monkeypatch.setattr(ParamGrad, "_use_ghost", lambda self, growth=1.0: True)
+    pg = ParamGrad(torch.Size([M, N]))
+    pg.add(factor)
+    sq = pg.finish()
+    assert retaken == [1]  # example 0 alone
+    torch.testing.assert_close(sq.double(), want, rtol=1e-4, atol=0)
+
+
+def test_random_positions_are_not_taken_again(monkeypatch):
+    monkeypatch.setattr(ghost_grad, "_ghost_sq_fp64", lambda *rows: pytest.fail("retaken"))
+    monkeypatch.setattr(ParamGrad, "_use_ghost", lambda self, growth=1.0: True)
+    gen = torch.Generator().manual_seed(1)
+    for parts in (CASES["tied dense + index"](gen), [dense(64, gen)]):
+        pg = ParamGrad(torch.Size([M, N]))
+        for p in parts:
+            pg.add(p)
+        pg.finish()
