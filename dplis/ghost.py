@@ -160,7 +160,7 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
                     seen.append(projected(t, f"the {side} of layer {_label(model, module)}"))
 
         xs = tuple(t[index.to(t.device)] if isinstance(t, torch.Tensor) else t for t in inputs)
-        hooks = [m.register_forward_hook(record, with_kwargs=True) for m in plan]
+        hooks = [m.register_forward_hook(record, with_kwargs=True, prepend=True) for m in plan]
         reset(seed)
         gen.manual_seed(seed or 0)
         for m in model.modules() if no_dropout else ():
@@ -543,7 +543,7 @@ def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
                            wide is not None, saved_as_is()))
         return copy(out) if isolate else out if wide is not None else None
 
-    hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
+    hooks = [m.register_forward_hook(after, with_kwargs=True, prepend=True) for m in plan]
     if isolate:
         hooks += [m.register_forward_pre_hook(before, with_kwargs=True) for m in plan]
     try:

@@ -103,7 +103,7 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
             out, args, kwargs = wide
         return _Tap.apply(out, probe, lambda g: arrived(module, args, kwargs, g), copy)
 
-    hooks = [m.register_forward_hook(after, with_kwargs=True) for m in plan]
+    hooks = [m.register_forward_hook(after, with_kwargs=True, prepend=True) for m in plan]
     try:
         yield uses, calls
     finally:

@@ -832,3 +832,31 @@ def test_exact_fp32_turns_tf32_off_on_cuda_and_back(user):
     proc = subprocess.run([sys.executable, "-c", EXACT_FP32_SCRIPT, user], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+class UserOutHook(nn.Module):
+    """A user's forward hook doubles a layer's output (the LayerNorm's or the Linear's)."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        self.a, self.ln, self.head = nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+        getattr(self, layer).register_forward_hook(lambda module, args, out: out * 2.0)
+
+    def forward(self, x):
+        return self.head(self.ln(self.a(x)).mean(1))
+
+
+@pytest.mark.parametrize("layer", ["a", "ln"])
+@pytest.mark.parametrize("kw", [dict(verify=False), dict(verify=True),
+                                dict(verify=False, low_memory=True),
+                                dict(verify=False, num_perturbations=3)])
+def test_a_users_forward_hook_on_a_layer_is_part_of_the_model(layer, kw):
+    """The engine's hooks run before the user's, so they record the layer's own output and
+    the user's change is downstream of it (without verification the doubled output's
+    gradient was taken for the layer's: 0.18 off; with it, the model was refused)."""
+    torch.manual_seed(0)
+    model = UserOutHook(layer)
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
+    got = dplis.private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3,
+                             noise_multiplier=0.0, engine="ghost", **kw)
+    assert_close(got, naive_private_grad(model, F.cross_entropy, x, y, max_grad_norm=0.3))
