@@ -94,6 +94,8 @@ def _history_epsilon(history: tuple[Segment, ...], delta: float, accountant: str
         failure = None if math.isfinite(upper) else "its upper bound is infinite"
     except (RuntimeError, ValueError) as e:  # its grid cannot hold this history even widened,
         failure = str(e)  # or its floating-point error dominates (δ below 1e-12 or so)
+    except MemoryError as e:  # its grid grows with the steps: 379 GiB for 5e10 of them
+        failure = f"its grid does not fit in memory: {e}"
     if failure is None:
         return max(0.0, upper)
     warnings.warn(f"the PRV accountant failed on this history ({failure}); reporting the RDP "

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from . import __version__, distributed, models
 from .allocator import MALLOC_MODES, retain_freed_memory
 from .data import load_dataset
+from .kernels import NonFiniteError
 from .private_grad import ENGINES, PRECISIONS
 from .sampling import steps_per_epoch
-from .trainer import PrivateTrainer
+from .trainer import PrivateTrainer, read_checkpoint
 
 DEFAULT_RADIUS = 40.0  # tuned on MNIST-1D at ε = 3 (docs/compare_full.md)
 
@@ -36,6 +37,8 @@ def _number(kind: type, low: float, *, open_low: bool = False, high: float | Non
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
         below = value <= low if open_low else value < low
+        if value in (math.inf, -math.inf):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         if below or (high is not None and value >= high) or value != value:
             span = f"{'(' if open_low else '['}{low:g}, {'∞)' if high is None else f'{high:g})'}"
             raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
@@ -109,6 +112,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what a run's result depends on: --resume must be given the same (device, threads, engine,
+# output and display flags may change)
+RUN_FLAGS = ("method", "epsilon", "delta", "epochs", "batch_size", "lr", "optimizer", "momentum",
+             "max_grad_norm", "smoothing_std", "smoothing_radius", "perturbations", "seed",
+             "secure_rng", "dataset", "num_samples", "model", "precision")
+
+
+def _output_path(flag: str, path: str | None) -> None:
+    """Refuse (SystemExit) before training a ``--flag PATH`` the run could not write at its
+    end: empty, an existing folder, device or pipe, or in a folder that is missing or
+    read-only. A symbolic link is written through."""
+    if path is None:
+        return
+    if not path:
+        raise SystemExit(f"{flag}: an empty path")
+    real = os.path.realpath(path)
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise SystemExit(f"{flag} {path}: exists and is not a regular file (a folder, device "
+                         "or pipe)")
+    folder = os.path.dirname(real)
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{flag} {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(real)
+                                                    and not os.access(real, os.W_OK)):
+        raise SystemExit(f"{flag} {path}: not writable")
+
+
+def _resumed_flags(args: argparse.Namespace) -> None:
+    """Refuse (SystemExit) a --resume whose run flags differ from those the checkpoint was
+    saved with (files of this command only: another file's are the trainer's to check)."""
+    try:
+        saved = read_checkpoint(args.checkpoint).get("extra") or {}
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--resume {args.checkpoint}: {e}") from None
+    flags = saved.get("flags") if isinstance(saved, dict) else None
+    if not isinstance(flags, dict):
+        return
+    diff = [f"--{k.replace('_', '-')} {flags[k]!r} (now {getattr(args, k)!r})"
+            for k in RUN_FLAGS if k in flags and flags[k] != getattr(args, k)]
+    if diff:
+        raise SystemExit(f"--resume {args.checkpoint}: the run was saved with other flags: "
+                         f"{', '.join(diff)}; resume with the flags it was started with")
+
+
 def build_model(name: str, dataset: str, sample: torch.Tensor) -> torch.nn.Module:
     if name == "auto":
         name = "mlp" if dataset == "mnist1d" else "cnn"
@@ -178,6 +225,11 @@ def run(args: argparse.Namespace) -> dict:
     # file any rank lacks on every rank: a check here, on one rank alone, would hang the rest)
     if args.resume and world_size == 1 and not os.path.isfile(args.checkpoint):
         raise SystemExit(f"--resume: no checkpoint at {args.checkpoint}")
+    if rank == 0:
+        _output_path("--checkpoint", args.checkpoint)
+        _output_path("--json", args.json)
+    if args.resume and world_size == 1:
+        _resumed_flags(args)
     try:
         train, test = load_dataset(args.dataset, args.data_dir, **kw)
     except (ValueError, OSError) as e:  # no --data-dir, a missing or malformed file
@@ -191,20 +243,24 @@ def run(args: argparse.Namespace) -> dict:
     radius = args.smoothing_radius
     if dplis and radius is None and args.smoothing_std is None:
         radius = DEFAULT_RADIUS
-    trainer = PrivateTrainer(
-        model, opt, F.cross_entropy, sample_rate=args.batch_size / len(train),
-        max_grad_norm=args.max_grad_norm, target_epsilon=args.epsilon, target_delta=args.delta,
-        epochs=args.epochs, smoothing_std=(args.smoothing_std or 0.0) if dplis else 0.0,
-        smoothing_radius=radius if dplis else None,
-        num_perturbations=args.perturbations if dplis else 1,
-        seed=None if args.secure_rng else args.seed, secure_rng=args.secure_rng,
-        precision=args.precision, dataset_size=len(train), engine=args.engine,
-        compile=args.compile, low_memory=args.low_memory)
+    try:
+        trainer = PrivateTrainer(
+            model, opt, F.cross_entropy, sample_rate=args.batch_size / len(train),
+            max_grad_norm=args.max_grad_norm, target_epsilon=args.epsilon,
+            target_delta=args.delta, epochs=args.epochs,
+            smoothing_std=(args.smoothing_std or 0.0) if dplis else 0.0,
+            smoothing_radius=radius if dplis else None,
+            num_perturbations=args.perturbations if dplis else 1,
+            seed=None if args.secure_rng else args.seed, secure_rng=args.secure_rng,
+            precision=args.precision, dataset_size=len(train), engine=args.engine,
+            compile=args.compile, low_memory=args.low_memory)
+    except ValueError as e:  # an unreachable ε, settings that do not go together
+        raise SystemExit(f"error: {e}") from None
     if args.resume:
         try:
             trainer.load(args.checkpoint)
-        except ValueError as e:  # another run's flags, a damaged file
-            raise SystemExit(f"--resume {args.checkpoint}: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:  # another run's flags, a damaged file
+            raise SystemExit(f"--resume {args.checkpoint}: {e!s}") from None
         except RuntimeError as e:  # torch's load_state_dict: the model differs
             raise SystemExit(f"--resume {args.checkpoint}: the checkpoint's model does not fit "
                              f"this run's (another --model or --dataset?): {e}") from None
@@ -218,23 +274,36 @@ def run(args: argparse.Namespace) -> dict:
     bar = tqdm(total=trainer.max_steps, disable=args.quiet, unit="step", file=sys.stderr)
     bar.update(trainer.accountant.steps)
     epoch = trainer.accountant.steps // steps_per_epoch(trainer.sample_rate)
-    while trainer.accountant.steps < trainer.max_steps:
-        epoch += 1
-        losses = []
-        for x, y in trainer.data_loader(train):  # the last pass ends with the planned steps
-            loss = trainer.step(x.to(args.device), y.to(args.device))
-            if not math.isnan(loss):
-                losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-        row = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)),
-               "test_accuracy": accuracy(model, test, args.device),
-               "epsilon": trainer.epsilon()}
-        history.append(row)
-        if args.checkpoint:
-            trainer.save(args.checkpoint)
-        log(f"epoch {epoch}: loss {row['loss']:.4f}  test acc {row['test_accuracy']:.4f}  "
-            f"ε {row['epsilon']:.3f}")
+    saved = {"flags": {k: getattr(args, k) for k in RUN_FLAGS}}
+    try:
+        while trainer.accountant.steps < trainer.max_steps:
+            epoch += 1
+            losses = []
+            for x, y in trainer.data_loader(train):  # the last pass ends with the planned steps
+                loss = trainer.step(x.to(args.device), y.to(args.device))
+                if not math.isnan(loss):
+                    losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            row = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)),
+                   "test_accuracy": accuracy(model, test, args.device),
+                   "epsilon": trainer.epsilon()}
+            history.append(row)
+            if args.checkpoint:
+                trainer.save(args.checkpoint, extra=saved)
+            log(f"epoch {epoch}: loss {row['loss']:.4f}  test acc "
+                f"{row['test_accuracy']:.4f}  ε {row['epsilon']:.3f}")
+    except KeyboardInterrupt:
+        bar.close()
+        where = (f"; --resume continues from the end of the last epoch saved in "
+                 f"{args.checkpoint}" if args.checkpoint else " (no --checkpoint: nothing saved)")
+        print(f"interrupted at step {trainer.accountant.steps} of {trainer.max_steps}{where}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except NonFiniteError as e:  # diverged: a learning rate too large for the model
+        bar.close()
+        raise SystemExit(f"training diverged at step {trainer.accountant.steps}: {e} "
+                         "(a smaller --lr, or --max-grad-norm)") from None
     bar.close()
     result = {
         "accuracy": accuracy(model, test, args.device), "epsilon": trainer.epsilon(),
@@ -248,8 +317,11 @@ def run(args: argparse.Namespace) -> dict:
           f"(δ = {args.delta}), σ = {result['sigma']:.3f}, {result['steps']} steps, "
           f"{result['seconds']:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        except OSError as e:  # checked at the start; the folder may have changed since
+            raise SystemExit(f"--json {args.json}: {e}") from None
     return result
 
 

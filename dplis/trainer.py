@@ -512,13 +512,19 @@ class PrivateTrainer:
                           "carry on (no noise, Poisson mask or perturbation is drawn again)",
                           stacklevel=4)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``state_dict`` atomically (a temporary file in the same folder, then rename).
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write ``state_dict`` atomically (a temporary file in the same folder, then rename;
+        through a symbolic link to its target; a path that is a folder, device or pipe is
+        refused). ``extra``: the caller's own record (plain values: what ``torch.load`` with
+        ``weights_only=True`` reads), stored as the file's ``"extra"`` and read back by
+        ``read_checkpoint(path)["extra"]``; ``load`` ignores it.
 
         Under torch.distributed call it on every rank (``state_dict`` is a collective): rank 0
         alone writes the file, and every rank returns once it is written (or raises if the
         write failed), so each may ``load`` it at once."""
         state, error = self._state(), None
+        if extra is not None:
+            state["extra"] = extra
         if self.rank == 0:
             try:
                 _write_atomically(state, os.fspath(path))
@@ -533,7 +539,7 @@ class PrivateTrainer:
         if any rank cannot, every rank raises before any changes its state."""
         state, sampler, error = None, None, None
         try:
-            state = _read(path)
+            state = read_checkpoint(path)
             sampler = self._checked(state)
         except Exception as e:  # under torch.distributed every rank must hear of it
             error = e
@@ -562,23 +568,32 @@ def _same_structure(a: list[tuple[str, weakref.ref]], b: list[tuple[str, weakref
         n == m and r() is not None and r() is s() for (n, r), (m, s) in zip(a, b))
 
 
-def _read(path: str | os.PathLike) -> dict:
-    """A checkpoint's state dict; a damaged file raises ValueError."""
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The state dict in a file ``PrivateTrainer.save`` wrote (with ``"extra"`` if saved);
+    a damaged file, or one of another kind, raises ValueError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise
-    except Exception as e:  # torch.load raises many types for damaged files
-        raise ValueError(f"checkpoint {path} is truncated or corrupted: {e}") from e
+    except Exception as e:  # torch.load raises many types for damaged files; its message
+        # advises weights_only=False, which no checkpoint of ours needs (nor should anyone)
+        raise ValueError(f"checkpoint {path} is truncated, corrupted or not written by "
+                         f"PrivateTrainer.save ({type(e).__name__})") from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} does not hold a PrivateTrainer state")
     return state
 
 
 def _write_atomically(state: dict, path: str) -> None:
-    """``torch.save`` to a fresh file beside ``path`` (the umask's permissions), then rename."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".dplis-ckpt-{secrets.token_hex(8)}")
+    """``torch.save`` to a fresh file beside ``path`` (the umask's permissions), then rename;
+    a symbolic link is followed (its target replaced), a path that exists and is not a
+    regular file refused (ValueError): renaming over it would replace a folder's entry for
+    a device (``/dev/null``), a pipe or a socket with a file."""
+    path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"checkpoint path {path} exists and is not a regular file (a folder, "
+                         "device, pipe or socket): refusing to replace it")
+    tmp = os.path.join(os.path.dirname(path), f".dplis-ckpt-{secrets.token_hex(8)}")
     try:
         with open(tmp, "xb") as f:
             torch.save(state, f)

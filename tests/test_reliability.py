@@ -3,6 +3,7 @@
 import gc
 import gzip
 import math
+import os
 
 import pytest
 import torch
@@ -220,3 +221,23 @@ def test_steps_leave_no_tensor_behind(engine, low_memory, k):
         with pytest.raises(dplis.NonFiniteError):
             dplis.private_grad(model, F.cross_entropy, x * float("inf"), y, **kw)
     assert _live_tensors() == before
+
+
+def test_save_writes_through_links_and_never_replaces_other_kinds_of_file(tmp_path):
+    """Renaming the temporary file over the path replaced whatever was there: /dev/null
+    became a regular file when given as a checkpoint, and a link lost its target."""
+    trainer = _trainer()
+    target, link = tmp_path / "real.pt", tmp_path / "link.pt"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    trainer.save(link)
+    assert link.is_symlink() and dplis.trainer.read_checkpoint(target)["seed"] == 0
+    fifo, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for path in (fifo, folder):
+        with pytest.raises(ValueError, match="exists and is not a regular file"):
+            trainer.save(path)
+    assert fifo.is_fifo() and folder.is_dir() and not list(folder.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "link.pt", "pipe",
+                                                          "real.pt"]  # no temporary left

@@ -58,6 +58,7 @@ def test_bad_flag_is_refused():
     (["--threads", "-1"], "argument --threads: must be in \\[0, ∞\\)"),
     (["--num-samples", "5"], "argument --num-samples: must be in \\[100, ∞\\)"),
     (["--lr", "x"], "argument --lr: expected float, got 'x'"),
+    (["--epochs", "inf"], "argument --epochs: must be finite, got inf"),
 ])
 def test_out_of_range_flags_get_a_usage_error(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -82,12 +83,88 @@ def test_resume_with_other_flags_is_refused_without_a_traceback(tmp_path, monkey
     checkpoint = str(tmp_path / "run.pt")
     flags = ["--num-samples", "200", "--batch-size", "40", "--quiet", "--checkpoint", checkpoint]
     train.main(flags + ["--epochs", "1"])
+    saved = f"--resume {re.escape(checkpoint)}: the run was saved with other flags: "
+    with pytest.raises(SystemExit, match=saved + "--epochs 1.0 \\(now 2.0\\)"):
+        train.main(flags + ["--epochs", "2", "--resume"])
+    with pytest.raises(SystemExit, match=saved + "--model 'auto' \\(now 'conv1d'\\)"):
+        train.main(flags + ["--epochs", "1", "--resume", "--model", "conv1d"])
+    # flags outside the privacy config: the optimizer would keep the saved ones, the
+    # smoothing std follow the new --lr, and --seed make another dataset
+    with pytest.raises(SystemExit, match=saved + "--lr 0.25 \\(now 0.01\\), --momentum 0.9 "
+                                               "\\(now 0.0\\), --seed 0 \\(now 5\\)"):
+        train.main(flags + ["--epochs", "1", "--resume", "--lr", "0.01", "--momentum", "0",
+                            "--seed", "5"])
+    # a file this command did not write (no flags in it): the trainer's own checks
+    state = torch.load(checkpoint, weights_only=True)
+    del state["extra"]
+    torch.save(state, checkpoint)
     with pytest.raises(SystemExit, match=f"--resume {re.escape(checkpoint)}: checkpoint privacy "
                                          "config differs"):
         train.main(flags + ["--epochs", "2", "--resume"])
     with pytest.raises(SystemExit, match=f"--resume {re.escape(checkpoint)}: the checkpoint's "
                                          "model does not fit this run's"):
         train.main(flags + ["--epochs", "1", "--resume", "--model", "conv1d"])
+
+
+def test_a_damaged_checkpoint_is_refused_without_torchs_unsafe_advice(tmp_path):
+    checkpoint = tmp_path / "run.pt"
+    checkpoint.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", "--checkpoint", str(checkpoint), "--quiet"])
+    message = str(exit_info.value.code)
+    assert "truncated, corrupted or not written by PrivateTrainer.save" in message
+    assert "weights_only" not in message
+
+
+def test_output_paths_are_checked_before_training(tmp_path):
+    folder, missing = tmp_path / "a folder", tmp_path / "no such folder" / "run.pt"
+    folder.mkdir()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for flag in ("--checkpoint", "--json"):
+        for path, message in ((folder, "exists and is not a regular file"),
+                              (fifo, "exists and is not a regular file"),
+                              (missing, "no folder"), ("", "an empty path")):
+            with pytest.raises(SystemExit, match=f"{flag}.*{message}"):
+                train.main([flag, str(path), "--quiet"])
+    assert fifo.is_fifo()
+
+
+def test_settings_that_cannot_be_met_end_in_one_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
+    small = ["--num-samples", "200", "--batch-size", "40", "--quiet", "--epochs", "1"]
+    for flags, message in ((["--epsilon", "1e-4"], "^error: no noise multiplier"),
+                           (["--lr", "1e30", "--method", "dpsgd"], "^training diverged at step")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(small + flags)
+    for flag in ("--epochs", "--lr", "--epsilon", "--max-grad-norm", "--smoothing-std"):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([flag, "inf"])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: must be finite, got inf" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
+    checkpoint = str(tmp_path / "run.pt")
+    flags = ["--num-samples", "200", "--batch-size", "40", "--quiet", "--epochs", "2",
+             "--checkpoint", checkpoint]
+    step, calls = train.PrivateTrainer.step, []
+
+    def interrupted(self, x, y):
+        calls.append(1)
+        if len(calls) == 8:  # in the second epoch, after the first was saved
+            raise KeyboardInterrupt
+        return step(self, x, y)
+
+    monkeypatch.setattr(train.PrivateTrainer, "step", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags)
+    assert exit_info.value.code == 130
+    assert f"interrupted at step 7 of 8; --resume continues from the end of the last epoch " \
+           f"saved in {checkpoint}" in capsys.readouterr().err
+    monkeypatch.setattr(train.PrivateTrainer, "step", step)
+    assert train.main(flags + ["--resume"])["steps"] == 8
 
 
 def test_low_memory_flag_gives_the_same_run(tmp_path, monkeypatch):
