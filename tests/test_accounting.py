@@ -99,6 +99,19 @@ def test_a_tiny_delta_prv_cannot_resolve_falls_back_to_the_rdp_bound():
     assert eps == accounting.compute_epsilon(1.0, 1e-3, 1000, 1e-15, "rdp") < math.inf
 
 
+def test_a_history_whose_prv_grid_does_not_fit_in_memory_falls_back_to_the_rdp_bound(
+        monkeypatch):
+    """The PRV grid grows with the steps (379 GiB for the training command's --epochs 1e12,
+    numpy's MemoryError; simulated here): RDP's ε with a warning, not a traceback."""
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 379. GiB")
+
+    monkeypatch.setattr(accounting, "PRVAccountant", no_memory)
+    with pytest.warns(RuntimeWarning, match="PRV accountant failed.*does not fit in memory"):
+        eps = accounting.compute_epsilon(1.3, 1e-3, 12345, 1e-5)
+    assert eps == accounting.compute_epsilon(1.3, 1e-3, 12345, 1e-5, "rdp") < math.inf
+
+
 def test_negligible_noise_and_large_delta():
     """σ below 1e-30 counts as none (the accountants hung at 1e-160, or raised a NaN error at
     q = 1); ε is never negative (RDP's conversion gives -0.16 at δ = 0.5)."""
