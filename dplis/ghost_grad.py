@@ -61,6 +61,10 @@ class ParamGrad:
         self.explicit: torch.Tensor | None = None  # unscaled Σ of explicit parts, fp32
         self.owned = False  # ``explicit`` is this object's own buffer (may be added to in place)
         self.shared: dict[tuple, Factor] = {}  # side identity -> held factor fed a model input
+        # examples whose ghost norm cancels (``_cancelled``): norm and share of the clipped
+        # sum from their gradients formed one by one (``_example``), not from the Grams and
+        # the batch matmul, whose fp32 rounding is as large as their gradient
+        self.retaken: torch.Tensor | None = None
 
     def add(self, part: Factor | torch.Tensor) -> None:
         if isinstance(part, Factor):
@@ -130,13 +134,28 @@ class ParamGrad:
         # the dense-dense block: the fused kernel (on a GPU no [B, P, P] Gram is stored)
         sq = None if u is None else kernels.ghost_sq_norms(u, v, backend=self.backend)
         if idx is not None:
-            sq_index = _index_sq(u, v, idx, w, torch.float32)
+            sq_index = _index_sq(u, v, idx, w)
             sq = sq_index if sq is None else sq + sq_index
         redo = _cancelled(sq, u, v, w, self.shape[0] + self.shape[1:].numel())
-        if redo is not None:  # those examples' terms cancel: fp32 cannot tell their norm
-            rows = [None if t is None else t[redo] for t in (u, v, idx, w)]
-            sq = sq.double().index_put_((redo,), _ghost_sq_fp64(*rows)).float()
+        if redo is not None:  # their terms cancel: the Gram form cannot tell their norm (in
+            # fp64 neither); formed one by one, for their share of the sum too
+            self.retaken = redo
+            exact = torch.stack([_sq(self._example(b).reshape(1, -1))[0]
+                                 for b in redo.tolist()])
+            sq = sq.index_put((redo,), exact.to(sq.dtype))
         return sq
+
+    def _example(self, b: int) -> torch.Tensor:
+        """Example b's unscaled gradient [m, n] from the factors, formed in fp64 (exact
+        products of fp32 values, sums rounding at 2⁻⁵³ of their terms)."""
+        m, n = self.shape[0], self.shape[1:].numel()
+        first = (self.dense or self.index)[0].u
+        full = torch.zeros(m, n, dtype=torch.float64, device=first.device)
+        for f in self.dense:
+            full.addmm_(f.u[b].double().T, f.v[b].double())
+        for f in self.index:
+            full.index_add_(0, f.u[b], f.v[b].double())
+        return full
 
     def _materialise(self) -> None:
         """Add the factors' per-example gradients [B, m, n] (unscaled) to ``explicit``: in
@@ -176,6 +195,12 @@ class ParamGrad:
                 torch.mm(c.unsqueeze(0), _rows(self.explicit), out=out.view(1, -1))
             return
         out = out.view(self.shape[0], -1)
+        retaken = self.retaken
+        if retaken is not None:  # their shares below, from their own gradients
+            first = (self.dense or self.index)[0].u
+            c = torch.ones(first.shape[0], device=out.device) if c is None else c.clone()
+            kept = c[retaken].tolist()
+            c[retaken] = 0.0
         if not self.dense:
             out.zero_()
         for i, f in enumerate(self.dense):  # the first overwrites ``out``, the others add
@@ -183,9 +208,13 @@ class ParamGrad:
         for f in self.index:
             v = f.v.float() if c is None else f.v.float() * c[:, None, None]
             out.index_add_(0, f.u.flatten(), v.flatten(0, 1))
+        if retaken is not None:
+            for b, weight in zip(retaken.tolist(), kept):
+                out.add_(self._example(b).mul_(weight).float())
 
 
 CANCELLED = 2.0**-24 * 1e3  # fp32's unit roundoff / the relative accuracy asked of ‖g_b‖²
+COHERENT = 2.0**-24 * 16  # and of it where the positions' rounding adds up (1/16: ‖g_b‖ ±3 %)
 
 
 def _cancelled(sq: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None,
@@ -193,47 +222,38 @@ def _cancelled(sq: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None,
     """Indices of the examples whose ghost norm fp32 may have lost, or None.
 
     Σ_{p,q} (u_p·u_q)(v_p·v_q) adds P² terms bounded by S_b² = (Σ_p ‖u_p‖‖v_p‖)² (an index
-    position's ‖u_p‖ is 1), itself at most (√(‖u_b‖²‖v_b‖²) + √(Q‖w_b‖²))² over all dense
-    and index positions. Positions that add up at random give ‖g_b‖² ≈ S_b²/P, known to
-    about √(m+n)·2⁻²⁴ relative; where they cancel (an adversary's example: two positions
-    with opposite output gradients and one input) the same rounding can leave anything, 0
-    or a negative value, and that example would go unclipped. So an example whose result
-    falls below √(m+n)·2⁻²⁴·10³·(that bound)/P (rounding could exceed 10⁻³ of it) is taken
-    again in fp64; none on the bench's models (there ‖g_b‖²·P/S_b² ≥ 0.5)."""
+    position's ‖u_p‖ is 1), itself at most S̄_b² = (‖u_b‖‖v_b‖ + √Q‖w_b‖)² over all dense
+    and index positions. Each Gram entry carries about √(m+n)·2⁻²⁴ of its size. Positions
+    that add up at random give ‖g_b‖² ≈ S_b²/P and errors that average out to about
+    √(m+n)·2⁻²⁴·S_b²/P; where they cancel (an adversary's example: two positions with
+    opposite output gradients and one input) the rounding can leave anything, 0 or a
+    negative value, and that example would go unclipped; where many positions repeat one
+    pattern, their errors add up instead, to about √(m+n)·2⁻²⁴·S_b². So an example whose
+    result falls below √(m+n)·2⁻²⁴·S̄_b²·max(10³/P, 16) is taken again (``_example``):
+    none on the bench's models (there ‖g_b‖²·P/S_b² ≥ 0.5)."""
     bound = 0
     if u is not None:
         bound = _norm(u) * _norm(v)
     if w is not None:
         bound = bound + _norm(w) * w.shape[1]**0.5
     positions = (0 if u is None else u.shape[1]) + (0 if w is None else w.shape[1])
-    limit = bound.square_().mul_(width**0.5 * CANCELLED / max(positions, 1))
-    redo = ~(sq > limit)  # NaN too: fp64 tells what it is
+    scale = width**0.5 * max(CANCELLED / max(positions, 1), COHERENT)
+    redo = ~(sq > bound.square_().mul_(scale))  # NaN too: taken again, it says what it is
     return torch.nonzero(redo).flatten() if bool(redo.any()) else None
 
 
 def _index_sq(u: torch.Tensor | None, v: torch.Tensor | None, idx: torch.Tensor,
-              w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+              w: torch.Tensor) -> torch.Tensor:
     """The index-index block of the ghost norm (same row) and twice the dense-index one, in
-    ``dtype``: idx [B, Q] rows, w [B, Q, n]; u [B, P, m], v [B, P, n] dense (or None)."""
-    w = w.to(dtype)
-    same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(dtype)
-    sq = same.mul_(torch.bmm(w, w.transpose(1, 2))).sum((1, 2))
+    fp32: idx [B, Q] rows, w [B, Q, n]; u [B, P, m], v [B, P, n] dense (or None)."""
+    w = w.float()
+    same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
+    sq = same.mul_(torch.bmm(w, w.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
     if u is not None:
-        cross = _gather_cols(u.to(dtype), idx)  # [B, P, Q]
-        sq += 2 * cross.mul_(torch.bmm(v.to(dtype), w.transpose(1, 2))).sum((1, 2))
-    return sq
-
-
-def _ghost_sq_fp64(u: torch.Tensor | None, v: torch.Tensor | None, idx: torch.Tensor | None,
-                   w: torch.Tensor | None) -> torch.Tensor:
-    """The ghost norm of ``ParamGrad._unscaled_sq`` in fp64 (a few examples: no kernel)."""
-    sq = 0
-    if u is not None:
-        u, v = u.double(), v.double()
-        sq = torch.bmm(u, u.transpose(1, 2)).mul_(torch.bmm(v, v.transpose(1, 2))).sum((1, 2))
-    if idx is not None:
-        sq = sq + _index_sq(u, v, idx, w, torch.float64)
-    return sq.clamp_(min=0)
+        cross = _gather_cols(u.float(), idx)  # [B, P, Q]
+        sq += 2 * cross.mul_(torch.bmm(v.float(), w.transpose(1, 2))).sum((1, 2),
+                                                                          dtype=torch.float64)
+    return sq.float()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,16 @@ def clipped_sum(
     held: Counter = Counter()  # parameter -> bytes of output gradients its parts came from
     sq: list[torch.Tensor] = []  # squared per-example norms of the parameters done
     unclipped: dict[str, torch.Tensor] = {}  # verify: Σ_b w_b g_b of each parameter done
+    # examples whose norm cancels (ParamGrad.retaken): (example, its gradient [m, n]) each
+    retaken: dict[str, list[tuple[int, torch.Tensor]]] = {}
+
+    def skip(name: str, size: int, device: torch.device) -> torch.Tensor | None:
+        """Weights 1, 0 for the retaken examples (their shares are added from ``retaken``)."""
+        if name not in retaken:
+            return None
+        keep = torch.ones(size, device=device)
+        keep[[b for b, _ in retaken[name]]] = 0.0
+        return keep
     clipped = {n: torch.zeros(p.numel(), device=first.device) for n, p in trainable.items()}
     # uses not yet in; the backward running: "norms", "verify" (the taps pass the gradient
     # on) or "sum" (the clipped sum)
@@ -175,6 +185,9 @@ def clipped_sum(
             return
         g.budget = Budget(held[name])
         sq.append(g.finish())
+        if g.retaken is not None:  # their shares of the sum: from these gradients too (the
+            # second backward's c-weighted output gradients round before they cancel)
+            retaken[name] = [(b, g._example(b).float()) for b in g.retaken.tolist()]
         if verify:
             g.clipped_sum(weights, unclipped[name])
 
@@ -189,7 +202,7 @@ def clipped_sum(
                     part = ParamGrad(trainable[name].shape, 1.0, backend)
                     part.add(parts[attr])
                     summed = torch.empty_like(clipped[name])
-                    part.clipped_sum(None, summed)
+                    part.clipped_sum(skip(name, batch, dout.device), summed)
                     clipped[name] += summed
             return
         for attr, name in plan[module].items():
@@ -242,6 +255,9 @@ def clipped_sum(
             state["phase"] = "sum"
             if reached:
                 torch.autograd.grad((losses * c).sum(), [probe], allow_unused=True)
+            for name, examples in retaken.items():
+                for b, example in examples:
+                    clipped[name].add_(example.flatten(), alpha=float(c[b]))
         return torch.cat(list(clipped.values())), norms, losses.detach().unsqueeze(0)
     finally:  # the taps' closures reach ``state``, whose recorded calls hold tensors of
         # the graph, which holds the taps: a cycle through autograd's nodes that Python's

@@ -90,5 +90,5 @@ def ghost_sq_norms_triton(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         _ghost_norm_partials_kernel[grid](
             u, v, partials, P, M, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
             n_tiles, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, PRECISION=precision)
-    return partials.sum((1, 2))
+    return partials.sum((1, 2), dtype=torch.float64).float()  # terms far larger than it
 

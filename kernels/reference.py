@@ -121,6 +121,8 @@ def perturb_torch(
 
 def ghost_sq_norms_torch(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """‖Σ_p u[b, p]ᵀ v[b, p]‖² = Σ_{p,q} (u_p·u_q)(v_p·v_q) per example: u [B, P, M],
-    v [B, P, N] -> float32 [B], through the two [B, P, P] Gram matrices in fp32."""
+    v [B, P, N] -> float32 [B], through the two [B, P, P] Gram matrices in fp32, their P²
+    products added in fp64 (the terms can be far larger than the result and cancel)."""
     u, v = u.detach().float(), v.detach().float()
-    return torch.bmm(u, u.transpose(1, 2)).mul_(torch.bmm(v, v.transpose(1, 2))).sum((1, 2))
+    grams = torch.bmm(u, u.transpose(1, 2)).mul_(torch.bmm(v, v.transpose(1, 2)))
+    return grams.sum((1, 2), dtype=torch.float64).float()
