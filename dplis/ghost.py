@@ -144,7 +144,7 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
 
         def record(module, args, kwargs, out):
             refuse_transformed(model, module, out)
-            wide = spread(args, kwargs, out, batch)
+            wide = spread(model, module, args, kwargs, out, batch)
             if wide is not None:
                 shared.append(_label(model, module))
                 if widen is not None:
@@ -462,18 +462,26 @@ def _expanded(t: object, batch: int) -> object:
             and t.shape[0] == 1 else t)
 
 
-def spread(args: tuple, kwargs: dict, out: object, batch: int
-           ) -> tuple[torch.Tensor, tuple, dict] | None:
+def spread(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict, out: object,
+           batch: int) -> tuple[torch.Tensor, tuple, dict] | None:
     """A layer call shared by the batch — an output whose first dimension is 1, no tensor
     input with a dimension of the batch's size (Hugging Face's
     ``position_embeddings(position_ids)`` with position ids [1, T], T ≠ B) — gets its output
     expanded to the batch: a view with the values broadcasting would give the model, whose
     gradient holds each example's share; returned with the call's inputs expanded alike (for
     its rule). None for any other call: an input [1, B, F] is the batch in its second
-    dimension (sequence-first with T = 1), and [1, T] with T = B cannot be told from it."""
+    dimension (sequence-first with T = 1), and [1, T] with T = B cannot be told from it.
+    Refused (``GhostUnsupported``) when the layer has forward hooks of its own: they run
+    after the engine's and would see the expanded output, not the one they were written
+    for."""
     if batch < 2 or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 1 \
             or any(batch in t.shape for t in (*tensors_in(args), *tensors_in(kwargs))):
         return None
+    if len(module._forward_hooks) > 1:  # the engine's own is one of them
+        raise GhostUnsupported(f"layer {_label(model, module)} is shared by the batch (its "
+                               "output is expanded to the batch for per-example gradients) "
+                               "and has forward hooks of its own, which would see the "
+                               "expanded output. Remove them, or use engine='vmap'")
     return (_expanded(out, batch), tuple(_expanded(a, batch) for a in args),
             {k: _expanded(v, batch) for k, v in kwargs.items()})
 
@@ -531,7 +539,7 @@ def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
                 "place, which a later op also changes: the ghost engine cannot keep a record "
                 "of that input without changing the model. Use engine='vmap'")
         refuse_transformed(model, module, out)
-        wide = spread(args, kwargs, out, batch)
+        wide = spread(model, module, args, kwargs, out, batch)
         if wide is not None:
             out, args, kwargs = wide
         target, shape = _gradient_target(module, out)

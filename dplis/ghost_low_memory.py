@@ -97,7 +97,7 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
         refuse_transformed(model, module, out)
         uses.update(plan[module].values())
         inputs = (*tensors_in(args), *tensors_in(kwargs))
-        wide = spread(args, kwargs, out, batch)
+        wide = spread(model, module, args, kwargs, out, batch)
         calls.append((module, out.requires_grad, inputs, versions(inputs), wide is not None))
         if wide is not None:
             out, args, kwargs = wide

@@ -225,10 +225,25 @@ def run(args: argparse.Namespace) -> dict:
     # file any rank lacks on every rank: a check here, on one rank alone, would hang the rest)
     if args.resume and world_size == 1 and not os.path.isfile(args.checkpoint):
         raise SystemExit(f"--resume: no checkpoint at {args.checkpoint}")
-    if rank == 0:
-        _output_path("--checkpoint", args.checkpoint)
-        _output_path("--json", args.json)
-    if args.resume and world_size == 1:
+    refused = None
+    if rank == 0:  # the rank that writes them
+        try:
+            _output_path("--checkpoint", args.checkpoint)
+            _output_path("--json", args.json)
+            if args.checkpoint and args.json and os.path.realpath(args.checkpoint) == \
+                    os.path.realpath(args.json):
+                raise SystemExit(f"--checkpoint and --json are one file ({args.json}): the "
+                                 "result would overwrite the checkpoint")
+        except SystemExit as e:
+            refused = e
+    if world_size > 1:  # every rank stops, or none
+        try:
+            distributed.agree(refused, device)
+        except RuntimeError:
+            raise SystemExit("rank 0 refused this run's output paths") from None
+    elif refused is not None:
+        raise refused
+    if args.resume and world_size == 1:  # (under torch.distributed: after the collective load)
         _resumed_flags(args)
     try:
         train, test = load_dataset(args.dataset, args.data_dir, **kw)
@@ -259,11 +274,14 @@ def run(args: argparse.Namespace) -> dict:
     if args.resume:
         try:
             trainer.load(args.checkpoint)
-        except (ValueError, KeyError, TypeError) as e:  # another run's flags, a damaged file
+        except (ValueError, KeyError, TypeError, OSError) as e:  # another run's flags, a
+            # damaged or unreadable file
             raise SystemExit(f"--resume {args.checkpoint}: {e!s}") from None
         except RuntimeError as e:  # torch's load_state_dict: the model differs
             raise SystemExit(f"--resume {args.checkpoint}: the checkpoint's model does not fit "
                              f"this run's (another --model or --dataset?): {e}") from None
+        if world_size > 1:  # every rank read the file: each decides alike
+            _resumed_flags(args)
     log = (lambda *a: None) if args.quiet else tqdm.write
     log(f"dplis {__version__}: {args.method} on {args.dataset} ({len(train)} train"
         f"{f', {world_size} ranks' if world_size > 1 else ''}), "
@@ -275,6 +293,7 @@ def run(args: argparse.Namespace) -> dict:
     bar.update(trainer.accountant.steps)
     epoch = trainer.accountant.steps // steps_per_epoch(trainer.sample_rate)
     saved = {"flags": {k: getattr(args, k) for k in RUN_FLAGS}}
+    saved_at = trainer.accountant.steps if args.resume else None  # the file's last step
     try:
         while trainer.accountant.steps < trainer.max_steps:
             epoch += 1
@@ -291,12 +310,17 @@ def run(args: argparse.Namespace) -> dict:
             history.append(row)
             if args.checkpoint:
                 trainer.save(args.checkpoint, extra=saved)
+                saved_at = trainer.accountant.steps
             log(f"epoch {epoch}: loss {row['loss']:.4f}  test acc "
                 f"{row['test_accuracy']:.4f}  ε {row['epsilon']:.3f}")
     except KeyboardInterrupt:
         bar.close()
-        where = (f"; --resume continues from the end of the last epoch saved in "
-                 f"{args.checkpoint}" if args.checkpoint else " (no --checkpoint: nothing saved)")
+        if not args.checkpoint:
+            where = " (no --checkpoint: nothing saved)"
+        elif saved_at is None:
+            where = f" (no epoch ended: nothing saved in {args.checkpoint} by this run)"
+        else:
+            where = f"; --resume continues from step {saved_at}, saved in {args.checkpoint}"
         print(f"interrupted at step {trainer.accountant.steps} of {trainer.max_steps}{where}",
               file=sys.stderr)
         raise SystemExit(130) from None

@@ -106,6 +106,27 @@ def test_torchrun_runs_the_training_command(tmp_path):
     assert "2 ranks" in proc.stdout and (tmp_path / "r.json").exists()
 
 
+def test_torchrun_refuses_a_bad_output_path_and_changed_flags_on_every_rank(tmp_path):
+    """Checked on rank 0 (paths) or after the collective load (flags), every rank stops
+    with a message: no rank goes on alone into a collective."""
+    def torchrun(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", "-m", "dplis.train", "--epochs", "1", "--num-samples",
+             "200", "--batch-size", "40", "--quiet", *flags],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "DPLIS_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"})
+
+    proc = torchrun("--checkpoint", str(tmp_path / "missing" / "run.pt"))
+    assert proc.returncode != 0 and "no folder" in proc.stderr
+    assert "rank 0 refused this run's output paths" in proc.stderr
+    checkpoint = str(tmp_path / "run.pt")
+    assert torchrun("--checkpoint", checkpoint).returncode == 0
+    proc = torchrun("--checkpoint", checkpoint, "--resume", "--lr", "0.01")
+    assert proc.returncode != 0
+    assert proc.stderr.count("the run was saved with other flags: --lr 0.25 (now 0.01)") == 2
+
+
 @pytest.mark.parametrize("case", [mlp_case, cnn_case])
 @pytest.mark.parametrize("engine", ["ghost", "vmap"])  # (low_memory is fp32 only)
 def test_bf16_agrees_with_fp32(case, engine):

@@ -128,6 +128,9 @@ def test_output_paths_are_checked_before_training(tmp_path):
             with pytest.raises(SystemExit, match=f"{flag}.*{message}"):
                 train.main([flag, str(path), "--quiet"])
     assert fifo.is_fifo()
+    one = str(tmp_path / "run.out")
+    with pytest.raises(SystemExit, match="--checkpoint and --json are one file"):
+        train.main(["--checkpoint", one, "--json", one, "--quiet"])
 
 
 def test_settings_that_cannot_be_met_end_in_one_message(tmp_path, monkeypatch, capsys):
@@ -149,22 +152,33 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
     checkpoint = str(tmp_path / "run.pt")
     flags = ["--num-samples", "200", "--batch-size", "40", "--quiet", "--epochs", "2",
              "--checkpoint", checkpoint]
-    step, calls = train.PrivateTrainer.step, []
+    step = train.PrivateTrainer.step
 
-    def interrupted(self, x, y):
-        calls.append(1)
-        if len(calls) == 8:  # in the second epoch, after the first was saved
-            raise KeyboardInterrupt
-        return step(self, x, y)
+    def interrupt_at(call: int):
+        calls = []
 
-    monkeypatch.setattr(train.PrivateTrainer, "step", interrupted)
+        def interrupted(self, x, y):
+            calls.append(1)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return step(self, x, y)
+        monkeypatch.setattr(train.PrivateTrainer, "step", interrupted)
+
+    interrupt_at(2)  # in the first epoch: nothing saved yet, and it says so
     with pytest.raises(SystemExit) as exit_info:
         train.main(flags)
     assert exit_info.value.code == 130
-    assert f"interrupted at step 7 of 8; --resume continues from the end of the last epoch " \
-           f"saved in {checkpoint}" in capsys.readouterr().err
+    assert f"interrupted at step 1 of 8 (no epoch ended: nothing saved in {checkpoint} by " \
+           "this run)" in capsys.readouterr().err
+    interrupt_at(8)  # in the second epoch, after the first was saved
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags)
+    assert exit_info.value.code == 130
+    assert f"interrupted at step 7 of 8; --resume continues from step 4, saved in " \
+           f"{checkpoint}" in capsys.readouterr().err
     monkeypatch.setattr(train.PrivateTrainer, "step", step)
     assert train.main(flags + ["--resume"])["steps"] == 8
+
 
 
 def test_low_memory_flag_gives_the_same_run(tmp_path, monkeypatch):
