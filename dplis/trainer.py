@@ -573,7 +573,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     a damaged file, or one of another kind, raises ValueError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # missing, a folder, unreadable: the system's own message
+    except (FileNotFoundError, IsADirectoryError, PermissionError):  # the system's message
         raise
     except Exception as e:  # torch.load raises many types for damaged files; its message
         # advises weights_only=False, which no checkpoint of ours needs (nor should anyone)
