@@ -21,6 +21,7 @@ import torch
 
 from . import kernels
 from .ghost_rules import Factor
+from .kernels.reference import wide_sq_norms
 
 EXPLICIT_MAX_BYTES = 2**28  # per parameter: never form more than 256 MiB of [B, m, n] at once
 EXPLICIT_BUDGET_BYTES = 2**30  # per step, all parameters together: 1 GiB
@@ -140,8 +141,7 @@ class ParamGrad:
         if redo is not None:  # their terms cancel: the Gram form cannot tell their norm (in
             # fp64 neither); formed one by one, for their share of the sum too
             self.retaken = redo
-            exact = torch.stack([_sq(self._example(b).reshape(1, -1))[0]
-                                 for b in redo.tolist()])
+            exact = torch.stack([self._example(b).square().sum() for b in redo.tolist()])
             sq = sq.index_put((redo,), exact.to(sq.dtype))
         return sq
 
@@ -213,7 +213,7 @@ class ParamGrad:
                 out.add_(self._example(b).mul_(weight).float())
 
 
-CANCELLED = 2.0**-24 * 1e3  # fp32's unit roundoff / the relative accuracy asked of ‖g_b‖²
+CANCELLED = 2.0**-24 * 1e4  # fp32's unit roundoff / the relative accuracy asked of ‖g_b‖²
 COHERENT = 2.0**-24 * 16  # and of it where the positions' rounding adds up (1/16: ‖g_b‖ ±3 %)
 
 
@@ -229,7 +229,7 @@ def _cancelled(sq: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None,
     opposite output gradients and one input) the rounding can leave anything, 0 or a
     negative value, and that example would go unclipped; where many positions repeat one
     pattern, their errors add up instead, to about √(m+n)·2⁻²⁴·S_b². So an example whose
-    result falls below √(m+n)·2⁻²⁴·S̄_b²·max(10³/P, 16) is taken again (``_example``):
+    result falls below √(m+n)·2⁻²⁴·S̄_b²·max(10⁴/P, 16) is taken again (``_example``):
     none on the bench's models (there ‖g_b‖²·P/S_b² ≥ 0.5)."""
     bound = 0
     if u is not None:
@@ -238,7 +238,10 @@ def _cancelled(sq: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None,
         bound = bound + _norm(w) * w.shape[1]**0.5
     positions = (0 if u is None else u.shape[1]) + (0 if w is None else w.shape[1])
     scale = width**0.5 * max(CANCELLED / max(positions, 1), COHERENT)
-    redo = ~(sq > bound.square_().mul_(scale))  # NaN too: taken again, it says what it is
+    limit = bound.square_().mul_(scale)
+    # NaN too (taken again, it says what it is); not an example whose factors are all 0
+    # (no target: its Grams are exactly 0)
+    redo = ~(sq > limit) & (limit != 0)
     return torch.nonzero(redo).flatten() if bool(redo.any()) else None
 
 
@@ -262,8 +265,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared L2 norms of [B, N] in fp32 -> [B]."""
-    return torch.linalg.vector_norm(x.float(), dim=1).square()
+    """Row-wise squared L2 norms of [B, N] -> fp32 [B] (``wide_sq_norms``)."""
+    return wide_sq_norms(x)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
