@@ -22,17 +22,26 @@ def as_kbd(g: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return g.reshape(g.shape[0], g.shape[1], math.prod(g.shape[2:]))
 
 
-FP32_SUM_MAX = 2**16  # longer rows are summed in fp64
+FP32_SUM_MAX = 2**12  # rows are summed in fp32 in chunks of this many, the chunks in fp64
 
 
 def wide_sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared L2 norms of [B, N] -> float32 [B]; rows longer than 2¹⁶ (and fp64
-    input) summed in fp64: on CPU fp32 sums of millions of squares came out up to 1.3e-3
-    low (at 16M; 2e-5 at 1M), an example clipped that much above C, and fp64 costs 3.5x
-    fp32's time (75 against 21 µs for [64, 8192])."""
-    wide = x.shape[1] > FP32_SUM_MAX or x.dtype == torch.float64
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64 if wide else torch.float32
-                                    ).float().square()
+    """Row-wise squared L2 norms of [B, N] -> float32 [B]: fp32 sums of 4 096 squares at a
+    time, added in fp64 (fp64 input: fp64). On CPU a plain fp32 sum of millions of squares
+    came out up to 1.3e-3 low (at 16M; 2e-5 at 1M): an example clipped that much above C;
+    a plain fp64 sum costs 3.5x fp32's time, and more with the fp64 copy of a long row."""
+    if x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, dim=1).square().float()
+    batch, n = x.shape
+    if n <= FP32_SUM_MAX:
+        return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).square()
+    whole = n // FP32_SUM_MAX * FP32_SUM_MAX
+    chunks = torch.linalg.vector_norm(x[:, :whole].reshape(batch, -1, FP32_SUM_MAX), dim=2,
+                                      dtype=torch.float32)
+    sq = chunks.double().square().sum(1)
+    if whole < n:
+        sq += torch.linalg.vector_norm(x[:, whole:], dim=1, dtype=torch.float32).double() ** 2
+    return sq.float()
 
 
 def per_sample_sq_norms_torch(grads: list[torch.Tensor], batch_dims: int) -> torch.Tensor:
