@@ -64,8 +64,10 @@ class ParamGrad:
         self.shared: dict[tuple, Factor] = {}  # side identity -> held factor fed a model input
         # examples whose ghost norm cancels (``_cancelled``): norm and share of the clipped
         # sum from their gradients formed one by one (``_example``), not from the Grams and
-        # the batch matmul, whose fp32 rounding is as large as their gradient
+        # the batch matmul, whose fp32 rounding is as large as their gradient; ``formed``:
+        # those gradients [m, n] in fp32, in ``retaken``'s order, formed once
         self.retaken: torch.Tensor | None = None
+        self.formed: list[torch.Tensor] = []
 
     def add(self, part: Factor | torch.Tensor) -> None:
         if isinstance(part, Factor):
@@ -123,13 +125,13 @@ class ParamGrad:
 
     def _unscaled_sq(self) -> torch.Tensor:
         if not (self.dense or self.index):
-            return _sq(_rows(self.explicit))
+            return wide_sq_norms(_rows(self.explicit))
         if self._explicit_form():
             self._materialise()
-            return _sq(_rows(self.explicit))
+            return wide_sq_norms(_rows(self.explicit))
         if not self.index and len(self.dense) == 1 and self.dense[0].positions == 1:
             u, v = self.dense[0].u, self.dense[0].v  # one position: ‖u vᵀ‖² = ‖u‖²‖v‖²
-            return _sq(u.flatten(1)).mul_(_sq(v.flatten(1)))
+            return wide_sq_norms(u.flatten(1)).mul_(wide_sq_norms(v.flatten(1)))
         u, v = _cat([f.u for f in self.dense]), _cat([f.v for f in self.dense])
         idx, w = _cat([f.u for f in self.index]), _cat([f.v for f in self.index])
         # the dense-dense block: the fused kernel (on a GPU no [B, P, P] Gram is stored)
@@ -140,8 +142,9 @@ class ParamGrad:
         redo = _cancelled(sq, u, v, w, self.shape[0] + self.shape[1:].numel())
         if redo is not None:  # their terms cancel: the Gram form cannot tell their norm (in
             # fp64 neither); formed one by one, for their share of the sum too
-            self.retaken = redo
-            exact = torch.stack([self._example(b).square().sum() for b in redo.tolist()])
+            examples = [self._example(b) for b in redo.tolist()]
+            self.retaken, self.formed = redo, [e.float() for e in examples]
+            exact = torch.stack([e.square().sum() for e in examples])
             sq = sq.index_put((redo,), exact.to(sq.dtype))
         return sq
 
@@ -209,8 +212,8 @@ class ParamGrad:
             v = f.v.float() if c is None else f.v.float() * c[:, None, None]
             out.index_add_(0, f.u.flatten(), v.flatten(0, 1))
         if retaken is not None:
-            for b, weight in zip(retaken.tolist(), kept):
-                out.add_(self._example(b).mul_(weight).float())
+            for example, weight in zip(self.formed, kept):
+                out.add_(example, alpha=weight)
 
 
 CANCELLED = 2.0**-24 * 1e4  # fp32's unit roundoff / the relative accuracy asked of ‖g_b‖²
@@ -262,11 +265,6 @@ def _index_sq(u: torch.Tensor | None, v: torch.Tensor | None, idx: torch.Tensor,
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, *shape] -> [B, |shape|] (a 0-d parameter's [B] gradients -> [B, 1])."""
     return x.reshape(x.shape[0], -1)
-
-
-def _sq(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared L2 norms of [B, N] -> fp32 [B] (``wide_sq_norms``)."""
-    return wide_sq_norms(x)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:

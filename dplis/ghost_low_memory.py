@@ -187,7 +187,7 @@ def clipped_sum(
         sq.append(g.finish())
         if g.retaken is not None:  # their shares of the sum: from these gradients too (the
             # second backward's c-weighted output gradients round before they cancel)
-            retaken[name] = [(b, g._example(b).float()) for b in g.retaken.tolist()]
+            retaken[name] = list(zip(g.retaken.tolist(), g.formed))
         if verify:
             g.clipped_sum(weights, unclipped[name])
 
