@@ -24,7 +24,7 @@ from .data import load_dataset
 from .kernels import NonFiniteError
 from .private_grad import ENGINES, PRECISIONS
 from .sampling import steps_per_epoch
-from .trainer import PrivateTrainer, read_checkpoint
+from .trainer import PrivateTrainer, read_checkpoint, replaceable
 
 DEFAULT_RADIUS = 40.0  # tuned on MNIST-1D at ε = 3 (docs/compare_full.md)
 
@@ -127,10 +127,10 @@ def _output_path(flag: str, path: str | None) -> None:
         return
     if not path:
         raise SystemExit(f"{flag}: an empty path")
-    real = os.path.realpath(path)
-    if os.path.exists(real) and not os.path.isfile(real):
-        raise SystemExit(f"{flag} {path}: exists and is not a regular file (a folder, device "
-                         "or pipe)")
+    try:
+        real = replaceable(path)
+    except ValueError as e:
+        raise SystemExit(f"{flag} {path}: {e}") from None
     folder = os.path.dirname(real)
     if not os.path.isdir(folder):
         raise SystemExit(f"{flag} {path}: no folder {folder}")

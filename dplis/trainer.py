@@ -584,15 +584,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def replaceable(path: str | os.PathLike) -> str:
+    """``path`` with symbolic links resolved; ValueError if it exists and is not a regular
+    file (a folder, device, pipe or socket), which a file renamed over it would replace."""
+    real = os.path.realpath(path)
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise ValueError(f"{real} exists and is not a regular file (a folder, device, pipe or "
+                         "socket): refusing to replace it")
+    return real
+
+
 def _write_atomically(state: dict, path: str) -> None:
     """``torch.save`` to a fresh file beside ``path`` (the umask's permissions), then rename;
     a symbolic link is followed (its target replaced), a path that exists and is not a
     regular file refused (ValueError): renaming over it would replace a folder's entry for
     a device (``/dev/null``), a pipe or a socket with a file."""
-    path = os.path.realpath(path)
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise ValueError(f"checkpoint path {path} exists and is not a regular file (a folder, "
-                         "device, pipe or socket): refusing to replace it")
+    path = replaceable(path)
     tmp = os.path.join(os.path.dirname(path), f".dplis-ckpt-{secrets.token_hex(8)}")
     try:
         with open(tmp, "xb") as f:
