@@ -27,6 +27,8 @@ from .sampling import steps_per_epoch
 from .trainer import PrivateTrainer, read_checkpoint, replaceable
 
 DEFAULT_RADIUS = 40.0  # tuned on MNIST-1D at ε = 3 (docs/compare_full.md)
+DEFAULT_PERTURBATIONS = 4
+DEFAULT_NUM_SAMPLES = 20000
 
 
 def _number(kind: type, low: float, *, open_low: bool = False, high: float | None = None):
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--smoothing-std", type=NON_NEGATIVE, default=None, help="absolute std s")
     group.add_argument("--smoothing-radius", type=NON_NEGATIVE, default=None,
                        help=f"s = r·lr·σ·C/batch (default {DEFAULT_RADIUS} for dplis)")
-    p.add_argument("--perturbations", type=COUNT, default=4, help="K for dplis")
+    p.add_argument("--perturbations", type=COUNT, default=None,
+                   help=f"K for dplis (default {DEFAULT_PERTURBATIONS}; dpsgd takes 1)")
     p.add_argument("--seed", type=_number(int, 0, high=2**32), default=0,
                    help="seeds data, init, noise, sampling")
     p.add_argument("--secure-rng", action="store_true",
@@ -78,9 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "and init)")
     p.add_argument("--dataset", choices=("mnist1d", "mnist", "fashion-mnist", "cifar10"),
                    default="mnist1d", help="mnist1d is generated locally; others need --data-dir")
-    p.add_argument("--data-dir", default=None, help="folder with MNIST/Fashion-MNIST/CIFAR-10")
-    p.add_argument("--num-samples", type=_number(int, 100), default=20000,
-                   help="MNIST-1D size (train+test)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with MNIST/Fashion-MNIST/CIFAR-10; for mnist1d, the folder its "
+                        "generated arrays are cached in (default $DPLIS_CACHE or ~/.cache/dplis)")
+    p.add_argument("--num-samples", type=_number(int, 100), default=None,
+                   help=f"MNIST-1D size, train+test (default {DEFAULT_NUM_SAMPLES}; the image "
+                        "datasets have their own)")
     p.add_argument("--model", choices=("auto", *models.MODELS), default="auto",
                    help="auto: mlp for mnist1d, cnn for images")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -88,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (0: torch's default; 1 on a busy shared machine)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="save the trainer here after every epoch (atomic write)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run saved in --checkpoint (same flags)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run saved in --checkpoint (same flags)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new run over an existing --checkpoint file (without it "
+                            "or --resume, an existing file is refused)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast forward/backward; norms, clipping, noise in fp32")
@@ -139,21 +149,60 @@ def _output_path(flag: str, path: str | None) -> None:
         raise SystemExit(f"{flag} {path}: not writable")
 
 
-def _resumed_flags(args: argparse.Namespace) -> None:
-    """Refuse (SystemExit) a --resume whose run flags differ from those the checkpoint was
-    saved with (files of this command only: another file's are the trainer's to check)."""
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _effective(flags: dict) -> dict:
+    """Run flags as the run uses them: dpsgd takes K = 1 and no smoothing, and only mnist1d a
+    size (so that a checkpoint's flags compare equal whatever defaults wrote them)."""
+    flags = dict(flags)
+    if flags.get("method") == "dpsgd":
+        flags.update(perturbations=1, smoothing_std=None, smoothing_radius=None)
+    if flags.get("dataset") != "mnist1d":
+        flags["num_samples"] = None
+    return flags
+
+
+def _settle(args: argparse.Namespace) -> None:
+    """Refuse (SystemExit) flags the method or dataset would ignore (their no-op values
+    pass), then fill in the defaults that depend on them."""
+    if args.method == "dpsgd":
+        no_ops = {"smoothing_std": 0, "smoothing_radius": 0, "perturbations": 1}
+        ignored = [f"{_flag(name)} {getattr(args, name):g}" for name, no_op in no_ops.items()
+                   if getattr(args, name) not in (None, no_op)]
+        if ignored:
+            raise SystemExit(f"--method dpsgd takes no smoothing (K = 1, s = 0): drop "
+                             f"{', '.join(ignored)}, or use --method dplis")
+    if args.num_samples is not None and args.dataset != "mnist1d":
+        raise SystemExit(f"--num-samples sets the size of mnist1d; {args.dataset} has its own: "
+                         "drop --num-samples")
+    if args.perturbations is None:
+        args.perturbations = DEFAULT_PERTURBATIONS
+    if args.num_samples is None:
+        args.num_samples = DEFAULT_NUM_SAMPLES
+    vars(args).update(_effective(vars(args)))
+
+
+def _resumed(args: argparse.Namespace) -> list[dict]:
+    """The per-epoch history saved in ``--checkpoint`` ([] if none); refuse (SystemExit) a
+    --resume whose run flags differ from those the checkpoint was saved with (files of this
+    command only: another file's are the trainer's to check)."""
     try:
         saved = read_checkpoint(args.checkpoint).get("extra") or {}
     except (ValueError, OSError) as e:
         raise SystemExit(f"--resume {args.checkpoint}: {e}") from None
     flags = saved.get("flags") if isinstance(saved, dict) else None
     if not isinstance(flags, dict):
-        return
-    diff = [f"--{k.replace('_', '-')} {flags[k]!r} (now {getattr(args, k)!r})"
+        return []
+    flags = _effective(flags)
+    diff = [f"{_flag(k)} {flags[k]!r} (now {getattr(args, k)!r})"
             for k in RUN_FLAGS if k in flags and flags[k] != getattr(args, k)]
     if diff:
         raise SystemExit(f"--resume {args.checkpoint}: the run was saved with other flags: "
                          f"{', '.join(diff)}; resume with the flags it was started with")
+    history = saved.get("history")
+    return list(history) if isinstance(history, list) else []
 
 
 def build_model(name: str, dataset: str, sample: torch.Tensor) -> torch.nn.Module:
@@ -204,6 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         retain_freed_memory()  # this command owns its process; False (no-op) without glibc
     torch.manual_seed(args.seed)
     start = time.perf_counter()
+    _settle(args)
     kw = {"num_samples": args.num_samples, "seed": args.seed} if args.dataset == "mnist1d" else {}
     if args.low_memory and args.method == "dplis" and args.perturbations != 1:
         raise SystemExit("--low-memory takes one pass per step: add --perturbations 1 or "
@@ -219,8 +269,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.model == "conv1d" and args.dataset != "mnist1d":
         raise SystemExit(f"--model conv1d takes 1-D signals (mnist1d); for {args.dataset} use "
                          "cnn or mlp")
-    if args.resume and not args.checkpoint:
-        raise SystemExit("--resume needs --checkpoint PATH")
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag) and not args.checkpoint:
+            raise SystemExit(f"--{flag} needs --checkpoint PATH")
     # (under torch.distributed every rank reads it in the collective load, which refuses a
     # file any rank lacks on every rank: a check here, on one rank alone, would hang the rest)
     if args.resume and world_size == 1 and not os.path.isfile(args.checkpoint):
@@ -230,6 +281,11 @@ def run(args: argparse.Namespace) -> dict:
         try:
             _output_path("--checkpoint", args.checkpoint)
             _output_path("--json", args.json)
+            if args.checkpoint and not (args.resume or args.overwrite) and \
+                    os.path.exists(args.checkpoint):
+                raise SystemExit(f"--checkpoint {args.checkpoint}: a file is there already: "
+                                 "--resume continues its run, --overwrite starts a new one "
+                                 "over it")
             if args.checkpoint and args.json and os.path.realpath(args.checkpoint) == \
                     os.path.realpath(args.json):
                 raise SystemExit(f"--checkpoint and --json are one file ({args.json}): the "
@@ -243,8 +299,9 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit("rank 0 refused this run's output paths") from None
     elif refused is not None:
         raise refused
+    history = []
     if args.resume and world_size == 1:  # (under torch.distributed: after the collective load)
-        _resumed_flags(args)
+        history = _resumed(args)
     try:
         train, test = load_dataset(args.dataset, args.data_dir, **kw)
     except (ValueError, OSError) as e:  # no --data-dir, a missing or malformed file
@@ -281,18 +338,17 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--resume {args.checkpoint}: the checkpoint's model does not fit "
                              f"this run's (another --model or --dataset?): {e}") from None
         if world_size > 1:  # every rank read the file: each decides alike
-            _resumed_flags(args)
+            history = _resumed(args)
     log = (lambda *a: None) if args.quiet else tqdm.write
     log(f"dplis {__version__}: {args.method} on {args.dataset} ({len(train)} train"
         f"{f', {world_size} ranks' if world_size > 1 else ''}), "
         f"σ={trainer.noise_multiplier:.3f}, q={trainer.sample_rate:.4g}, "
         f"{trainer.max_steps} steps, K={trainer.num_perturbations}, "
         f"s={trainer.current_smoothing_std():.3g}")
-    history = []
     bar = tqdm(total=trainer.max_steps, disable=args.quiet, unit="step", file=sys.stderr)
     bar.update(trainer.accountant.steps)
     epoch = trainer.accountant.steps // steps_per_epoch(trainer.sample_rate)
-    saved = {"flags": {k: getattr(args, k) for k in RUN_FLAGS}}
+    saved = {"flags": {k: getattr(args, k) for k in RUN_FLAGS}, "history": history}
     saved_at = trainer.accountant.steps if args.resume else None  # the file's last step
     try:
         while trainer.accountant.steps < trainer.max_steps:

@@ -68,6 +68,13 @@ def test_out_of_range_flags_get_a_usage_error(flags, message, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
+    (["--method", "dpsgd", "--perturbations", "4", "--smoothing-std", "0.1"],
+     "--method dpsgd takes no smoothing \\(K = 1, s = 0\\): drop --smoothing-std 0.1, "
+     "--perturbations 4, or use --method dplis"),
+    (["--method", "dpsgd", "--smoothing-radius", "5"], "drop --smoothing-radius 5,"),
+    (["--dataset", "mnist", "--data-dir", ".", "--num-samples", "500"],
+     "--num-samples sets the size of mnist1d; mnist has its own"),
+    (["--overwrite"], "--overwrite needs --checkpoint PATH"),
     (["--model", "cnn"], "--model cnn takes images"),
     (["--model", "conv1d", "--dataset", "mnist", "--data-dir", "."], "--model conv1d takes 1-D"),
     (["--device", "nowhere"], "--device 'nowhere'"),
@@ -104,6 +111,34 @@ def test_resume_with_other_flags_is_refused_without_a_traceback(tmp_path, monkey
     with pytest.raises(SystemExit, match=f"--resume {re.escape(checkpoint)}: the checkpoint's "
                                          "model does not fit this run's"):
         train.main(flags + ["--epochs", "1", "--resume", "--model", "conv1d"])
+
+
+def test_an_existing_checkpoint_is_resumed_or_overwritten_never_replaced_unasked(tmp_path,
+                                                                                monkeypatch,
+                                                                                capsys):
+    monkeypatch.setenv("DPLIS_CACHE", str(tmp_path))
+    checkpoint = tmp_path / "run.pt"
+    flags = ["--num-samples", "200", "--batch-size", "40", "--quiet", "--epochs", "1",
+             "--method", "dpsgd", "--perturbations", "1", "--checkpoint", str(checkpoint)]
+    first = train.main(flags)
+    saved = checkpoint.read_bytes()
+    with pytest.raises(SystemExit, match=f"--checkpoint {re.escape(str(checkpoint))}: a file is "
+                                         "there already: --resume continues its run, "
+                                         "--overwrite starts a new one over it"):
+        train.main(flags)
+    assert checkpoint.read_bytes() == saved
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags + ["--resume", "--overwrite"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert train.main(flags + ["--overwrite"])["history"] == first["history"]  # a new run, seed 0
+    # a file whose flags were written with the older defaults (dpsgd recorded K = 4, the image
+    # datasets' size 20000) resumes: the flags compare as the run uses them
+    state = torch.load(checkpoint, weights_only=True)
+    state["extra"]["flags"].update(perturbations=4, smoothing_radius=None)
+    torch.save(state, checkpoint)
+    resumed = train.main(flags[:-4] + ["--resume", "--checkpoint", str(checkpoint)])
+    assert resumed["history"] == first["history"] and resumed["flags"]["perturbations"] == 1
 
 
 def test_a_damaged_checkpoint_is_refused_without_torchs_unsafe_advice(tmp_path):
@@ -177,7 +212,11 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert f"interrupted at step 7 of 8; --resume continues from step 4, saved in " \
            f"{checkpoint}" in capsys.readouterr().err
     monkeypatch.setattr(train.PrivateTrainer, "step", step)
-    assert train.main(flags + ["--resume"])["steps"] == 8
+    resumed = train.main(flags + ["--resume"])
+    assert resumed["steps"] == 8
+    # the result's history holds the epoch the checkpoint saved, and the one run since
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2]
+    assert resumed["history"][0] == train.read_checkpoint(checkpoint)["extra"]["history"][0]
 
 
 
