@@ -978,6 +978,42 @@ def test_bf16_still_catches_a_parameter_used_outside_its_layer(batch):
                            precision="bf16", **ZERO)
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("scale", [1e2, 1e4])
+def test_a_parameter_whose_gradient_is_zero_is_no_false_alarm_at_any_loss_scale(scale,
+                                                                                 low_memory):
+    """A convolution's bias before a norm of one channel per group has gradient 0: its two
+    sums are rounding, which grows with the model's gradient (1.8e-5 at logits x 100, 1.8e-3
+    at x 1e4, against 1.9e3 and 1.9e5 for the weight); a fixed 1e-6 refused it at every
+    batch size, and "auto" ran vmap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(8, 8), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10))
+    x, y = torch.randn(8, 3, 8, 8) * 3, torch.randint(0, 10, (8,))
+
+    def loss(out, target):
+        return F.cross_entropy(out * scale, target)
+
+    step = dplis.private_step(model, loss, x, y, max_grad_norm=1.0, low_memory=low_memory,
+                              **ZERO)
+    assert step.engine == "ghost"
+    assert_close(step.grads, naive_private_grad(model, loss, x, y, max_grad_norm=1.0))
+
+
+def test_a_parameter_used_outside_its_layer_is_caught_at_a_large_loss_scale():
+    """The floor that follows the whole gradient (1e-6 of it) leaves the 1 % rule in force."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+
+    def loss(out, target):
+        return F.cross_entropy(out * 1e4, target)
+
+    for low_memory in (False, True):
+        with pytest.raises(GhostUnsupported, match=r"\['a.weight'\]"):
+            dplis.private_step(_Leak(0.03), loss, x, y, max_grad_norm=1.0, engine="ghost",
+                               low_memory=low_memory, **ZERO)
+
+
 class Opposed(nn.Module):
     """One Linear over two positions that see one input, its two outputs nearly cancelling
     (1 - d apart): an example crafted so that fp32 loses its ghost norm (reported 0:
