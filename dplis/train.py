@@ -29,6 +29,7 @@ from .trainer import PrivateTrainer, read_checkpoint, replaceable
 DEFAULT_RADIUS = 40.0  # tuned on MNIST-1D at ε = 3 (docs/compare_full.md)
 DEFAULT_PERTURBATIONS = 4
 DEFAULT_NUM_SAMPLES = 20000
+DEFAULT_MOMENTUM = 0.9
 
 
 def _number(kind: type, low: float, *, open_low: bool = False, high: float | None = None):
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=COUNT, default=256, help="expected (Poisson) batch size")
     p.add_argument("--lr", type=POSITIVE, default=0.25, help="learning rate")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="torch optimizer")
-    p.add_argument("--momentum", type=NON_NEGATIVE, default=0.9, help="SGD momentum")
+    p.add_argument("--momentum", type=NON_NEGATIVE, default=None,
+                   help=f"SGD momentum (default {DEFAULT_MOMENTUM}; adam takes none)")
     p.add_argument("--max-grad-norm", type=POSITIVE, default=1.0, help="clipping norm C")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--smoothing-std", type=NON_NEGATIVE, default=None, help="absolute std s")
@@ -154,11 +156,14 @@ def _flag(name: str) -> str:
 
 
 def _effective(flags: dict) -> dict:
-    """Run flags as the run uses them: dpsgd takes K = 1 and no smoothing, and only mnist1d a
-    size (so that a checkpoint's flags compare equal whatever defaults wrote them)."""
+    """Run flags as the run uses them: dpsgd takes K = 1 and no smoothing, adam no momentum,
+    and only mnist1d a size (so that a checkpoint's flags compare equal whatever defaults
+    wrote them)."""
     flags = dict(flags)
     if flags.get("method") == "dpsgd":
         flags.update(perturbations=1, smoothing_std=None, smoothing_radius=None)
+    if flags.get("optimizer") == "adam":
+        flags["momentum"] = None
     if flags.get("dataset") != "mnist1d":
         flags["num_samples"] = None
     return flags
@@ -174,6 +179,9 @@ def _settle(args: argparse.Namespace) -> None:
         if ignored:
             raise SystemExit(f"--method dpsgd takes no smoothing (K = 1, s = 0): drop "
                              f"{', '.join(ignored)}, or use --method dplis")
+    if args.optimizer == "adam" and args.momentum not in (None, 0):
+        raise SystemExit(f"--momentum is SGD's; adam has none (its betas are torch's "
+                         f"defaults): drop --momentum {args.momentum:g}, or use --optimizer sgd")
     if args.num_samples is not None and args.dataset != "mnist1d":
         raise SystemExit(f"--num-samples sets the size of mnist1d; {args.dataset} has its own: "
                          "drop --num-samples")
@@ -181,6 +189,8 @@ def _settle(args: argparse.Namespace) -> None:
         args.perturbations = DEFAULT_PERTURBATIONS
     if args.num_samples is None:
         args.num_samples = DEFAULT_NUM_SAMPLES
+    if args.momentum is None:
+        args.momentum = DEFAULT_MOMENTUM
     vars(args).update(_effective(vars(args)))
 
 

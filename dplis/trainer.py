@@ -457,6 +457,12 @@ class PrivateTrainer:
         if prev is not None and not (isinstance(prev, torch.Tensor) and prev.dim() == 1
                                      and prev.is_floating_point()):
             raise ValueError("the checkpoint's prev_grad is not a flat float tensor")
+        saved = state["generator"]
+        if not isinstance(saved, torch.Tensor) or saved.shape != self.generator.get_state().shape:
+            raise ValueError(
+                f"the checkpoint's noise generator state does not fit this trainer's "
+                f"{self.generator.device.type} generator (a state of another device type: CPU "
+                "and CUDA generators differ); resume on the device type the run was saved on")
         seed = state.get("seed", 0)  # older checkpoints have none
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"the checkpoint's seed is not an int in [0, 2**63): {seed!r}")
@@ -471,6 +477,8 @@ class PrivateTrainer:
         except BaseException:
             self._apply(backup, backup["sampler_generator"], undo=True)
             raise
+        # the next step of two or more examples chooses the engine and checks the model again
+        self._engine_arg, self._verified = self._engine_initial, False
 
     def _apply(self, state: dict, sampler_state: torch.Tensor, undo: bool = False) -> None:
         """Restore ``state``; ``undo``: the trainer's own state put back after a failed load.
@@ -533,7 +541,9 @@ class PrivateTrainer:
         self._agree(error)
 
     def load(self, path: str | os.PathLike) -> None:
-        """Resume from a file written by ``save``; corrupted or truncated files raise ValueError.
+        """Resume from a file written by ``save``; corrupted or truncated files raise ValueError,
+        and so does a file saved on another device type (CPU and CUDA noise generators keep
+        different states). The next step of two or more examples checks the model again.
 
         Under torch.distributed call it on every rank: each reads and checks the file, and
         if any rank cannot, every rank raises before any changes its state."""

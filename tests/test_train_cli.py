@@ -72,6 +72,8 @@ def test_out_of_range_flags_get_a_usage_error(flags, message, capsys):
      "--method dpsgd takes no smoothing \\(K = 1, s = 0\\): drop --smoothing-std 0.1, "
      "--perturbations 4, or use --method dplis"),
     (["--method", "dpsgd", "--smoothing-radius", "5"], "drop --smoothing-radius 5,"),
+    (["--optimizer", "adam", "--momentum", "0.5"],
+     "--momentum is SGD's; adam has none .*: drop --momentum 0.5, or use --optimizer sgd"),
     (["--dataset", "mnist", "--data-dir", ".", "--num-samples", "500"],
      "--num-samples sets the size of mnist1d; mnist has its own"),
     (["--overwrite"], "--overwrite needs --checkpoint PATH"),

@@ -368,6 +368,11 @@ def test_a_refused_or_failed_load_changes_nothing(tmp_path):
         other.load_state_dict(state)
     assert same(before, snapshot(other)) and other.dataset_size == 90
     state["model"] = trainer.model.state_dict()
+    cuda_state = dict(state, generator=torch.zeros(16, dtype=torch.uint8))  # Philox's size
+    with pytest.raises(ValueError, match="noise generator state does not fit this trainer's "
+                                         "cpu generator"):
+        other.load_state_dict(cuda_state)
+    assert same(before, snapshot(other))
     state["prev_grad"] = "not a tensor"
     with pytest.raises(ValueError, match="prev_grad is not a flat float tensor"):
         other.load_state_dict(state)
@@ -378,12 +383,33 @@ def test_a_refused_or_failed_load_changes_nothing(tmp_path):
     assert explicit.expected_batch_size == 20.0 and explicit.accountant.steps == 0
 
 
+def test_a_loaded_trainer_checks_the_model_again_on_its_next_step(tmp_path, monkeypatch):
+    """The ghost engine's checks run on a trainer's first step of two or more examples, and
+    again after ``load``: the loaded weights are not those the checks saw."""
+    import sys
+
+    ghost = sys.modules["dplis.ghost"]
+    calls = []
+    check = ghost.check_independent
+    monkeypatch.setattr(ghost, "check_independent",
+                        lambda *a, **k: calls.append(1) or check(*a, **k))
+    trainer, x, y = make()
+    trainer.step(x, y)
+    trainer.save(tmp_path / "ckpt.pt")
+    trainer.step(x, y)
+    assert len(calls) == 1 and trainer.engine == "ghost"
+    trainer.load(tmp_path / "ckpt.pt")
+    trainer.step(x, y)
+    trainer.step(x, y)
+    assert len(calls) == 2 and trainer.engine == "ghost"
+
+
 def test_a_load_failing_after_the_accountant_is_undone_without_a_rollback_warning():
     ahead, x, y = make()
     for _ in range(3):
         ahead.step(x, y)
     state = ahead.state_dict()
-    state["generator"] = torch.zeros(3, dtype=torch.uint8)  # set_state refuses it
+    state["sampler_generator"] = torch.zeros(3, dtype=torch.uint8)  # set_state refuses it
     behind, _, _ = make()
     behind.step(x, y)
     before = snapshot(behind)
