@@ -395,8 +395,8 @@ def test_a_loaded_trainer_checks_the_model_again_on_its_next_step(tmp_path, monk
                         lambda *a, **k: calls.append(1) or check(*a, **k))
     trainer, x, y = make()
     trainer.step(x, y)
-    trainer.save(tmp_path / "ckpt.pt")
     trainer.step(x, y)
+    trainer.save(tmp_path / "ckpt.pt")
     assert len(calls) == 1 and trainer.engine == "ghost"
     trainer.load(tmp_path / "ckpt.pt")
     trainer.step(x, y)
