@@ -144,7 +144,7 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
 
         def record(module, args, kwargs, out):
             refuse_transformed(model, module, out)
-            wide = spread(model, module, args, kwargs, out, batch)
+            wide = spread(model, module, args, kwargs, out, batch, checked=True)
             if wide is not None:
                 shared.append(_label(model, module))
                 if widen is not None:
@@ -463,19 +463,24 @@ def _expanded(t: object, batch: int) -> object:
 
 
 def spread(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict, out: object,
-           batch: int) -> tuple[torch.Tensor, tuple, dict] | None:
+           batch: int, checked: bool) -> tuple[torch.Tensor, tuple, dict] | None:
     """A layer call shared by the batch — an output whose first dimension is 1, no tensor
     input with a dimension of the batch's size (Hugging Face's
     ``position_embeddings(position_ids)`` with position ids [1, T], T ≠ B) — gets its output
     expanded to the batch: a view with the values broadcasting would give the model, whose
     gradient holds each example's share; returned with the call's inputs expanded alike (for
-    its rule). None for any other call: an input [1, B, F] is the batch in its second
-    dimension (sequence-first with T = 1), and [1, T] with T = B cannot be told from it.
+    its rule). None for any other call. [1, T] with T = B looks like a sequence-first input
+    [1, B, F] (T = 1), which is the batch in its second dimension; expanded, that one
+    changes the model, which the verification refuses (its losses change, it fails, or its
+    sums do not add up). So such a call is spread only when ``checked`` (the step runs the
+    verification); ``PrivateTrainer`` runs a step that meets one unverified again, verified.
     Refused (``GhostUnsupported``) when the layer has forward hooks of its own: they run
     after the engine's and would see the expanded output, not the one they were written
     for."""
+    inputs = (*tensors_in(args), *tensors_in(kwargs))
     if batch < 2 or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 1 \
-            or any(batch in t.shape for t in (*tensors_in(args), *tensors_in(kwargs))):
+            or any(t.dim() and t.shape[0] == batch for t in inputs) \
+            or (not checked and any(batch in t.shape for t in inputs)):
         return None
     if len(module._forward_hooks) > 1:  # the engine's own is one of them
         raise GhostUnsupported(f"layer {_label(model, module)} is shared by the batch (its "
@@ -507,7 +512,7 @@ def spread_refused(model: nn.Module, spread_layers: Callable[[], list]) -> Itera
 
 
 @contextlib.contextmanager
-def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
+def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int, checked: bool
                ) -> Iterator[list[_Call]]:
     """Record every call of the planned layers (``_Call``).
 
@@ -518,8 +523,8 @@ def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
     changes nothing: the edge's gradient is that of the value the layer returned.)
 
     A layer shared by the batch hands the model its output expanded to the batch
-    (``spread``), so its output gradient arrives per example; its inputs are recorded
-    expanded alike.
+    (``spread``; ``checked``: the step runs the verification), so its output gradient
+    arrives per example; its inputs are recorded expanded alike.
     """
     calls: list[_Call] = []
 
@@ -539,7 +544,7 @@ def _recording(model: nn.Module, plan: dict, isolate: bool, batch: int
                 "place, which a later op also changes: the ghost engine cannot keep a record "
                 "of that input without changing the model. Use engine='vmap'")
         refuse_transformed(model, module, out)
-        wide = spread(model, module, args, kwargs, out, batch)
+        wide = spread(model, module, args, kwargs, out, batch, checked)
         if wide is not None:
             out, args, kwargs = wide
         target, shape = _gradient_target(module, out)
@@ -648,7 +653,7 @@ def clipped_sum(
     autocast: list[bool] = []  # whether the forward ran under autocast (check_sums)
 
     def run(isolate: bool) -> tuple[list, torch.Tensor]:
-        with forward(), _recording(model, plan, isolate, batch) as calls:
+        with forward(), _recording(model, plan, isolate, batch, verify) as calls:
             autocast.append(torch.is_autocast_enabled(device.type))
             with spread_refused(model, lambda: [c.module for c in calls if c.spread]):
                 return calls, per_example_loss(model(*inputs), targets)

@@ -80,7 +80,7 @@ class _Tap(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
-             arrived: Callable, batch: int) -> Iterator[tuple[Counter, list]]:
+             arrived: Callable, batch: int, checked: bool) -> Iterator[tuple[Counter, list]]:
     """While open, every call of a planned layer returns its output through a ``_Tap`` whose
     backward calls ``arrived(module, args, kwargs, grad)``. Yields the uses of each trainable
     parameter (one per owning attribute per call), counted as the forward runs, and the
@@ -88,7 +88,8 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
     it was spread) for ``_check_calls``. The inputs a layer read need no copy: its own
     backward saved them, and autograd refuses a backward through inputs changed in place;
     one it did not save (a keyword bias) is checked. A layer shared by the batch gets its
-    output, and its inputs for the rule, expanded to the batch (``ghost.spread``)."""
+    output, and its inputs for the rule, expanded to the batch (``ghost.spread``;
+    ``checked``: the step runs the verification)."""
     uses: Counter = Counter()
     calls: list = []
 
@@ -97,7 +98,7 @@ def _tapping(plan: dict, probe: torch.Tensor, copy: bool, model: nn.Module,
         refuse_transformed(model, module, out)
         uses.update(plan[module].values())
         inputs = (*tensors_in(args), *tensors_in(kwargs))
-        wide = spread(model, module, args, kwargs, out, batch)
+        wide = spread(model, module, args, kwargs, out, batch, checked)
         calls.append((module, out.requires_grad, inputs, versions(inputs), wide is not None))
         if wide is not None:
             out, args, kwargs = wide
@@ -217,7 +218,7 @@ def clipped_sum(
     per_example_loss = batch_losses(loss_fn)
 
     def run(copy: bool) -> torch.Tensor:
-        with forward(), _tapping(plan, probe, copy, model, arrived, batch) as (uses, calls):
+        with forward(), _tapping(plan, probe, copy, model, arrived, batch, verify) as (uses, calls):
             state["calls"] = calls
             losses = per_example_loss(model(*inputs), targets)
         _check_calls(model, losses, calls)

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import __version__, checks, distributed
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
+from .ghost import GhostUnsupported
 from .model_state import replayable
 from .private_grad import (
     PRECISIONS,
@@ -313,7 +314,15 @@ class PrivateTrainer:
                                                                             self.structure)
             engine, verify = ((self._engine_arg, not self._verified) if same
                               else (self._engine_initial, True))
-            result, error = self._private_step(inputs, targets, engine, verify), None
+            try:
+                result = self._private_step(inputs, targets, engine, verify)
+            except GhostUnsupported:
+                if verify:
+                    raise
+                # a call only a verified step takes (a layer shared by the batch whose input
+                # now has the batch's size: Hugging Face's [1, T] positions at T = B)
+                result = self._private_step(inputs, targets, self._engine_initial, True)
+            error = None
         except Exception as e:  # under torch.distributed every rank must hear of it
             result, error = None, e
         try:

@@ -42,6 +42,68 @@ def test_an_input_whose_first_dimension_only_equals_the_batch_is_caught(low_memo
     assert_close(auto.grads, naive_private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.01))
 
 
+class BufferPositions(nn.Module):
+    """Hugging Face-style positions: ``pos(position_ids[:, :T])`` of a [1, max] buffer, [1, T]
+    ids shared by the batch (spread); at T = B they look like a sequence-first batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, 6), nn.Embedding(8, 6), nn.Linear(6, 2)
+        self.register_buffer("position_ids", torch.arange(8).unsqueeze(0))
+
+    def forward(self, tokens):
+        h = self.tok(tokens) + self.pos(self.position_ids[:, :tokens.shape[1]])
+        return self.head(torch.tanh(h).mean(1))
+
+
+class SequenceFirstOne(nn.Module):
+    """Sequence-first inside: [T, B, F] with T = 1 looks like [1, T] positions with T = B."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.transpose(0, 1))).sum(0))
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_positions_shared_by_the_batch_at_t_equal_to_b_run_verified(low_memory):
+    """[1, T] ids with T = B are spread only on a verified step (a sequence-first [1, B, F]
+    looks the same and is refused by the verification); unverified, such a call is refused,
+    and a trainer runs that step again verified instead of failing mid-run."""
+    torch.manual_seed(0)
+    model = BufferPositions()
+    tokens, y = torch.randint(0, 11, (4, 4)), torch.randn(4, 2)  # T = B = 4
+    kw = dict(max_grad_norm=0.01, low_memory=low_memory, **ZERO)
+    step = dplis.private_step(model, F.mse_loss, tokens, y, engine="ghost", **kw)
+    assert step.engine == "ghost"
+    assert_close(step.grads, naive_private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.01))
+    with pytest.raises(GhostUnsupported, match="without the batch dimension 4 first"):
+        dplis.private_step(model, F.mse_loss, tokens, y, engine="ghost", verify=False, **kw)
+    seq = SequenceFirstOne()
+    x, y2 = torch.randn(5, 1, 4), torch.randn(5, 2)
+    for verify in (True, False):
+        with pytest.raises(GhostUnsupported):
+            dplis.private_step(seq, F.mse_loss, x, y2, engine="ghost", verify=verify, **kw)
+    auto = dplis.private_step(seq, F.mse_loss, x, y2, **ZERO, max_grad_norm=0.01)
+    assert auto.engine == "vmap"
+    assert_close(auto.grads, naive_private_grad(seq, F.mse_loss, x, y2, max_grad_norm=0.01))
+    # a trainer verified at B = 3 meets B = T = 4 on a later, unverified step
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    trainer = dplis.PrivateTrainer(model, opt, F.mse_loss, sample_rate=0.1, max_grad_norm=0.01,
+                                   noise_multiplier=0.0, dataset_size=40, low_memory=low_memory)
+    trainer.step(tokens[:3], y[:3])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    want = naive_private_grad(model, F.mse_loss, tokens, y, max_grad_norm=0.01,
+                              expected_batch_size=4.0)
+    trainer.step(tokens, y)
+    assert trainer.engine == "ghost"
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach().double(), before[n].double() - 0.5 * want[n],
+                                   rtol=1e-4, atol=1e-7)
+
+
 class LayerScale(nn.Module):
     """A module owning a parameter (gamma, no rule: the vmap fallback) and a child layer."""
 
