@@ -228,8 +228,8 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
         return differ(base, checked(moved, context, "the examples moved", no_dropout=True),
                       moved, rows)
 
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
-                                                else []):
+    with torch.no_grad(), attention_fastpath_off(), torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []):
         try:
             verdict, autocast, whole = mixing(forward)
             if verdict and autocast:  # another dtype path for a batch: compared in fp32
@@ -737,6 +737,20 @@ def clipped_sum(
                        sums_tolerance(trainable, any(autocast)),
                        {name: float((weights.square() @ v).sqrt()) for name, v in sq.items()})
         return _clipped_sums(grads, c), norms, losses
+
+
+@contextlib.contextmanager
+def attention_fastpath_off() -> Iterator[None]:
+    """torch's fast path for attention off (for a private step and the check's forwards):
+    an ``nn.TransformerEncoder`` in eval mode with a padding mask otherwise turns the batch
+    into nested tensors — under no_grad (the check's forwards: no batch size to compare, and
+    not the layers a training forward calls) and under vmap (no batching rule)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def saved_as_is() -> bool:

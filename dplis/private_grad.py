@@ -453,7 +453,7 @@ def private_step(
         return total, norms, losses
 
     noise_std = 0.0 if secure_rng else sigma * max_grad_norm
-    with state_kept(model, verify), restore_on_error(generator):
+    with state_kept(model, verify), restore_on_error(generator), ghost.attention_fastpath_off():
         drawn, perturb_seed, dropout_seed = draw_seeds(generator, 3)
         noise_seed = drawn if noise_seed is None else noise_seed
         thetas = None if direct else theta.unsqueeze(0).expand(k, -1)

@@ -466,6 +466,17 @@ class PrivateTrainer:
         if prev is not None and not (isinstance(prev, torch.Tensor) and prev.dim() == 1
                                      and prev.is_floating_point()):
             raise ValueError("the checkpoint's prev_grad is not a flat float tensor")
+        groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"],
+                                                                      dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError("the checkpoint's optimizer state has no param_groups list")
+        theirs = {k for g in groups for k in g} - {"param_names"}
+        extra = sorted(theirs - {k for g in self.optimizer.param_groups for k in g})
+        if extra:
+            raise ValueError(
+                f"the checkpoint's optimizer has settings this {type(self.optimizer).__name__} "
+                f"does not ({', '.join(extra)}): it was saved with another optimizer type; "
+                "resume with the one the run was saved with")
         saved = state["generator"]
         if not isinstance(saved, torch.Tensor) or saved.shape != self.generator.get_state().shape:
             raise ValueError(

@@ -104,6 +104,37 @@ def test_positions_shared_by_the_batch_at_t_equal_to_b_run_verified(low_memory):
                                    rtol=1e-4, atol=1e-7)
 
 
+class Encoder(nn.Module):
+    """torch's ``nn.TransformerEncoder`` (nested tensors on by default) over a padded batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1)
+
+    def forward(self, x, mask):
+        keep = (~mask).unsqueeze(-1).float()
+        return self.head((self.enc(self.proj(x), src_key_padding_mask=mask) * keep).sum(1)
+                         / keep.sum(1))
+
+
+def test_a_transformer_encoder_in_eval_mode_with_a_padding_mask_runs():
+    """In eval mode torch's attention fast path turned the padded batch into nested tensors,
+    under no_grad (the check's forwards: a RuntimeError, no fallback) and under vmap; a
+    private step turns the fast path off, and puts it back as it was."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(4, 7, 5)
+    mask = torch.arange(7)[None] >= torch.tensor([7, 5, 3, 6])[:, None]
+    y = torch.randint(0, 3, (4,))
+    step = dplis.private_step(model, F.cross_entropy, (x, mask), y, max_grad_norm=0.1, **ZERO)
+    assert step.engine == "vmap"  # MultiheadAttention returns a tuple: no ghost rule
+    assert_close(step.grads, naive_private_grad(model, F.cross_entropy, (x, mask), y,
+                                                max_grad_norm=0.1))
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 class LayerScale(nn.Module):
     """A module owning a parameter (gamma, no rule: the vmap fallback) and a child layer."""
 

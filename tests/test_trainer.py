@@ -368,6 +368,11 @@ def test_a_refused_or_failed_load_changes_nothing(tmp_path):
         other.load_state_dict(state)
     assert same(before, snapshot(other)) and other.dataset_size == 90
     state["model"] = trainer.model.state_dict()
+    adam, _, _ = make(optimizer="adam")
+    with pytest.raises(ValueError, match="optimizer has settings this Adam does not "
+                                         r"\(dampening, momentum, nesterov\): it was saved "
+                                         "with another optimizer type"):
+        adam.load_state_dict(state)  # an SGD run's: Adam's step would fail, privacy spent
     cuda_state = dict(state, generator=torch.zeros(16, dtype=torch.uint8))  # Philox's size
     with pytest.raises(ValueError, match="noise generator state does not fit this trainer's "
                                          "cpu generator"):
