@@ -7,7 +7,9 @@ Python under vmap). So a loss may carry a batched twin, ``loss_fn.per_example(ou
 -> [B]``, that must equal ``stack([loss_fn(output[b:b+1], target[b:b+1]) for b])``;
 ``F.cross_entropy``, ``nn.CrossEntropyLoss`` (no class weights, mean reduction), ``F.mse_loss``,
 ``nn.MSELoss`` (mean reduction) and ``dplis.models.lm_loss`` have one; subclasses of those
-modules do not (their forward may differ). Anything else uses vmap.
+modules do not (their forward may differ). Anything else uses vmap, and a loss vmap cannot
+run (Python control flow on the example's values, ``.item()``) a loop of B calls on batches
+of one.
 """
 
 from __future__ import annotations
@@ -38,8 +40,13 @@ def per_example(loss_fn: Callable) -> PerExample:
     batched = getattr(loss_fn, "per_example", None) or _builtin(loss_fn)
 
     def general(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return vmap(lambda o, y: scalar_loss(loss_fn, o.unsqueeze(0), y.unsqueeze(0)),
-                    randomness="different")(out, t).float()
+        try:
+            return vmap(lambda o, y: scalar_loss(loss_fn, o.unsqueeze(0), y.unsqueeze(0)),
+                        randomness="different")(out, t).float()
+        except RuntimeError:  # vmap cannot run it: one example at a time (a loss that
+            # fails on its own raises here again, with its own error)
+            return torch.stack([scalar_loss(loss_fn, out[b:b + 1], t[b:b + 1]).float()
+                                for b in range(len(out))]) if len(out) else out.new_zeros(0)
 
     if batched is None:
         return general

@@ -117,3 +117,33 @@ def test_a_batched_twin_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"per_example must return the B = 7 losses \[B\], "
                                          r"got shape \(7, 1\)"):
         per_example(loss)(out, t)
+
+
+def test_a_loss_vmap_cannot_run_is_taken_one_example_at_a_time():
+    """Python control flow on an example's values (an all-padding example's early exit):
+    vmap refuses it, and the ghost engine under "auto" failed with torch's raw error; the
+    losses now come from B calls on batches of one, and the gradient is the reference's."""
+    import dplis
+    from dplis.reference import naive_private_grad
+
+    def loss(logits, t):
+        valid = t != -100
+        if not valid.any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[valid], t[valid])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Tanh(), nn.Linear(8, 20))
+    tokens = torch.randint(0, 20, (4, 5))
+    targets = tokens.clone()
+    targets[1, 3:], targets[3] = -100, -100
+    out = torch.randn(4, 5, 20)
+    one_by_one = torch.stack([loss(out[b:b + 1], targets[b:b + 1]) for b in range(4)])
+    torch.testing.assert_close(per_example(loss)(out, targets), one_by_one)
+    assert per_example(loss)(out[:0], targets[:0]).shape == (0,)
+    step = dplis.private_step(model, loss, tokens, targets, max_grad_norm=0.5,
+                              noise_multiplier=0.0)
+    assert step.engine == "ghost"
+    expected = naive_private_grad(model, loss, tokens, targets, max_grad_norm=0.5)
+    for name, g in step.grads.items():
+        torch.testing.assert_close(g.double(), expected[name], rtol=1e-5, atol=1e-7)
