@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -373,7 +374,9 @@ def private_step(
         try:  # a failing step changes nothing: the vmap engine then starts from the same state
             return private_step(**{**call, "engine": "ghost", "compile": False})
         except ghost.GhostUnsupported as unsupported:
-            reason = f"the ghost engine could not: {unsupported}"
+            # (its advice to use vmap is what "auto" does next: not repeated)
+            advice = re.compile(r"(\. Use|, or use) engine='vmap'$")
+            reason = f"the ghost engine could not: {advice.sub('', str(unsupported))}"
             try:
                 return private_step(**{**call, "engine": "vmap", "compile": False})
             except Exception as e:
