@@ -184,16 +184,18 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     def differ(whole: list, other: list, rows_whole: torch.Tensor, rows_other: torch.Tensor
                ) -> str | None:
         """What differs between rows ``rows_whole`` of one run's projections and
-        ``rows_other`` of another's (beyond 1e-6 of the largest row's magnitude: a row moved
-        within the batch meets another matmul blocking, whose rounding follows the terms
-        summed, not the result; a regression head's output near 0 differed by 4e-6 of
-        itself): the first such tensor, "the layer calls" when the runs' calls differ, or
-        None."""
+        ``rows_other`` of another's (beyond 1e-6 of the row's magnitude, or of the median
+        row's where that is larger: a row moved within the batch meets another matmul
+        blocking, whose rounding follows the terms summed, not the result — a regression
+        head's output near 0 differed by 4e-6 of itself; the median, not the largest row,
+        so that one huge example cannot widen the tolerance for the rest): the first such
+        tensor, "the layer calls" when the runs' calls differ, or None."""
         if len(other) != len(whole):
             return "the layer calls"
         return next((where for (f, s, where), (g, _, _) in zip(whole, other)
                      if bool(((f[rows_whole] - g[rows_other]).abs()
-                              > 1e-6 * s.max() + 1e-30).any())), None)
+                              > 1e-6 * torch.maximum(s[rows_whole], s.median())
+                              + 1e-30).any())), None)
 
     def checked(index: torch.Tensor, context: Callable, what: str, **options) -> list:
         try:
@@ -739,7 +741,8 @@ def clipped_sum(
                                [g.shape.numel() for g in grads.values()])
             check_sums(dict(zip(grads, sums)), batch_grad,
                        sums_tolerance(trainable, any(autocast)),
-                       {name: float((weights.square() @ v).sqrt()) for name, v in sq.items()})
+                       {name: float((weights.square() @ v).sqrt()) for name, v in sq.items()},
+                       norms)
         return _clipped_sums(grads, c), norms, losses
 
 
@@ -864,14 +867,17 @@ def sums_tolerance(trainable: dict[str, torch.Tensor], autocast: bool) -> tuple[
 
 def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict,
                tolerance: tuple[float, float] = (0.05, 0.0),
-               magnitudes: dict[str, float] | None = None) -> None:
+               magnitudes: dict[str, float] | None = None,
+               norms: torch.Tensor | None = None) -> None:
     """The weighted per-example gradients must add up to autograd's weighted batch gradient:
     ``sums`` name -> Σ_b w_b g_b (flat fp32), ``batch_grad`` name -> autograd's gradient of
     Σ_b w_b ℓ_b (None: zeros), w = ``check_weights``; within ``tolerance[0]`` of its norm plus
     ``tolerance[1]`` of ``magnitudes`` name -> (Σ_b w_b² ‖g_b‖²)^½ (``sums_tolerance``),
-    plus 1e-6 of the whole batch gradient's norm (at least 1e-6): a parameter whose gradient
-    is zero by construction (a convolution's bias before a norm of one channel per group)
-    gets two sums of rounding, which grow with the model's gradient, not its own.
+    plus 1e-6 of median_b ‖g_b‖·√B over the examples' whole-model ``norms`` [B] (at least
+    1e-6): a parameter whose gradient is zero by construction (a convolution's bias before a
+    norm of one channel per group) gets two sums of rounding, which grow with the model's
+    gradient, not its own. The median, so that one huge example cannot widen it (the whole
+    batch gradient's norm grows with it squared, a misattributed part linearly).
 
     A parameter also used outside the layers that own it (e.g. ``F.linear(x, emb.weight)`` in a
     parent's forward), or a layer input whose first dimension has the batch's size without
@@ -879,11 +885,11 @@ def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict,
     wrong per-example gradient.
     """
     bad = []
-    whole = sum(float(g.norm()) ** 2 for g in batch_grad.values()) ** 0.5
+    typical = 0.0 if norms is None else float(norms.float().median()) * len(norms) ** 0.5
     for name, ours in sums.items():
         ref = batch_grad.get(name)
         ref = torch.zeros_like(ours) if ref is None else ref.reshape(-1)
-        allowed = tolerance[0] * float(ref.norm()) + 1e-6 * max(1.0, whole)
+        allowed = tolerance[0] * float(ref.norm()) + 1e-6 * max(1.0, typical)
         if magnitudes is not None:
             allowed += tolerance[1] * magnitudes.get(name, 0.0)
         if float((ours - ref).norm()) > allowed:

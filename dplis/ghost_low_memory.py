@@ -251,7 +251,8 @@ def clipped_sum(
                 found = torch.autograd.grad((losses * weights).sum(), list(trainable.values()),
                                             retain_graph=True, allow_unused=True)
                 check_sums(unclipped, {n: g.float() for n, g in zip(trainable, found)
-                                       if g is not None}, sums_tolerance(trainable, False))
+                                       if g is not None}, sums_tolerance(trainable, False),
+                           norms=norms)
                 del found
             state["phase"] = "sum"
             if reached:

@@ -147,6 +147,66 @@ def test_a_regression_head_moved_in_the_batch_is_no_false_alarm(seed):
     assert_close(step.grads, naive_private_grad(model, F.mse_loss, x, t, max_grad_norm=1.0))
 
 
+class DroppedPositions(nn.Module):
+    """``pos(arange(T))`` (T = B: rows of positions taken for examples) behind dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.pos, self.head = nn.Linear(3, 6), nn.Embedding(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = F.dropout(self.inp(x) + self.pos(torch.arange(x.shape[1])), 0.1, training=True)
+        return self.head(h.mean(1))
+
+
+class SideInput(nn.Module):
+    """A sequence-first layer over [1, B, 4] (T = 1: taken as shared by the batch on a
+    verified step) beside a batch-first one."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.side, self.head = nn.Linear(4, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x, z):
+        return self.head(torch.tanh(self.lin(x.transpose(0, 1)))[0] + self.side(z))
+
+
+class BatchSum(nn.Module):
+    """Mixes the batch: h + a·Σ_b tanh(h_b)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a, self.l1, self.l2 = a, nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(h + self.a * torch.tanh(h).sum(0))
+
+
+@pytest.mark.parametrize("outlier", [1e6, 1e8])
+def test_one_huge_example_cannot_widen_the_checks_tolerances(outlier):
+    """Tolerances that followed the largest row, or the whole batch gradient, let one
+    example scaled by 1e6 switch both checks off: a model mixing the batch passed (one
+    example then moved the clipped sum by 2.8 C), and so did a sequence-first layer taken
+    as shared by the batch (its gradient off by more than 100 %). They follow the median."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    x[0] *= outlier
+    with pytest.raises(GhostUnsupported, match="changed for some examples"):
+        dplis.private_step(BatchSum(0.01), F.cross_entropy, x, y, max_grad_norm=1.0,
+                           engine="ghost", **ZERO)
+    # the batch-gradient check is the only guard left where the forward draws random numbers
+    # (dropout: the positional check is skipped) or the shape looks shared by the batch
+    for model, inputs in ((DroppedPositions(), (torch.randn(6, 6, 3),)),
+                          (SideInput(), (torch.randn(8, 1, 4), torch.randn(8, 3)))):
+        inputs[-1][3] *= outlier
+        t = torch.randn(len(inputs[0]), 2)
+        with pytest.raises(GhostUnsupported, match="do not add up to the batch gradient"):
+            dplis.private_step(model, F.mse_loss, inputs, t, max_grad_norm=1.0,
+                               engine="ghost", generator=torch.Generator().manual_seed(1),
+                               **ZERO)
+
+
 class LayerScale(nn.Module):
     """A module owning a parameter (gamma, no rule: the vmap fallback) and a child layer."""
 
