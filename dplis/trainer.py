@@ -412,6 +412,7 @@ class PrivateTrainer:
             "config": self.privacy_config(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_type": _type_name(self.optimizer),
             "accountant": self.accountant.state_dict(),
             "generator": self.generator.get_state(),
             "sampler_generator": self.sampler_generator.get_state(),
@@ -466,17 +467,12 @@ class PrivateTrainer:
         if prev is not None and not (isinstance(prev, torch.Tensor) and prev.dim() == 1
                                      and prev.is_floating_point()):
             raise ValueError("the checkpoint's prev_grad is not a flat float tensor")
-        groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"],
-                                                                      dict) else None
-        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            raise ValueError("the checkpoint's optimizer state has no param_groups list")
-        theirs = {k for g in groups for k in g} - {"param_names"}
-        extra = sorted(theirs - {k for g in self.optimizer.param_groups for k in g})
-        if extra:
-            raise ValueError(
-                f"the checkpoint's optimizer has settings this {type(self.optimizer).__name__} "
-                f"does not ({', '.join(extra)}): it was saved with another optimizer type; "
-                "resume with the one the run was saved with")
+        kind = state.get("optimizer_type")  # (older checkpoints have none)
+        if kind is not None and kind != _type_name(self.optimizer):
+            raise ValueError(f"the checkpoint's optimizer is a {kind}, this trainer's a "
+                             f"{_type_name(self.optimizer)}: resume with the optimizer the run "
+                             "was saved with (another one's state would fail in its step, "
+                             "after the step was counted)")
         saved = state["generator"]
         if not isinstance(saved, torch.Tensor) or saved.shape != self.generator.get_state().shape:
             raise ValueError(
@@ -583,6 +579,10 @@ class PrivateTrainer:
             distributed.agree(error, self.generator.device)
         elif error is not None:
             raise error
+
+
+def _type_name(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _structure(model: nn.Module) -> list[tuple[str, weakref.ref]]:

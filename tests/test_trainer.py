@@ -369,10 +369,15 @@ def test_a_refused_or_failed_load_changes_nothing(tmp_path):
     assert same(before, snapshot(other)) and other.dataset_size == 90
     state["model"] = trainer.model.state_dict()
     adam, _, _ = make(optimizer="adam")
-    with pytest.raises(ValueError, match="optimizer has settings this Adam does not "
-                                         r"\(dampening, momentum, nesterov\): it was saved "
-                                         "with another optimizer type"):
+    with pytest.raises(ValueError, match="the checkpoint's optimizer is a torch.optim.sgd.SGD, "
+                                         "this trainer's a torch.optim.adam.Adam"):
         adam.load_state_dict(state)  # an SGD run's: Adam's step would fail, privacy spent
+    older = {k: v for k, v in trainer.state_dict().items() if k != "optimizer_type"}
+    again, _, _ = make()
+    again.load_state_dict(older)  # a file from before the type was recorded: loads
+    scheduled, _, _ = make()  # a scheduler adds keys (initial_lr) to the groups: same type
+    torch.optim.lr_scheduler.StepLR(scheduled.optimizer, step_size=1)
+    make()[0].load_state_dict(scheduled.state_dict())
     cuda_state = dict(state, generator=torch.zeros(16, dtype=torch.uint8))  # Philox's size
     with pytest.raises(ValueError, match="noise generator state does not fit this trainer's "
                                          "cpu generator"):
