@@ -4,10 +4,13 @@ against the naive per-example reference (K = 1) and the vmap engine (K = 3).
 The architectures draw from what the ghost engine has rules for — Linear over sequences,
 Conv1d/Conv2d of any geometry, Embedding with a padding row and a tied output head,
 LayerNorm, GroupNorm, RMSNorm — with frozen layers, residuals, biases or none, and clipping
-bounds that clip every example or none. A model the ghost engine refuses must still run under
-"auto" and match. Tolerance: each parameter within 1e-3 of its own norm plus 1e-4 of the whole
-gradient's (fp32 rounding in these narrow, ill-conditioned models reached 3e-5 of the whole in a
-longer randomized run; the bugs such runs found were off by 3.6e-3 to 100 % of a parameter).
+bounds that clip every example or none. Unverified (as on a trainer's later steps) the ghost
+engine must run every drawn model; verified, it may refuse one (rounding in these narrow
+models can exceed the checks' tolerances), and "auto" must then still match. Tolerance: each
+parameter within 1e-3 of its own norm plus 1e-4 of the whole gradient's, plus twice the
+vmap engine's own error on it (fp32 rounding in these narrow, ill-conditioned models reached
+1e-4 of the whole gradient on a convolution bias whose gradient is zero by construction; the
+bugs such runs found were off by 3.6e-3 to 100 % of a parameter).
 """
 
 import torch
@@ -20,7 +23,7 @@ import dplis
 from dplis.ghost import GhostUnsupported
 from dplis.reference import naive_private_grad
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -142,11 +145,16 @@ def cases(draw):
     return model, loss, x, y, clip
 
 
-def assert_matches(got: dict, want: dict) -> None:
+def assert_matches(got: dict, want: dict, peer: dict | None = None) -> None:
+    """Each parameter within 1e-3 of its own norm plus 1e-4 of the whole gradient's, plus
+    twice ``peer``'s error (another fp32 engine against the same reference: where these
+    narrow models amplify rounding, as a norm over three values after a bias does)."""
     whole = torch.cat([w.double().flatten() for w in want.values()]).norm()
     for name, w in want.items():
         err = float((got[name].double() - w.double()).norm())
         allowed = 1e-3 * float(w.double().norm()) + 1e-4 * float(whole) + 1e-9
+        if peer is not None:
+            allowed += 2 * float((peer[name].double() - w.double()).norm())
         assert err <= allowed, f"{name}: error {err:.3g} > {allowed:.3g}"
 
 
@@ -160,15 +168,19 @@ def private(model, loss, x, y, clip, **kw):
 def test_ghost_equals_the_naive_reference_on_random_models(case):
     model, loss, x, y, clip = case
     want = naive_private_grad(model, loss, x, y, max_grad_norm=clip)
-    assert_matches(private(model, loss, x, y, clip), want)  # "auto": ghost, or its fallback
-    # verify=False as on a trainer's later steps: the rules alone, unchecked
-    for low_memory, verify in ((False, True), (False, False), (True, True), (True, False)):
+    peer = private(model, loss, x, y, clip, engine="vmap")
+    assert_matches(private(model, loss, x, y, clip), want, peer)  # "auto": ghost, or fallback
+    # verify=False as on a trainer's later steps: the rules alone, unchecked; every drawn
+    # layer has a rule, so these must run (verified, rounding in these narrow models can
+    # exceed the checks' tolerances and refuse, which is safe)
+    for low_memory in (False, True):
+        assert_matches(private(model, loss, x, y, clip, engine="ghost", low_memory=low_memory,
+                               verify=False), want, peer)
         try:
-            got = private(model, loss, x, y, clip, engine="ghost", low_memory=low_memory,
-                          verify=verify)
+            got = private(model, loss, x, y, clip, engine="ghost", low_memory=low_memory)
         except GhostUnsupported:
             continue
-        assert_matches(got, want)
+        assert_matches(got, want, peer)
 
 
 @SETTINGS
@@ -178,10 +190,11 @@ def test_ghost_equals_vmap_with_three_perturbations_on_random_models(case):
     kw = dict(num_perturbations=3, smoothing_std=0.01)
     want = private(model, loss, x, y, clip, engine="vmap",
                    generator=torch.Generator().manual_seed(1), **kw)
-    for verify in (True, False):
-        try:
-            got = private(model, loss, x, y, clip, engine="ghost", verify=verify,
-                          generator=torch.Generator().manual_seed(1), **kw)
-        except GhostUnsupported:
-            continue
-        assert_matches(got, want)
+    assert_matches(private(model, loss, x, y, clip, engine="ghost", verify=False,
+                           generator=torch.Generator().manual_seed(1), **kw), want)
+    try:
+        got = private(model, loss, x, y, clip, engine="ghost",
+                      generator=torch.Generator().manual_seed(1), **kw)
+    except GhostUnsupported:
+        return
+    assert_matches(got, want)
