@@ -55,9 +55,16 @@ NON_NEGATIVE = _number(float, 0)
 COUNT = _number(int, 1)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default shown, except None: the flag's help says what it then means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dplis.train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     p.add_argument("--method", choices=("dplis", "dpsgd"), default="dplis",
                    help="dplis: K-perturbation smoothing; dpsgd: plain DP-SGD (K = 1, s = 0)")
     p.add_argument("--epsilon", type=POSITIVE, default=3.0, help="target ε (σ is calibrated)")

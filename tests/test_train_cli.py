@@ -263,3 +263,13 @@ def test_malloc_flag_decides_whether_freed_memory_is_retained(monkeypatch, flag,
     with pytest.raises(Reached):
         train.run(train.build_parser().parse_args(["--device", device, *flag]))
     assert calls == ([1] if applied else [])
+
+
+def test_help_gives_each_default_once(capsys):
+    """A flag whose default None stands for another value says so in its help: argparse's
+    "(default: None)" beside "(default 0.9; ...)" contradicted it."""
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text
+    assert "SGD momentum (default 0.9; adam takes none)" in " ".join(text.split())
