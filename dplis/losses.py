@@ -48,7 +48,7 @@ def per_example(loss_fn: Callable) -> PerExample:
             if "vmap" not in str(e) and "atching rule" not in str(e):
                 raise
             return torch.stack([scalar_loss(loss_fn, out[b:b + 1], t[b:b + 1]).float()
-                                for b in range(len(out))]) if len(out) else out.new_zeros(0)
+                                for b in range(len(out))]) if len(out) else out.new_zeros(0).float()
 
     if batched is None:
         return general
