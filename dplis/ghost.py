@@ -133,6 +133,13 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
         r_m, r_l = direction(x.shape[1]), direction(x.shape[2])
         return (x @ r_l) @ r_m, (x.abs() @ r_l.abs()) @ r_m.abs(), where
 
+    def fixed(t: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """A tensor that must not depend on the batch, as ``projected`` gives a row: its
+        (Σ t·r, Σ |t|·|r|) over all its values, the same for every row."""
+        x = t.detach().float().reshape(-1)
+        r = direction(x.numel())
+        return (x @ r).expand(batch), (x.abs() @ r.abs()).expand(batch), where
+
     def run(index: torch.Tensor, context: Callable, seed: int | None = None,
             no_dropout: bool = False, widen: list | None = None) -> tuple[list, bool]:
         """The rows' projections of every batch-first floating tensor the planned layers
@@ -148,6 +155,13 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
             wide = spread(model, module, args, kwargs, out, batch, checked=True)
             if wide is not None:
                 shared.append(_label(model, module))
+                # what a layer shared by the batch reads must be the same for any batch: a
+                # [1, F] summary of the batch (h.mean(0, keepdim=True)) is not shared but
+                # mixes every example into each one's gradient (even where its weights are
+                # 0, so that the forward does not show it)
+                for t in (*tensors_in(args), *tensors_in(kwargs)):
+                    seen.append(fixed(t, f"the input of layer {_label(model, module)} (a "
+                                         "layer shared by the batch)"))
                 if widen is not None:
                     widen.append(shared[-1])
                     return wide[0]

@@ -171,6 +171,36 @@ class SideInput(nn.Module):
         return self.head(torch.tanh(self.lin(x.transpose(0, 1)))[0] + self.side(z))
 
 
+class BatchContext(nn.Module):
+    """A summary of the batch, [1, F], into a zero-initialised layer (adaLN-Zero style): the
+    forward is each example's alone at θ, but every example's gradient reads the summary."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.ctx, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        nn.init.zeros_(self.ctx.weight)
+        nn.init.zeros_(self.ctx.bias)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        return self.head(h + self.ctx(h.mean(0, keepdim=True)))
+
+
+def test_a_summary_of_the_batch_is_not_taken_for_a_layer_shared_by_the_batch():
+    """Its [1, F] input looked like Hugging Face's [1, T] positions: the layer was taken as
+    shared by the batch, and one example scaled by 1e3 moved the clipped sum by 2 to 13 C
+    (the red-team review). What a shared layer reads must not change with the batch."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randn(32, 3)
+    x[0] *= 1e3
+    with pytest.raises(GhostUnsupported, match="the input of layer ctx .* shared by the batch"
+                                               ".* changed for some examples"):
+        dplis.private_step(BatchContext(), F.mse_loss, x, y, max_grad_norm=1.0,
+                           engine="ghost", **ZERO)
+    auto = dplis.private_step(BatchContext(), F.mse_loss, x, y, max_grad_norm=1.0, **ZERO)
+    assert auto.engine == "vmap"
+
+
 class BatchSum(nn.Module):
     """Mixes the batch: h + a·Σ_b tanh(h_b)."""
 
@@ -201,7 +231,10 @@ def test_one_huge_example_cannot_widen_the_checks_tolerances(outlier):
                           (SideInput(), (torch.randn(8, 1, 4), torch.randn(8, 3)))):
         inputs[-1][3] *= outlier
         t = torch.randn(len(inputs[0]), 2)
-        with pytest.raises(GhostUnsupported, match="do not add up to the batch gradient"):
+        # (the sequence-first one is now refused first: its input, shared by the batch in
+        # its shape, changes with the batch)
+        with pytest.raises(GhostUnsupported, match="do not add up to the batch gradient|the "
+                                                   "input of layer lin .* shared by the batch"):
             dplis.private_step(model, F.mse_loss, inputs, t, max_grad_norm=1.0,
                                engine="ghost", generator=torch.Generator().manual_seed(1),
                                **ZERO)
