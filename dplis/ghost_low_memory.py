@@ -159,7 +159,7 @@ def clipped_sum(
     weights = check_weights(batch, first.device) if verify else None
     grads = {n: ParamGrad(p.shape, 1.0, backend) for n, p in trainable.items()}
     held: Counter = Counter()  # parameter -> bytes of output gradients its parts came from
-    sq: list[torch.Tensor] = []  # squared per-example norms of the parameters done
+    sq: dict[str, torch.Tensor] = {}  # squared per-example norms of the parameters done
     unclipped: dict[str, torch.Tensor] = {}  # verify: Σ_b w_b g_b of each parameter done
     # examples whose norm cancels (ParamGrad.retaken): (example, its gradient [m, n]) each
     retaken: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -185,7 +185,7 @@ def clipped_sum(
         if g.empty:
             return
         g.budget = Budget(held[name])
-        sq.append(g.finish())
+        sq[name] = g.finish()
         if g.retaken is not None:  # their shares of the sum: from these gradients too (the
             # second backward's c-weighted output gradients round before they cancel)
             retaken[name] = list(zip(g.retaken.tolist(), g.formed))
@@ -245,14 +245,14 @@ def clipped_sum(
                 torch.autograd.grad(losses.sum(), [probe], retain_graph=True, allow_unused=True)
             for name in list(grads):  # parameters some of whose uses got no gradient
                 done(name)
-            norms, c = clip_of(sq, batch, losses, max_grad_norm)
+            norms, c = clip_of(list(sq.values()), batch, losses, max_grad_norm)
             if verify and reached:  # autograd's gradient of Σ w_b ℓ_b against Σ_b w_b g_b
                 state["phase"] = "verify"
                 found = torch.autograd.grad((losses * weights).sum(), list(trainable.values()),
                                             retain_graph=True, allow_unused=True)
                 check_sums(unclipped, {n: g.float() for n, g in zip(trainable, found)
                                        if g is not None}, sums_tolerance(trainable, False),
-                           norms=norms)
+                           norms=norms, squares=sq)
                 del found
             state["phase"] = "sum"
             if reached:
