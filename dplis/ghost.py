@@ -95,8 +95,10 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
     same: every floating input and output of the planned layers, and its loss. With the
     same shapes every op runs the same way (blocking, dropout masks), so an example that
     depends on itself alone gets identical values; rows are compared through a random
-    projection (memory O(B) per tensor) within 1e-6 of the projection of the largest row's
-    magnitudes.
+    projection (memory O(B) per tensor) within 1e-6 of the projection of their magnitudes,
+    or of the median row's where that is larger (``differ``). What a layer shared by the
+    batch reads, and the keyword tensors a layer without a rule gets as they are, must be
+    the same in every run.
     A mismatch under autocast is compared again in fp32 (a model may take another dtype
     path for a batch, e.g. Hugging Face dropping an all-ones attention mask). Layer values,
     not only losses: a zero-initialised head gives every example the same loss at first.
@@ -492,15 +494,17 @@ def _expanded(t: object, batch: int) -> object:
 def spread(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict, out: object,
            batch: int, checked: bool) -> tuple[torch.Tensor, tuple, dict] | None:
     """A layer call shared by the batch — an output whose first dimension is 1, no tensor
-    input with a dimension of the batch's size (Hugging Face's
-    ``position_embeddings(position_ids)`` with position ids [1, T], T ≠ B) — gets its output
-    expanded to the batch: a view with the values broadcasting would give the model, whose
-    gradient holds each example's share; returned with the call's inputs expanded alike (for
-    its rule). None for any other call. [1, T] with T = B looks like a sequence-first input
-    [1, B, F] (T = 1), which is the batch in its second dimension; expanded, that one
-    changes the model, which the verification refuses (its losses change, it fails, or its
-    sums do not add up). So such a call is spread only when ``checked`` (the step runs the
-    verification); ``PrivateTrainer`` runs a step that meets one unverified again, verified.
+    input whose first dimension is the batch's size, and unless ``checked`` none with a
+    dimension of that size (Hugging Face's ``position_embeddings(position_ids)`` with
+    position ids [1, T]; what it reads must not change with the batch, ``check_independent``
+    checks) — gets its output expanded to the batch: a view with the values broadcasting
+    would give the model, whose gradient holds each example's share; returned with the
+    call's inputs expanded alike (for its rule). None for any other call. [1, T] with T = B
+    looks like a sequence-first input [1, B, F] (T = 1), which is the batch in its second
+    dimension; expanded, that one changes the model, which the verification refuses (its
+    losses change, it fails, or its sums do not add up). So such a call is spread only when
+    ``checked`` (the step runs the verification); ``PrivateTrainer`` runs a step that meets
+    one unverified again, verified.
     Refused (``GhostUnsupported``) when the layer has forward hooks of its own: they run
     after the engine's and would see the expanded output, not the one they were written
     for."""
