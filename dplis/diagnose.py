@@ -28,12 +28,15 @@ def running_module(error: BaseException, model: nn.Module) -> str | None:
     return f"{names[id(found)] or '<root>'} ({type(found).__name__})"
 
 
-def note_layer(error: BaseException, model: nn.Module, how: str) -> None:
-    """Note on ``error`` the layer of ``model`` that was running (``running_module``), if any:
-    "dplis: raised inside layer <name> (<Type>) <how>"."""
+def note_layer(error: BaseException, model: nn.Module, how: str,
+               otherwise: str | None = None) -> None:
+    """Note on ``error`` the layer of ``model`` that was running (``running_module``):
+    "dplis: raised inside layer <name> (<Type>) <how>"; with none, ``otherwise`` if given."""
     layer = running_module(error, model)
     if layer is not None:
         add_note(error, f"dplis: raised inside layer {layer} {how}")
+    elif otherwise is not None:
+        add_note(error, otherwise)
 
 
 def add_note(error: BaseException, note: str) -> None:

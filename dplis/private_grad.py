@@ -171,7 +171,11 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
         except Exception as e:  # torch's vmap errors name no layer: say which one ran
             diagnose.note_layer(e, model, "while the vmap engine ran the model under "
                                           "torch.vmap; engine='loop' runs each example alone "
-                                          "without it (slower)")
+                                          "without it (slower)",
+                                "dplis: raised under torch.vmap outside any layer's forward "
+                                "(in the loss or a backward: torch's vmap of a bf16 autocast "
+                                "backward through layer_norm fails so); engine='ghost' or "
+                                "'loop' runs without it")
             raise
 
 

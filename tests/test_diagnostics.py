@@ -155,3 +155,18 @@ def test_a_note_is_added_once_to_an_exception_raised_again():
     assert raised.value.__notes__ == [
         "dplis: raised inside layer <root> (SameError) while the vmap engine ran the model "
         "under torch.vmap; engine='loop' runs each example alone without it (slower)"]
+
+
+def test_a_vmap_failure_outside_any_layer_says_so():
+    """torch's vmap of a bf16 autocast backward through layer_norm fails inside the backward,
+    where no layer is running: the error carried no note (the acceptance review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(RuntimeError, match="expected scalar type BFloat16") as raised:
+        dplis.private_step(model, F.cross_entropy, x, y, engine="vmap", precision="bf16",
+                           **ZERO)
+    assert raised.value.__notes__ == [
+        "dplis: raised under torch.vmap outside any layer's forward (in the loss or a "
+        "backward: torch's vmap of a bf16 autocast backward through layer_norm fails so); "
+        "engine='ghost' or 'loop' runs without it"]
