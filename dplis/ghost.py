@@ -257,8 +257,8 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
         return differ(base, checked(moved, context, "the examples moved", no_dropout=True),
                       moved, rows)
 
-    with torch.no_grad(), attention_fastpath_off(), torch.random.fork_rng(
-            devices=[device] if device.type == "cuda" else []):
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
+                                                else []):
         try:
             verdict, autocast, whole = mixing(forward)
             if verdict and autocast:  # another dtype path for a batch: compared in fp32
@@ -773,10 +773,11 @@ def clipped_sum(
 
 @contextlib.contextmanager
 def attention_fastpath_off() -> Iterator[None]:
-    """torch's fast path for attention off (for a private step and the check's forwards):
-    an ``nn.TransformerEncoder`` in eval mode with a padding mask otherwise turns the batch
-    into nested tensors — under no_grad (the check's forwards: no batch size to compare, and
-    not the layers a training forward calls) and under vmap (no batching rule)."""
+    """torch's fast path for attention off, around a whole private step (``private_step``;
+    the check's forwards run inside it): an ``nn.TransformerEncoder`` in eval mode with a
+    padding mask otherwise turns the batch into nested tensors — under no_grad (the check's
+    forwards: no batch size to compare, and not the layers a training forward calls) and
+    under vmap (no batching rule)."""
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
