@@ -767,7 +767,7 @@ def clipped_sum(
             check_sums(dict(zip(grads, sums)), batch_grad,
                        sums_tolerance(trainable, any(autocast)),
                        {name: float((weights.square() @ v).sqrt()) for name, v in sq.items()},
-                       norms, sq)
+                       sq)
         return _clipped_sums(grads, c), norms, losses
 
 
@@ -894,21 +894,20 @@ def sums_tolerance(trainable: dict[str, torch.Tensor], autocast: bool) -> tuple[
 def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict,
                tolerance: tuple[float, float] = (0.05, 0.0),
                magnitudes: dict[str, float] | None = None,
-               norms: torch.Tensor | None = None,
                squares: dict[str, torch.Tensor] | None = None) -> None:
     """The weighted per-example gradients must add up to autograd's weighted batch gradient:
     ``sums`` name -> Σ_b w_b g_b (flat fp32), ``batch_grad`` name -> autograd's gradient of
     Σ_b w_b ℓ_b (None: zeros), w = ``check_weights``; within ``tolerance[0]`` of its norm plus
     ``tolerance[1]`` of ``magnitudes`` name -> (Σ_b w_b² ‖g_b‖²)^½ (``sums_tolerance``),
-    plus 1e-6 of median_b ‖g_b‖·√B over the examples' whole-model ``norms`` [B] (at least
-    1e-6): a parameter whose gradient is zero by construction (a convolution's bias before a
-    norm of one channel per group) gets two sums of rounding, which grow with the model's
-    gradient, not its own. The median, so that one huge example cannot widen it (the whole
-    batch gradient's norm grows with it squared, a misattributed part linearly). For the
-    same reason, with ``squares`` name -> the examples' squared norms ‖g_b‖² [B] of that
-    parameter, its batch gradient's norm counts at most 1.5·B·s and its root sum of squares
-    at most 1.5·√B·s, s the second largest ‖g_b‖ (all examples aligned, at the largest
-    weight, but one): one example's own huge gradient widened the 1 % to let a
+    plus 1e-6 of median_b ‖g_b‖·√B over the examples' whole-model norms (from ``squares``,
+    name -> each example's squared norm ‖g_b‖² [B] of that parameter; at least 1e-6): a
+    parameter whose gradient is zero by construction (a convolution's bias before a norm of
+    one channel per group) gets two sums of rounding, which grow with the model's gradient,
+    not its own. The median, so that one huge example cannot widen it (the whole batch
+    gradient's norm grows with it squared, a misattributed part linearly). For the same
+    reason, a parameter's batch gradient's norm counts at most 1.5·B·s and its root sum of
+    squares at most 1.5·√B·s, s the second largest ‖g_b‖ (all examples aligned, at the
+    largest weight, but one): one example's own huge gradient widened the 1 % to let a
     misattributed part of the others' through (4.7 C).
 
     A parameter also used outside the layers that own it (e.g. ``F.linear(x, emb.weight)`` in a
@@ -917,7 +916,8 @@ def check_sums(sums: dict[str, torch.Tensor], batch_grad: dict,
     wrong per-example gradient.
     """
     bad = []
-    typical = 0.0 if norms is None else float(norms.float().median()) * len(norms) ** 0.5
+    whole = torch.stack(list(squares.values())).sum(0).sqrt() if squares else None
+    typical = 0.0 if whole is None else float(whole.float().median()) * len(whole) ** 0.5
     for name, ours in sums.items():
         ref = batch_grad.get(name)
         ref = torch.zeros_like(ours) if ref is None else ref.reshape(-1)

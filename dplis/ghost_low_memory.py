@@ -252,7 +252,7 @@ def clipped_sum(
                                             retain_graph=True, allow_unused=True)
                 check_sums(unclipped, {n: g.float() for n, g in zip(trainable, found)
                                        if g is not None}, sums_tolerance(trainable, False),
-                           norms=norms, squares=sq)
+                           squares=sq)
                 del found
             state["phase"] = "sum"
             if reached:
