@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map
 
 from .ghost_grad import Budget, ParamGrad
 from .ghost_rules import Factor, Unsupported, layer_norm_stats, rule_for
-from .kernels import NonFiniteError
+from .kernels.errors import refuse_non_finite, refuse_non_finite_losses
 from .kernels.reference import clip_factors
 from .losses import per_example as losses_of
 from .model_state import replayable
@@ -224,6 +224,8 @@ def check_independent(model: nn.Module, loss_fn: Callable, inputs: tuple,
         try:
             return run(index, context, **options)[0]
         except Exception as e:
+            if out_of_memory(e):
+                raise
             raise GhostUnsupported(
                 f"the model failed on the ghost engine's independence check, a batch of the "
                 f"same shape with {what}: {e}. Use engine='vmap'") from e
@@ -333,6 +335,8 @@ def _fallback(module: nn.Module, owned: dict, params: dict, args: tuple, kwargs:
         return {a: g.detach() for a, g in vmap(one, in_dims=(dims, 0),
                                                 randomness="error")(args, grad).items()}
     except Exception as e:  # any layer vmap/vjp cannot handle: say which one
+        if out_of_memory(e):
+            raise
         raise GhostUnsupported(f"the ghost engine cannot compute per-example gradients of "
                                f"layer {label()}: {e}. Use engine='vmap'") from e
 
@@ -522,19 +526,28 @@ def spread(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict, out: 
             {k: _expanded(v, batch) for k, v in kwargs.items()})
 
 
+def out_of_memory(error: Exception) -> bool:
+    """Whether ``error`` is running out of memory (CUDA's ``torch.OutOfMemoryError``, Python's
+    ``MemoryError``, the CPU allocator's RuntimeError): a condition of the moment, not of the
+    model, so never taken as the ghost engine's refusal (which would run another engine for
+    the rest of the run); it propagates, and the failed step changes nothing."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate" in str(error))
+
+
 @contextlib.contextmanager
 def spread_refused(model: nn.Module, spread_layers: Callable[[], list]) -> Iterator[None]:
-    """A forward that fails (not ``GhostUnsupported``) after layers shared by the batch had
-    their outputs expanded (``spread_layers()``, read on failure) raises
-    ``GhostUnsupported``: the model does not take the expanded output. Verification steps
-    find this first, in ``check_independent``."""
+    """A forward that fails (not ``GhostUnsupported``, not ``out_of_memory``) after layers
+    shared by the batch had their outputs expanded (``spread_layers()``, read on failure)
+    raises ``GhostUnsupported``: the model does not take the expanded output. Verification
+    steps find this first, in ``check_independent``."""
     try:
         yield
     except GhostUnsupported:
         raise
     except Exception as e:
         spread_layers = spread_layers()
-        if not spread_layers:
+        if not spread_layers or out_of_memory(e):
             raise
         raise GhostUnsupported(
             f"the model failed with the output of layer {_label(model, spread_layers[0])}, "
@@ -853,15 +866,15 @@ def tensors_in(obj: object) -> Iterator[torch.Tensor]:
             yield from tensors_in(item)
 
 
-def clip_of(sq: list[torch.Tensor], batch: int, like: torch.Tensor, max_grad_norm: float
+def clip_of(sq: list[torch.Tensor], batch: int, losses: torch.Tensor, max_grad_norm: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example norms [B] from the parameters' squared norms [B] each, and the clip
-    factors c_b = min(1, C / norm); a NaN or infinite norm raises ``NonFiniteError``."""
-    norms = (torch.stack(sq).sum(0) if sq else like.new_zeros(batch, dtype=torch.float32)).sqrt()
-    if not bool(torch.isfinite(norms).all()):  # the losses are the caller's to check
-        bad = int((~torch.isfinite(norms)).sum())
-        raise NonFiniteError(f"{bad} per-example gradients are NaN or infinite, or their "
-                             "squared norm overflows float32")
+    factors c_b = min(1, C / norm); a NaN or infinite loss ([K, B] or [B], checked first:
+    the cause, the norms its consequence) or norm raises ``NonFiniteError``."""
+    refuse_non_finite_losses(losses)
+    norms = (torch.stack(sq).sum(0) if sq else losses.new_zeros(batch, dtype=torch.float32)
+             ).sqrt()
+    refuse_non_finite(norms, "gradients", ", or their squared norm overflows float32")
     return norms, clip_factors(norms, max_grad_norm)
 
 

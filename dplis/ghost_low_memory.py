@@ -56,6 +56,7 @@ from .ghost import (
 )
 from .ghost_grad import Budget, ParamGrad
 from .ghost_rules import rule_for
+from .kernels import NonFiniteError
 
 
 class _Tap(torch.autograd.Function):
@@ -260,7 +261,13 @@ def clipped_sum(
             for name, examples in retaken.items():
                 for b, example in examples:
                     clipped[name].add_(example.flatten(), alpha=float(c[b]))
-        return torch.cat(list(clipped.values())), norms, losses.detach().unsqueeze(0)
+        total = torch.cat(list(clipped.values()))
+        if not bool(torch.isfinite(total).all()):  # the norms came from the first backward
+            raise NonFiniteError("the clipped sum from the second backward is NaN or infinite "
+                                 "although every example's gradient norm from the first was "
+                                 "finite: the model's backward gave other values when run "
+                                 "again (a hook acting on its second call?)")
+        return total, norms, losses.detach().unsqueeze(0)
     finally:  # the taps' closures reach ``state``, whose recorded calls hold tensors of
         # the graph, which holds the taps: a cycle through autograd's nodes that Python's
         # garbage collector cannot see, leaking every step's activations

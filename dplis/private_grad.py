@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from . import checks, compiled, diagnose, ghost, ghost_low_memory, kernels, recurrent
 from .kernels import NonFiniteError
+from .kernels.errors import refuse_non_finite_losses
 from .losses import scalar_loss
 from .model_state import state_kept
 from .secure_noise import secure_gaussian
@@ -122,9 +123,13 @@ def step_noise_seed(seed: int, step: int) -> int:
 
 
 @contextlib.contextmanager
-def restore_on_error(generator: torch.Generator | None) -> Iterator[None]:
-    """Give ``generator`` (or the global CPU RNG) back its state if the body raises."""
+def restore_on_error(generator: torch.Generator | None,
+                     cuda_devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Give ``generator`` back its state if the body raises; without one, the global CPU RNG
+    and those of ``cuda_devices`` (whose dropout masks the body draws then)."""
     state = generator.get_state() if generator is not None else torch.get_rng_state()
+    devices = [] if generator is not None else [(d, torch.cuda.get_rng_state(d))
+                                                 for d in cuda_devices]
     try:
         yield
     except BaseException:
@@ -132,6 +137,8 @@ def restore_on_error(generator: torch.Generator | None) -> Iterator[None]:
             generator.set_state(state)
         else:
             torch.set_rng_state(state)
+        for device, kept in devices:
+            torch.cuda.set_rng_state(kept, device)
         raise
 
 
@@ -172,10 +179,12 @@ def _per_example_grads(model, loss_fn, names, shapes, thetas, frozen, inputs, ta
             diagnose.note_layer(e, model, "while the vmap engine ran the model under "
                                           "torch.vmap; engine='loop' runs each example alone "
                                           "without it (slower)",
-                                "dplis: raised under torch.vmap outside any layer's forward "
-                                "(in the loss or a backward: torch's vmap of a bf16 autocast "
-                                "backward through layer_norm fails so); engine='ghost' or "
-                                "'loop' runs without it")
+                                "dplis: raised under torch.vmap outside any layer's "
+                                "forward: in the loss (are the targets' values, dtype and "
+                                "shape what it takes?) or in a backward (torch's vmap of a "
+                                "bf16 autocast backward through layer_norm fails so); "
+                                "engine='ghost' or 'loop' runs without vmap, where torch's "
+                                "errors are plainer")
             raise
 
 
@@ -460,14 +469,15 @@ def private_step(
         return total, norms, losses
 
     noise_std = 0.0 if secure_rng else sigma * max_grad_norm
-    with state_kept(model, verify), restore_on_error(generator), ghost.attention_fastpath_off():
+    fork_devices = [device] if device.type == "cuda" else []
+    with state_kept(model, verify), restore_on_error(generator, fork_devices), \
+            ghost.attention_fastpath_off():
         drawn, perturb_seed, dropout_seed = draw_seeds(generator, 3)
         noise_seed = drawn if noise_seed is None else noise_seed
         thetas = None if direct else theta.unsqueeze(0).expand(k, -1)
         if std > 0:
             thetas = kernels.perturb([theta], std=std, num_perturbations=k, seed=perturb_seed,
                                      backend=backend)[0]
-        fork_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices, enabled=generator is not None):
             if generator is not None:  # dropout masks from the generator's stream
                 # one seed per (step, stream): consecutive, so the ranks of a step differ
@@ -479,7 +489,7 @@ def private_step(
             if engine in PER_EXAMPLE_ENGINES and 0 < batch <= physical:
                 # the common case: one fused kernel pass clips, sums, noises and scales
                 flat, losses = vmap_grads(inputs, targets)
-                _check_losses(losses)
+                refuse_non_finite_losses(losses)
                 (out,), norms = kernels.fused_dp_step(
                     [flat], max_grad_norm=max_grad_norm, noise_std=noise_std, divisor=divisor,
                     seed=noise_seed, backend=backend, batch_dims=2)
@@ -487,9 +497,18 @@ def private_step(
                 total = None
                 norms, losses = [torch.zeros(0, device=device)], []
                 for i in range(0, batch, physical):
-                    part, n, lo = clipped(tuple(t[i:i + physical] for t in inputs),
-                                          targets[i:i + physical])
-                    _check_losses(lo)
+                    try:
+                        part, n, lo = clipped(tuple(t[i:i + physical] for t in inputs),
+                                              targets[i:i + physical])
+                        refuse_non_finite_losses(lo)
+                    except NonFiniteError as e:
+                        if physical < batch:
+                            diagnose.add_note(e, f"dplis: in the physical batch of examples "
+                                                 f"{i} to {min(i + physical, batch) - 1} of "
+                                                 f"the {batch} (max_physical_batch_size="
+                                                 f"{physical}): add {i} to the indices above "
+                                                 "for their place in the whole batch")
+                        raise
                     total = part if total is None else total.add_(part)
                     norms, losses = norms + [n], losses + [lo]
                 if total is None:  # an empty batch: the noise alone
@@ -509,12 +528,6 @@ def private_step(
                       "called)?", RuntimeWarning, stacklevel=2)
     return PrivateStep(grads=unflatten(out), loss=float(losses.mean()), norms=norms,
                        engine=engine)
-
-
-def _check_losses(losses: torch.Tensor) -> None:
-    if not bool(torch.isfinite(losses).all()):
-        bad = int((~torch.isfinite(losses)).sum())
-        raise NonFiniteError(f"{bad} per-example losses are NaN or infinite")
 
 
 def private_grad(

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import __version__, checks, distributed
+from . import __version__, checks, distributed, kernels
 from .accounting import ACCOUNTANTS, Accountant, compute_epsilon, find_noise_multiplier
 from .ghost import GhostUnsupported
 from .model_state import replayable
@@ -139,6 +139,7 @@ class PrivateTrainer:
         self.target_delta = None if target_delta is None else checks.delta(target_delta)
         self.num_perturbations = checks.integer("num_perturbations", num_perturbations, 1)
         self.low_memory = checks.flag("low_memory", low_memory)
+        self.precision = checks.choice("precision", precision, PRECISIONS)
         self.engine = resolve_engine(engine, model, self.params, None, self.low_memory,
                                      self.num_perturbations, compile, precision)
         self.compile = compile_applies(compile, engine, self.engine)
@@ -147,10 +148,14 @@ class PrivateTrainer:
         self._engine_arg = "auto" if engine == "auto" and self.engine == "ghost" else self.engine
         self._engine_initial = self._engine_arg  # again when the trainable set changes
         self._verified = False  # the ghost engine's checks: first step of 2+ examples
-        self.max_physical_batch_size = max_physical_batch_size
-        self.perturbation_chunk_size = perturbation_chunk_size
+        # refused here rather than at the first step (which would change nothing either)
+        self.max_physical_batch_size = None if max_physical_batch_size is None else \
+            checks.integer("max_physical_batch_size", max_physical_batch_size, 1)
+        self.perturbation_chunk_size = None if perturbation_chunk_size is None else \
+            checks.integer("perturbation_chunk_size", perturbation_chunk_size, 1)
+        device = next(iter(self.params.values())).device
+        kernels.resolve_backend(backend, device)
         self.backend = backend
-        self.precision = checks.choice("precision", precision, PRECISIONS)
         self.rank, self.world_size = distributed.world()
         self.dataset_size = None
         self.expected_batch_size = None
@@ -171,7 +176,6 @@ class PrivateTrainer:
         self.secure_rng = checks.flag("secure_rng", secure_rng)
         if secure_rng and seed is not None:
             raise ValueError("secure_rng=True takes no seed: its noise must not be replayable")
-        device = next(iter(self.params.values())).device
         given = seed is not None
         seed = (checks.integer("seed", seed, 0, 2**63 - 1) if given
                 else int.from_bytes(os.urandom(7), "little"))

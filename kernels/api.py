@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from .backend import resolve
-from .errors import NonFiniteError
+from .errors import refuse_non_finite
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -163,10 +163,7 @@ def fused_dp_step(
     seed = _check_seed(seed)
     be = resolve(backend, grads[0].device)
     norms = _sq_norms(grads, batch_dims, be).sqrt()
-    if not bool(torch.isfinite(norms).all()):
-        bad = int((~torch.isfinite(norms)).sum())
-        raise NonFiniteError(f"{bad} of {norms.numel()} per-example gradients are NaN or "
-                             "infinite, or their squared norm overflows float32")
+    refuse_non_finite(norms, "gradients", ", or their squared norm overflows float32")
     factors = reference.clip_factors(norms, max_grad_norm)
     out = _summer(be)(grads, factors, noise_std=noise_std, divisor=divisor, seed=_drawn(seed),
                       batch_dims=batch_dims)

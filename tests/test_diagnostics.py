@@ -166,7 +166,25 @@ def test_a_vmap_failure_outside_any_layer_says_so():
     with pytest.raises(RuntimeError, match="expected scalar type BFloat16") as raised:
         dplis.private_step(model, F.cross_entropy, x, y, engine="vmap", precision="bf16",
                            **ZERO)
-    assert raised.value.__notes__ == [
-        "dplis: raised under torch.vmap outside any layer's forward (in the loss or a "
-        "backward: torch's vmap of a bf16 autocast backward through layer_norm fails so); "
-        "engine='ghost' or 'loop' runs without it"]
+    assert raised.value.__notes__ == [VMAP_OUTSIDE_LAYERS]
+
+
+VMAP_OUTSIDE_LAYERS = (
+    "dplis: raised under torch.vmap outside any layer's forward: in the loss (are the "
+    "targets' values, dtype and shape what it takes?) or in a backward (torch's vmap of a "
+    "bf16 autocast backward through layer_norm fails so); engine='ghost' or 'loop' runs "
+    "without vmap, where torch's errors are plainer")
+
+
+def test_a_target_out_of_range_under_vmap_points_at_the_targets():
+    """A class index beyond the logits failed under vmap with torch's gather error and a note
+    that blamed bf16 layer_norm (the failing-step audit); the note names the targets first,
+    and the loop engine gives torch's plain error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 7, 2, 1])
+    with pytest.raises(RuntimeError, match="out of bounds") as raised:
+        dplis.private_step(model, F.cross_entropy, x, y, engine="vmap", **ZERO)
+    assert raised.value.__notes__ == [VMAP_OUTSIDE_LAYERS]
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        dplis.private_step(model, F.cross_entropy, x, y, engine="loop", **ZERO)

@@ -940,6 +940,50 @@ def test_a_model_failing_on_the_checks_batches_is_named():
     assert "sorted" in str(info.value.__cause__)
 
 
+class OutOfMemoryOnce(nn.Module):
+    """Runs out of memory on its ``fail_at``-th forward (a condition of the moment). The
+    count is kept outside the module: the checks put its attributes back between forwards."""
+
+    def __init__(self, error: Exception, fail_at: int):
+        super().__init__()
+        self.lin, self.error, self.fail_at, self.calls = nn.Linear(6, 3), error, fail_at, []
+
+    def forward(self, x):
+        self.calls.append(None)
+        if len(self.calls) == self.fail_at:
+            raise self.error
+        return self.lin(x)
+
+
+CPU_OUT_OF_MEMORY = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                                 "DefaultCPUAllocator: can't allocate memory: you tried to "
+                                 "allocate 281474976710656 bytes")
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"), MemoryError(),
+                                   CPU_OUT_OF_MEMORY], ids=["cuda", "python", "cpu"])
+@pytest.mark.parametrize("fail_at", [2, 3])  # a check forward
+def test_running_out_of_memory_in_a_check_is_not_taken_as_a_refusal(error, fail_at):
+    """"auto" took any failure of a check forward (a transient out-of-memory) as the ghost
+    engine's refusal, ran the vmap engine, and kept it for the rest of the run without a
+    word (the failing-step audit). Running out of memory now propagates, the step changes
+    nothing, and the next step verifies and runs ghost."""
+    torch.manual_seed(0)
+    model = OutOfMemoryOnce(error, fail_at)
+    trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                   F.cross_entropy, sample_rate=0.1, max_grad_norm=1.0,
+                                   noise_multiplier=1.0, seed=0, expected_batch_size=8.0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(type(error)) as raised:
+        trainer.step(x, y)
+    assert raised.value is error
+    assert trainer.accountant.steps == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    trainer.step(x, y)
+    assert trainer.engine == "ghost" and trainer.accountant.steps == 1
+
+
 def test_a_sparse_buffer_is_compared_dense():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3))

@@ -227,3 +227,42 @@ def test_trainer_with_low_memory_takes_the_same_steps():
         dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
                              sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0,
                              num_perturbations=4, low_memory=True)
+
+
+class NaNOnSecondBackward(nn.Module):
+    """Passes its input through; the gradient through it turns NaN on the second backward
+    of a step (a hook acting on its second call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, h):
+        if h.requires_grad:
+            h.register_hook(self.hook)
+        return h
+
+    def hook(self, grad):
+        self.calls += 1
+        return grad * float("nan") if self.calls == 2 else grad
+
+
+def test_a_non_finite_clipped_sum_from_the_second_backward_is_refused():
+    """The norms come from the first backward and the clipped sum from a second: a NaN in
+    the second only was released into the model, with the step counted (the failing-step
+    audit). It is refused, and the step changes nothing."""
+    torch.manual_seed(0)
+    probe = NaNOnSecondBackward()
+    model = nn.Sequential(nn.Linear(6, 8), probe, nn.Tanh(), nn.Linear(8, 3))
+    trainer = dplis.PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                   F.cross_entropy, sample_rate=0.1, max_grad_norm=1.0,
+                                   noise_multiplier=1.0, seed=0, expected_batch_size=8.0,
+                                   low_memory=True)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    trainer.step(x, y)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    probe.calls = 0
+    with pytest.raises(dplis.NonFiniteError, match="second backward"):
+        trainer.step(x, y)
+    assert trainer.accountant.steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

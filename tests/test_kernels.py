@@ -466,7 +466,8 @@ def test_triton_perturb_list_equals_flat_and_non_contiguous():
 def test_non_finite_gradient_raises(bad, dtype, backend):
     grads = make_grads(3, 5, [(1000,), (7,)], dtype, seed=10)
     grads[1][1, 3, 4] = bad
-    with pytest.raises(NonFiniteError):
+    # the example is named: index 3 of the 5 (dim 1; dim 0 is the perturbations)
+    with pytest.raises(NonFiniteError, match=r"gradients of 1 of 5 examples \(index 3\)"):
         fused_dp_step(grads, max_grad_norm=1.0, noise_std=1.0, divisor=1.0, seed=0, backend=backend)
 
 

@@ -321,6 +321,27 @@ def test_non_finite_loss_raises_and_restores_generator():
     assert torch.equal(gen.get_state(), state)
 
 
+@pytest.mark.parametrize("engine", ["ghost", "vmap", "loop"])
+def test_a_non_finite_example_is_named_by_its_place_in_the_batch(engine):
+    """The messages counted K·B losses ("3 per-example losses" for one example at K = 3) and
+    a physical batch's examples as the whole batch's ("1 of 4" at B = 8); they name the
+    examples now, and a physical batch's place in the whole (the failing-step audit)."""
+    model, loss_fn, x, y = mlp_case(batch=8)
+    x = x.clone()
+    x[5, 0] = float("nan")
+    kw = dict(max_grad_norm=1.0, noise_multiplier=1.0, engine=engine, smoothing_std=0.01,
+              num_perturbations=3)
+    with pytest.raises(dplis.NonFiniteError,
+                       match=r"losses of 1 of 8 examples \(index 5\) are NaN or infinite \(at "
+                             r"one or more of the K = 3 perturbed points\)"):
+        dplis.private_grad(model, loss_fn, x, y, **kw)
+    with pytest.raises(dplis.NonFiniteError, match=r"of 1 of 4 examples \(index 1\)") as raised:
+        dplis.private_grad(model, loss_fn, x, y, max_physical_batch_size=4, **kw)
+    assert raised.value.__notes__ == [
+        "dplis: in the physical batch of examples 4 to 7 of the 8 (max_physical_batch_size=4)"
+        ": add 4 to the indices above for their place in the whole batch"]
+
+
 def test_noise_seed_selects_the_noise_and_nothing_else():
     model, loss_fn, x, y = mlp_case()
 
@@ -422,3 +443,30 @@ def test_prelu_with_several_perturbations_on_the_vmap_engine(k, batch):
     with pytest.warns(UserWarning, match="perturbation_chunk_size=3 is taken as 1"):
         got = run("vmap", perturbation_chunk_size=3)
     assert_close(got, {n: t.double() for n, t in want.items()})
+
+
+def test_a_failed_step_gives_the_cuda_generator_back_without_a_generator(monkeypatch):
+    """Without a generator, a step on CUDA draws its dropout masks from the device's global
+    RNG; only the CPU one was put back when the step failed (the failing-step audit). The
+    mechanism, with torch.cuda's RNG calls stood in for (no GPU here)."""
+    from dplis.private_grad import restore_on_error
+
+    states = {0: torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: states[d.index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda s, d: states.__setitem__(d.index, s.clone()))
+    device, cpu = torch.device("cuda", 0), torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="failed"):
+        with restore_on_error(None, [device]):
+            states[0] = torch.tensor([2], dtype=torch.uint8)  # the body draws
+            torch.rand(3)
+            raise RuntimeError("failed")
+    assert int(states[0]) == 1 and torch.equal(torch.get_rng_state(), cpu)
+    with restore_on_error(None, [device]):  # a step that succeeds keeps what it drew
+        states[0] = torch.tensor([3], dtype=torch.uint8)
+    assert int(states[0]) == 3
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(RuntimeError), restore_on_error(gen, [device]):
+        states[0] = torch.tensor([4], dtype=torch.uint8)  # a generator draws the masks then
+        raise RuntimeError("failed")
+    assert int(states[0]) == 4

@@ -211,6 +211,13 @@ def test_load_refuses_other_privacy_config_and_damaged_files(tmp_path):
     (dict(accountant="moments"), ValueError, "accountant"),
     (dict(seed=-1), ValueError, "seed must be an int >= 0"),
     (dict(seed=2**63), ValueError, "seed must be an int <= 9223372036854775807"),
+    # refused when the trainer is made, not at its first step (the failing-step audit)
+    (dict(max_physical_batch_size=0), ValueError, "max_physical_batch_size must be an int >= 1"),
+    (dict(perturbation_chunk_size=-1), ValueError,
+     "perturbation_chunk_size must be an int >= 1"),
+    (dict(backend="nope"), ValueError, "backend must be one of"),
+    # the precision named first, not low_memory's fp32-only rule
+    (dict(precision="fp16", low_memory=True), ValueError, "precision must be one of"),
 ])
 def test_bad_arguments(kw, error, word):
     with pytest.raises(error, match=word):
