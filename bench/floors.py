@@ -4,7 +4,8 @@ Any exact DP-SGD / DPlis step does at least what the non-private step does (a fo
 backward to every layer's output, one weight-gradient product per layer — for the clipped sum
 — and the optimizer step), plus what privacy adds and no implementation can skip:
 
-- noise: D Gaussian draws (D = trainable parameters) from torch's CPU generator;
+- noise: D Gaussian draws (D = trainable parameters) from torch's CPU generator, as dplis
+  draws them (``kernels.reference.normals``: a 53-bit radius);
 - with K perturbations: K·D more draws, and K − 1 more forwards and backwards to the layer
   outputs (timed on a frozen copy of the model: no weight gradients);
 - per-example norms: per layer with a matrix weight (Linear, Conv: the engine's rules), the
@@ -140,7 +141,7 @@ def floors(name: str, batch_size: int, steps: int, rounds: int) -> dict:
     closures: dict[str, Callable[[], object]] = {
         mode: make_step(name, mode, batch_size)
         for mode in ("nonprivate", "dplis_k1", "dplis_k4", *OPACUS_MODES)}
-    closures["noise"] = lambda: torch.randn(params, generator=gen)
+    closures["noise"] = lambda: kernels.reference.normals(params, gen, torch.device("cpu"))
     closures["pass"] = _frozen_pass(name, batch_size)[1]
     layers = _layer_factors(name, batch_size)
     for layer, factor in layers:

@@ -1,10 +1,12 @@
 """Clipped, noised, scaled sum of per-example gradients, as a Triton kernel.
 
 Math:   out_j[d] = (Σ_b c[b] · (1/K) Σ_k g_j[k, b, d] + noise_std · z[col_j + d]) / divisor
-        z = ``tl.randn(seed, column)``: counter-based Philox normals indexed by the
+        z = ``normal(seed, column)``: counter-based Philox normals indexed by the
         column's position in the concatenation of the list (``col_j + d``), so tensors
         draw independent noise, a call is reproducible from ``seed``, and a list gets
-        bit-identical results to its concatenated flat buffer.
+        bit-identical results to its concatenated flat buffer. Box-Muller with a
+        radius from 53 random bits in float64, up to 8.57 (``tl.randn``'s float32
+        uniforms stop at 5.68: see ``reference.normals``).
 Shapes: ``g_j`` ``[K, B, *P_j]`` (``batch_dims=2``) or ``[B, *P_j]`` (``batch_dims=1``),
         viewed as ``[K, B, D_j]``; ``c`` float32 ``[B]`` (clip factors); output
         ``[*P_j]`` in ``g_j``'s dtype. Dtypes float32 / bfloat16 / float16 / float64;
@@ -32,6 +34,23 @@ from .reference import as_kbd
 
 BLOCK_D = 1024  # columns per program; each program streams K * B rows of BLOCK_D
 TABLE_COLS: tl.constexpr = tl.constexpr(mt.TABLE_COLS)
+
+
+@triton.jit
+def box_muller(i0, i1, i2):
+    """float32 N(0, 1) from three uint32 Philox outputs: the radius √(−2 ln u) with u in
+    (0, 1] from 53 of the bits of i0 and i1, in float64; the angle 2π·(i2 >> 8)/2²⁴."""
+    u = ((i0 >> 5).to(tl.float64) * 67108864.0 + (i1 >> 6).to(tl.float64) + 1.0) \
+        * 1.1102230246251565e-16  # (hi·2²⁶ + lo + 1)·2⁻⁵³
+    radius = tl.sqrt(-2.0 * tl.log(u)).to(tl.float32)
+    return radius * tl.cos((i2 >> 8).to(tl.float32) * 3.7450702e-07)  # 2π/2²⁴
+
+
+@triton.jit
+def normal(seed, offsets):
+    """float32 N(0, 1) per offset: ``box_muller`` of one Philox call per offset."""
+    i0, i1, i2, _ = tl.randint4x(seed, offsets)
+    return box_muller(i0, i1, i2)
 
 
 # D and row_stride keep Triton's "% 16" specialisation (vectorised loads); the other
@@ -78,7 +97,7 @@ def _clipped_noisy_sum_kernel(
         example_ptrs += D
     acc = acc / K
     if HAS_NOISE:
-        acc += noise_std * tl.randn(seed, col + cols)
+        acc += noise_std * normal(seed, col + cols)
     acc = acc / divisor
     tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

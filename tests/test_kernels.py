@@ -358,6 +358,52 @@ def test_noise_statistics_and_seeds(backend):
         assert abs(rho) < 6 / math.sqrt(20000), f"{what} share noise: {rho}"
 
 
+TORCH_RANDN_BOUND = math.sqrt(-2 * math.log(2.0**-24))  # 5.77: 24-bit uniforms
+REACH = math.sqrt(-2 * math.log(2.0**-53))  # 8.57: 53-bit uniforms
+
+
+def test_torch_noise_reaches_beyond_float32_box_muller():
+    """torch.randn's normals stop at 5.77 (24-bit uniforms): a clipped gradient pushing one
+    coordinate past that shows its example was in the batch (the noise audit: δ ≥ 2e-5 at
+    the training command's default run, which claims 1e-5). The noise's radius now comes
+    from 53 random bits: the largest uniform gives 8.57."""
+    extreme = ref.box_muller(torch.tensor([1 - 2.0**-53, 0.0], dtype=torch.float64),
+                             torch.tensor([0.0, 0.25]))
+    assert extreme[0].item() == pytest.approx(REACH, rel=1e-6) and REACH > TORCH_RANDN_BOUND + 2
+    assert extreme[1].item() == 0.0 and abs(extreme[3].item()) < 1e-7  # radius 0; sin(π/2)·0
+    gen = torch.Generator().manual_seed(0)
+    check_normal(ref.normals(200_001, gen, torch.device("cpu")), what="noise")
+
+
+if TRITON_OK:  # a kernel feeding chosen Philox words to the noise's Box-Muller
+    import triton
+    import triton.language as tl
+    from dplis.kernels import dp_step
+
+    @triton.jit
+    def _box_muller_probe(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        i0 = tl.load(bits_ptr + 3 * i, mask=mask, other=0).to(tl.uint32)
+        i1 = tl.load(bits_ptr + 3 * i + 1, mask=mask, other=0).to(tl.uint32)
+        i2 = tl.load(bits_ptr + 3 * i + 2, mask=mask, other=0).to(tl.uint32)
+        tl.store(out_ptr + i, dp_step.box_muller(i0, i1, i2), mask=mask)
+
+
+@needs_triton
+def test_triton_noise_reaches_beyond_float32_box_muller():
+    """The kernel's normals: ``tl.randn`` stops at 5.68 (its uniforms are clamped at 1e-7);
+    ``dp_step.box_muller`` reaches 8.57 at the smallest 53-bit uniform (all bits 0)."""
+    ones = 2**32 - 1
+    bits = torch.tensor([[0, 0, 0], [ones, ones, 0], [0, 0, 2**30]], dtype=torch.int64,
+                        device=DEVICE)
+    out = torch.empty(3, device=DEVICE)
+    _box_muller_probe[(1,)](bits, out, 3, BLOCK=4)
+    assert out[0].item() == pytest.approx(REACH, rel=1e-6)  # u = 2⁻⁵³, angle 0
+    assert out[1].item() == 0.0  # u = 1
+    assert abs(out[2].item()) < 1e-5  # angle π/2: cos 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seeds_up_to_2_pow_63(backend):
     """Any seed in [0, 2**63). Triton's Philox reads all 64 bits; CPU's mt19937 (the torch
