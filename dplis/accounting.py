@@ -56,15 +56,21 @@ MEAN_POINTS_PER_DECADE = 4  # breakpoints of the truncated PRV's mean integral, 
 
 
 class _Truncated(PrivacyRandomVariableTruncated):
-    """prv-accountant's PRV truncated to the grid [t_min, t_max], with its mean integrated
-    between log-spaced breakpoints (``MEAN_POINTS_PER_DECADE`` a decade, from 10⁻⁵ out to
-    |t_min| and t_max, and 0). prv-accountant 0.2.0 integrates between fixed ones (±10⁻⁵ …
-    ±0.1, then out to the grid's end), and on a wide grid (large ε over many steps) quad
-    misses where the cdf rises: the mean came out 3.5 % low at t_max = 190 and 92 % at
-    5 615, and the discretised PRV, shifted to that mean at every step, moved ε by the
-    error times the steps (171.9 for an exact 175.6 at q = 1, σ = 21.08, 10⁵ steps)."""
+    """prv-accountant's PRV truncated to the accountant's grid [−L, L], with its mean
+    integrated between log-spaced breakpoints (``MEAN_POINTS_PER_DECADE`` a decade, from
+    10⁻⁵ out to L, and 0) and its cdf read in long double (in float64 the PRV's exp(t)
+    overflows past t = 709.78 and the cdf reads 1 there). prv-accountant 0.2.0 integrates
+    between fixed points (±10⁻⁵ … ±0.1, then out to ±L), and on a wide grid (large ε over
+    many steps) quad misses where the cdf rises: the mean came out 3.5 % low at L = 190 and
+    92 % at 5 615, and the discretised PRV, shifted to that mean at every step, moved ε by
+    the error times the steps (171.9 for an exact 175.6 at q = 1, σ = 21.08, 10⁵ steps).
+    The cdf is the library's, not re-based at −L: on this grid the mass below −L is far
+    below δ, but a window cutting off mass on the left would get a wrong mean."""
 
     def mean(self) -> float:
+        def cdf(t: float) -> float:
+            return float(self.cdf(np.longdouble(t)))
+
         def side(end: float) -> np.ndarray:  # 10⁻⁵ … |end|, log-spaced
             top = math.log10(max(abs(end), 1e-5))
             return np.logspace(-5, top, max(2, math.ceil((top + 5) * MEAN_POINTS_PER_DECADE)))
@@ -74,8 +80,8 @@ class _Truncated(PrivacyRandomVariableTruncated):
             self.t_min, self.t_max))
         total = 0.0
         for left, right in zip(points[:-1], points[1:]):  # ∫ t dF = [t F] − ∫ F dt
-            integral, _ = integrate.quad(self.cdf, left, right, limit=500)
-            total += right * float(self.cdf(right)) - left * float(self.cdf(left)) - integral
+            integral, _ = integrate.quad(cdf, left, right, limit=500)
+            total += right * cdf(right) - left * cdf(left) - integral
         return total
 
 

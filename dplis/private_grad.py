@@ -463,6 +463,7 @@ def private_step(
             return engine_module.clipped_sum(model, loss_fn, params, points, x, y,
                                              max_grad_norm, forward, verify, backend, plan)
         grads, losses = vmap_grads(x, y)
+        refuse_non_finite_losses(losses)  # the cause, before the norms it makes NaN
         (total,), norms = kernels.fused_dp_step([grads.float()], max_grad_norm=max_grad_norm,
                                                 noise_std=0.0, divisor=1.0, batch_dims=2,
                                                 backend=backend)

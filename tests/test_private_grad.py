@@ -335,7 +335,8 @@ def test_a_non_finite_example_is_named_by_its_place_in_the_batch(engine):
                        match=r"losses of 1 of 8 examples \(index 5\) are NaN or infinite \(at "
                              r"one or more of the K = 3 perturbed points\)"):
         dplis.private_grad(model, loss_fn, x, y, **kw)
-    with pytest.raises(dplis.NonFiniteError, match=r"of 1 of 4 examples \(index 1\)") as raised:
+    with pytest.raises(dplis.NonFiniteError,
+                       match=r"losses of 1 of 4 examples \(index 1\) are NaN") as raised:
         dplis.private_grad(model, loss_fn, x, y, max_physical_batch_size=4, **kw)
     assert raised.value.__notes__ == [
         "dplis: in the physical batch of examples 4 to 7 of the 8 (max_physical_batch_size=4)"
