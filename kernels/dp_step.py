@@ -49,8 +49,9 @@ def box_muller(i0, i1, i2):
 @triton.jit
 def normal(seed, offsets):
     """float32 N(0, 1) per offset: ``box_muller`` of one Philox call per offset."""
-    i0, i1, i2, _ = tl.randint4x(seed, offsets)
-    return box_muller(i0, i1, i2)
+    i0, i1, i2, _ = tl.randint4x(seed, offsets)  # uint32 (the bitcasts: whatever it says)
+    return box_muller(i0.to(tl.uint32, bitcast=True), i1.to(tl.uint32, bitcast=True),
+                      i2.to(tl.uint32, bitcast=True))
 
 
 # D and row_stride keep Triton's "% 16" specialisation (vectorised loads); the other
