@@ -6,8 +6,9 @@ backward to every layer's output, one weight-gradient product per layer — for 
 
 - noise: D Gaussian draws (D = trainable parameters) from torch's CPU generator, as dplis
   draws them (``kernels.reference.normals``: a 53-bit radius);
-- with K perturbations: K·D more draws, and K − 1 more forwards and backwards to the layer
-  outputs (timed on a frozen copy of the model: no weight gradients);
+- with K perturbations: K·D more draws (torch.randn's: no privacy in them), and K − 1 more
+  forwards and backwards to the layer outputs (timed on a frozen copy of the model: no
+  weight gradients);
 - per-example norms: per layer with a matrix weight (Linear, Conv: the engine's rules), the
   cheaper of the ghost norm (two Gram products per example) and forming the per-example
   gradients (+ their norms + the clip-weighted sum, less the weight-gradient product the
@@ -142,6 +143,7 @@ def floors(name: str, batch_size: int, steps: int, rounds: int) -> dict:
         mode: make_step(name, mode, batch_size)
         for mode in ("nonprivate", "dplis_k1", "dplis_k4", *OPACUS_MODES)}
     closures["noise"] = lambda: kernels.reference.normals(params, gen, torch.device("cpu"))
+    closures["perturbation"] = lambda: torch.randn(params, generator=gen)  # torch.randn's
     closures["pass"] = _frozen_pass(name, batch_size)[1]
     layers = _layer_factors(name, batch_size)
     for layer, factor in layers:
@@ -156,7 +158,7 @@ def floors(name: str, batch_size: int, steps: int, rounds: int) -> dict:
                                  - ms[f"wgrad:{layer}"])) for layer, _ in layers}
     base = ms["nonprivate"]
     k1 = base + ms["noise"] + sum(norms.values())
-    k4 = k1 + 3 * ms["pass"] + 4 * ms["noise"]
+    k4 = k1 + 3 * ms["pass"] + 4 * ms["perturbation"]
     opacus = {m: ms[m] for m in OPACUS_MODES if m in ms}
     best = min(opacus.values()) if opacus else None
     return {

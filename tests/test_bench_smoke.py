@@ -180,14 +180,14 @@ def test_floors_command_writes_its_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     (result,) = json.loads(out.read_text())["results"]
     pieces = result["pieces_ms"]
-    for key in ("nonprivate", "dplis_k1", "dplis_k4", "noise", "pass", "ghost:1",
+    for key in ("nonprivate", "dplis_k1", "dplis_k4", "noise", "perturbation", "pass", "ghost:1",
                 "explicit:1", "wgrad:1", "opacus_ew"):
         assert pieces[key] > 0, key
     assert set(result["norm_extra_ms"]) == {"1", "3", "5"}  # the MLP's three Linear layers
     floor = pieces["nonprivate"] + pieces["noise"] + sum(result["norm_extra_ms"].values())
     assert result["floor_ms"]["k1"] == pytest.approx(floor)
     assert result["floor_ms"]["k4"] == pytest.approx(floor + 3 * pieces["pass"]
-                                                     + 4 * pieces["noise"])
+                                                     + 4 * pieces["perturbation"])
     assert "K=1 x non-private" in proc.stdout and "verdict" in proc.stdout
 
 
