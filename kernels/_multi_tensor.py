@@ -22,7 +22,7 @@ byte, doubling the traffic of a memory-bound op).
 
 Every tensor owns columns ``[col_j, col_j + D_j)`` of one global index space (its
 position in the concatenation of the list). The kernels draw noise from
-``tl.randn(seed, column)``, so tensors get independent noise and a list gives
+``dp_step.normal(seed, column)``, so tensors get independent noise and a list gives
 exactly the same noise as the concatenated flat buffer.
 
 Block sizes are fixed per kernel, because the host sizes the chunk tables and

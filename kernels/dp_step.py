@@ -5,8 +5,8 @@ Math:   out_j[d] = (Σ_b c[b] · (1/K) Σ_k g_j[k, b, d] + noise_std · z[col_j 
         column's position in the concatenation of the list (``col_j + d``), so tensors
         draw independent noise, a call is reproducible from ``seed``, and a list gets
         bit-identical results to its concatenated flat buffer. Box-Muller with a
-        radius from 53 random bits in float64, up to 8.57 (``tl.randn``'s float32
-        uniforms stop at 5.68: see ``reference.normals``).
+        radius from 53 random bits in float64, up to 8.57 (``tl.randn``, its
+        uniforms clamped at 1e-7, stops at 5.68: see ``reference.normals``).
 Shapes: ``g_j`` ``[K, B, *P_j]`` (``batch_dims=2``) or ``[B, *P_j]`` (``batch_dims=1``),
         viewed as ``[K, B, D_j]``; ``c`` float32 ``[B]`` (clip factors); output
         ``[*P_j]`` in ``g_j``'s dtype. Dtypes float32 / bfloat16 / float16 / float64;

@@ -101,7 +101,7 @@ def normals(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     never pass 5.77 (Triton's ``tl.randn``: 5.68); a clipped gradient that pushes one
     coordinate beyond that shows its example was in the batch, which puts δ at least
     q·T·P(z > 5.77 − 1/σ): 2·10⁻⁵ for the training command's default run (δ = 10⁻⁵). Here
-    the bound is 8.57, where that probability is below 10⁻¹³ at σ ≥ 0.8."""
+    the bound is 8.57, where that probability is 1.2·10⁻¹³ at σ = 0.8."""
     half = (n + 1) // 2
     u53 = torch.rand(half, generator=gen, device=device, dtype=torch.float64)
     u24 = torch.rand(half, generator=gen, device=device, dtype=torch.float32)

@@ -390,6 +390,52 @@ if TRITON_OK:  # a kernel feeding chosen Philox words to the noise's Box-Muller
         tl.store(out_ptr + i, dp_step.box_muller(i0, i1, i2), mask=mask)
 
 
+def test_the_torch_paths_noise_is_drawn_by_normals():
+    """The noise of ``fused_dp_step`` and ``add_noise`` on the torch path is ``ref.normals``
+    of the call's generator, tensor after tensor: the sampler above, not torch.randn (the
+    review: undoing the fix left every other test passing)."""
+    zeros = [torch.zeros(1, 1, 1000), torch.zeros(1, 1, 77)]
+    (a, b), _ = fused_dp_step(zeros, max_grad_norm=1.0, noise_std=2.0, divisor=4.0, seed=5,
+                              backend="torch")
+    gen = ref.generator(torch.device("cpu"), 5)
+    expected = [ref.normals(n, gen, torch.device("cpu")) * 2.0 / 4.0 for n in (1000, 77)]
+    assert torch.allclose(a, expected[0], rtol=1e-6, atol=0)
+    assert torch.allclose(b, expected[1], rtol=1e-6, atol=0)
+    (c,) = add_noise([torch.zeros(1000)], noise_std=2.0, divisor=4.0, seed=5, backend="torch")
+    assert torch.equal(c, a)
+
+
+if TRITON_OK:
+    @triton.jit
+    def _normal_probe(out_ptr, words_ptr, seed, n, BLOCK: tl.constexpr):
+        """dp_step.normal(seed, i) and the three Philox words it reads, for i < n."""
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        tl.store(out_ptr + i, dp_step.normal(seed, i.to(tl.int64)), mask=mask)
+        i0, i1, i2, _ = tl.randint4x(seed, i.to(tl.int64))
+        for j, word in ((0, i0), (1, i1), (2, i2)):
+            tl.store(words_ptr + 3 * i + j, word.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+
+
+@needs_triton
+def test_the_kernels_noise_is_box_muller_of_its_philox_words():
+    """``fused_dp_step``'s Triton noise at column d is ``dp_step.normal(seed, d)``, which is
+    the 53-bit radius formula of that column's Philox words (computed here in float64),
+    not ``tl.randn``."""
+    n, seed = 300, 11
+    out = torch.empty(n, device=DEVICE)
+    words = torch.empty(n, 3, dtype=torch.int64, device=DEVICE)
+    _normal_probe[(1,)](out, words, seed, n, BLOCK=512)
+    w = words.cpu().double()
+    u = ((w[:, 0] // 32) * 2.0**26 + w[:, 1] // 64 + 1) * 2.0**-53
+    angle = (w[:, 2] // 256) * (2 * math.pi / 2**24)
+    expected = torch.sqrt(-2 * torch.log(u)) * torch.cos(angle)
+    assert torch.allclose(out.cpu().double(), expected, rtol=1e-5, atol=1e-6)
+    (noise,), _ = fused_dp_step([torch.zeros(1, 1, n, device=DEVICE)], max_grad_norm=1.0,
+                                noise_std=1.0, divisor=1.0, seed=seed, backend="triton")
+    assert torch.equal(noise, out)
+
+
 @needs_triton
 def test_triton_noise_reaches_beyond_float32_box_muller():
     """The kernel's normals: ``tl.randn`` stops at 5.68 (its uniforms are clamped at 1e-7);
