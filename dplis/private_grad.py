@@ -498,10 +498,9 @@ def private_step(
                 total = None
                 norms, losses = [torch.zeros(0, device=device)], []
                 for i in range(0, batch, physical):
-                    try:
+                    try:  # (every engine's ``clipped`` checks its losses, then norms)
                         part, n, lo = clipped(tuple(t[i:i + physical] for t in inputs),
                                               targets[i:i + physical])
-                        refuse_non_finite_losses(lo)
                     except NonFiniteError as e:
                         if physical < batch:
                             diagnose.add_note(e, f"dplis: in the physical batch of examples "
