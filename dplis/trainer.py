@@ -10,6 +10,7 @@ privacy. Once the noisy gradient exists it is released: the step counts even if
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import secrets
@@ -528,10 +529,19 @@ class PrivateTrainer:
             self.dataset_size = state["dataset_size"]
             self.expected_batch_size = self.sample_rate * self.dataset_size
         theirs = state.get("seed")  # kept: two runs forked from one file must not share noise
+        if theirs is not None and theirs != self.seed and not (undo or back):
+            # a fork: its own Poisson masks, perturbations and dropout from here too (the
+            # file's generator states would replay the other run's: its batches, released
+            # again with other noise, are two releases of one subsample, which the two runs'
+            # accountants, composed, would count as independent)
+            self.generator.manual_seed(_fork_seed(self.seed, loaded.steps, "generator"))
+            self.sampler_generator.manual_seed(
+                _fork_seed(self.seed, loaded.steps, f"sampler {self.rank}"))
         if theirs is not None and theirs != self.seed and not (self.secure_rng or undo or back):
             warnings.warn(f"the checkpoint was written by a run seeded {theirs}; this trainer "
-                          f"keeps its own seed {self.seed}, so its noise from here differs "
-                          f"from that run's (a fork, not an exact resume): build it with "
+                          f"keeps its own seed {self.seed}, so its noise and Poisson batches "
+                          f"from here differ from that run's (a fork, not an exact resume): "
+                          f"build it with "
                           f"seed={theirs} to resume that run bit for bit", stacklevel=4)
         if back:
             warnings.warn(f"load went back from step {taken} to {loaded.steps}: the model and "
@@ -587,6 +597,14 @@ class PrivateTrainer:
 
 def _type_name(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _fork_seed(seed: int, step: int, stream: str) -> int:
+    """A seed in [0, 2**63) for ``stream`` of a run seeded ``seed`` forked at step ``step``:
+    hashed, so forks whose seeds differ only above the low 32 bits (all CPU's mt19937 reads)
+    still draw apart."""
+    digest = hashlib.blake2b(f"dplis fork {stream} {seed} {step}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") % 2**63
 
 
 def _structure(model: nn.Module) -> list[tuple[str, weakref.ref]]:
