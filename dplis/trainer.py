@@ -276,11 +276,24 @@ class PrivateTrainer:
         One pass = ``steps`` batches, by default round(1/q) (one expected epoch), ending early
         where the planned steps of a ``target_epsilon`` run end (``max_steps``), so a loop over
         ``epochs`` passes never hits the budget. Under torch.distributed each rank samples its
-        own shard; the union is the logical batch. Raises BudgetExceededError when no step is
-        left, and ValueError if ``dataset`` contradicts ``dataset_size`` or an explicit
-        ``expected_batch_size`` (q · len(dataset)).
+        own shard; the union is the logical batch (every rank passes the whole dataset: sizes
+        that differ between ranks, or fewer examples than ranks, are refused on every rank).
+        Raises BudgetExceededError when no step is left, and ValueError if ``dataset``
+        contradicts ``dataset_size`` or an explicit ``expected_batch_size`` (q · len(dataset)).
         """
-        n = self._check_dataset_size(len(dataset))
+        n = len(dataset)
+        if self.world_size > 1:  # first: a check failing on one rank alone would leave the
+            # others waiting in the step's collective
+            sizes = [int(t) for t in distributed.all_gather(torch.tensor([n]),
+                                                             self.generator.device)]
+            if len(set(sizes)) > 1:
+                raise ValueError(f"the ranks passed datasets of {sizes} examples: every rank "
+                                 "passes the whole dataset (each samples its own shard of it)")
+            if n < self.world_size:
+                raise ValueError(f"a dataset of {n} examples cannot be shared by "
+                                 f"{self.world_size} ranks: each samples its own shard, so "
+                                 "give at least one example per rank")
+        n = self._check_dataset_size(n)
         if steps is None:
             steps = steps_per_epoch(self.sample_rate)
             if self.max_steps is not None:

@@ -117,6 +117,17 @@ def checks(rank: int, world: int, folder: str) -> dict:
     except Exception as e:
         out["damaged"] = type(e).__name__
     out["damaged_unchanged"] = torch.equal(straight.sampler_generator.get_state(), before)
+    # 9. datasets of other sizes on the ranks, or fewer examples than ranks: refused on every
+    # rank (the ranks divided by their own q·N and drifted apart; N = 1 crashed one rank)
+    for name, size in (("sizes", 40 + rank), ("tiny", 1)):
+        data = TensorDataset(torch.zeros(size, 1), torch.arange(size))
+        trainer = trainer_for(nn.Linear(1, 1), lambda o, t: o.sum(), sample_rate=1.0,
+                              expected_batch_size=None)
+        try:
+            trainer.data_loader(data)
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = str(e)
     return out
 
 

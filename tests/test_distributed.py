@@ -50,6 +50,16 @@ def test_two_ranks_equal_one_process_with_low_memory(ranks):
             torch.testing.assert_close(r["low_memory_params"][k], v, rtol=1e-5, atol=1e-7)
 
 
+def test_datasets_the_ranks_cannot_share_are_refused_on_every_rank(ranks):
+    """Ranks given datasets of 40 and 41 examples each divided by their own q·N and fell out
+    of step; one example for two ranks crashed one rank with "dataset is empty" and the other
+    with gloo's "Connection closed" (the sampling audit)."""
+    for r in ranks:
+        assert r["sizes"] == ("the ranks passed datasets of [40, 41] examples: every rank "
+                              "passes the whole dataset (each samples its own shard of it)")
+        assert r["tiny"].startswith("a dataset of 1 examples cannot be shared by 2 ranks")
+
+
 def test_each_rank_resumes_its_own_poisson_stream(ranks):
     """A checkpoint once held one rank's sampler state, which every rank then loaded: the
     ranks drew the same masks over their shards (examples 2j and 2j + 1 always together)."""
