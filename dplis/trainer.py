@@ -542,15 +542,15 @@ class PrivateTrainer:
             self.dataset_size = state["dataset_size"]
             self.expected_batch_size = self.sample_rate * self.dataset_size
         theirs = state.get("seed")  # kept: two runs forked from one file must not share noise
-        if theirs is not None and theirs != self.seed and not (undo or back):
-            # a fork: its own Poisson masks, perturbations and dropout from here too (the
-            # file's generator states would replay the other run's: its batches, released
-            # again with other noise, are two releases of one subsample, which the two runs'
+        fork = theirs is not None and theirs != self.seed and not (undo or back)
+        if fork:  # its own Poisson masks, perturbations and dropout from here too (the file's
+            # generator states would replay the other run's: its batches, released again
+            # with other noise, are two releases of one subsample, which the two runs'
             # accountants, composed, would count as independent)
             self.generator.manual_seed(_fork_seed(self.seed, loaded.steps, "generator"))
             self.sampler_generator.manual_seed(
                 _fork_seed(self.seed, loaded.steps, f"sampler {self.rank}"))
-        if theirs is not None and theirs != self.seed and not (self.secure_rng or undo or back):
+        if fork and not self.secure_rng:
             warnings.warn(f"the checkpoint was written by a run seeded {theirs}; this trainer "
                           f"keeps its own seed {self.seed}, so its noise and Poisson batches "
                           f"from here differ from that run's (a fork, not an exact resume): "
