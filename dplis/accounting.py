@@ -78,11 +78,10 @@ class _Truncated(PrivacyRandomVariableTruncated):
         points = np.unique(np.clip(np.concatenate(
             [[self.t_min], -side(self.t_min), [0.0], side(self.t_max), [self.t_max]]),
             self.t_min, self.t_max))
-        total = 0.0
-        for left, right in zip(points[:-1], points[1:]):  # ∫ t dF = [t F] − ∫ F dt
-            integral, _ = integrate.quad(cdf, left, right, limit=500)
-            total += right * cdf(right) - left * cdf(left) - integral
-        return total
+        # ∫ t dF = [t F] − ∫ F dt over [t_min, t_max], the integral piece by piece
+        ends = points[-1] * cdf(points[-1]) - points[0] * cdf(points[0])
+        return ends - sum(integrate.quad(cdf, left, right, limit=500)[0]
+                          for left, right in zip(points[:-1], points[1:]))
 
 
 class _Accountant(PRVAccountant):
